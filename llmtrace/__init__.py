@@ -3,13 +3,54 @@
 The data path: hook (``llmtrace.instrumentation.<integration>``) -> span/metric
 -> OTLP -> derivation (``llmtrace.pipeline``) -> Prometheus / trace store ->
 dashboards. Names come from :mod:`llmtrace.semconv`, generated from ``semconv/``.
+
+    import llmtrace
+    llmtrace.instrument()      # idempotent; config from kwargs, LLMTRACE_* and OTEL_*
+    llmtrace.uninstrument()    # restores every patched callable
 """
 
+from __future__ import annotations
+
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("llmtrace")
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "instrument", "uninstrument", "is_instrumented"]
+
+
+def instrument(**config: Any) -> None:
+    """Patch every supported integration in this process (currently vLLM).
+
+    Keyword arguments override ``LLMTRACE_*`` / ``OTEL_*`` settings; see
+    :class:`llmtrace.config.Config`. A bad setting raises
+    :class:`llmtrace.config.ConfigError` naming it. Calling it twice is a no-op.
+    """
+    from llmtrace.config import load_config
+    from llmtrace.instrumentation.vllm import VLLMInstrumentor
+
+    instrumentor = VLLMInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        return
+    cfg = load_config(**config)
+    if not cfg.enabled:
+        return
+    instrumentor.instrument(config=cfg)
+
+
+def uninstrument() -> None:
+    """Remove every llmtrace patch from this process and flush pending telemetry."""
+    from llmtrace.instrumentation.vllm import VLLMInstrumentor
+
+    instrumentor = VLLMInstrumentor()
+    if instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.uninstrument()
+
+
+def is_instrumented() -> bool:
+    from llmtrace.instrumentation.vllm import VLLMInstrumentor
+
+    return VLLMInstrumentor().is_instrumented_by_opentelemetry

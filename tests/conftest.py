@@ -62,3 +62,38 @@ def vllm_servers(server_pool: ServerPool, tiny_models: TinyModels) -> dict[str, 
 def otlp_receiver() -> Iterator[OTLPReceiver]:
     with OTLPReceiver() as receiver:
         yield receiver
+
+
+def instrumented_env(receiver: OTLPReceiver, service: str, **extra: str) -> tuple:
+    """Zero-code activation: only environment variables, no code change in vLLM."""
+    env = {
+        "LLMTRACE_ENABLED": "1",
+        "LLMTRACE_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        "LLMTRACE_SAMPLE_RATIO": "1",
+        "LLMTRACE_METRIC_EXPORT_INTERVAL_MS": "500",
+        "LLMTRACE_DECODE_CHUNK_TOKENS": "8",
+        "LLMTRACE_DEPLOYMENT_VERSION": "v-test",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_SERVICE_NAME": service,
+        **extra,
+    }
+    return tuple(sorted(env.items()))
+
+
+@pytest.fixture(scope="session")
+def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
+                         otlp_receiver: OTLPReceiver) -> dict[str, VLLMServer]:
+    """Instrumented servers, activated through the vllm.general_plugins entry point.
+
+    ``dense``: chunked prefill (256-token step budget) and a 12-block KV cache
+    (1,536 tokens) so concurrency forces preemptions. ``broken``: the MoE model
+    under a launcher that removes one hooked vLLM internal and changes another.
+    """
+    dense = dense_config(
+        tiny_models, "--max-num-batched-tokens", "256", "--num-gpu-blocks-override", "12",
+        max_model_len=1024, env=instrumented_env(otlp_receiver, "llmtrace-dense"))
+    broken = moe_config(
+        tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
+        env=instrumented_env(otlp_receiver, "llmtrace-broken"))
+    started = server_pool.get_many([dense, broken])
+    return {"dense": started[0], "broken": started[1]}

@@ -39,6 +39,8 @@ class ServerConfig:
     enforce_eager: bool = True
     max_model_len: int = 2048
     kv_cache_gib: int = 1
+    #: how to start the CLI: the module or script given to ``python``
+    launcher: tuple[str, ...] = ("-m", "llmtrace.vllm_cli")
 
 
 @dataclass
@@ -81,7 +83,7 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         cmd = [
-            self.python, "-m", "llmtrace.vllm_cli", "serve", str(self.config.model_dir),
+            self.python, *self.config.launcher, "serve", str(self.config.model_dir),
             "--host", "127.0.0.1", "--port", str(self.port),
             "--served-model-name", self.config.served_name,
             "--max-model-len", str(self.config.max_model_len),

@@ -1,0 +1,155 @@
+"""llmtrace configuration: keyword arguments, then ``LLMTRACE_*``, then ``OTEL_*``.
+
+Exporter endpoints, headers, protocols and resource attributes follow the
+standard OpenTelemetry variables (the SDK's exporters read them), so an
+existing OpenTelemetry deployment needs no llmtrace-specific settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the setting."""
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    service_name: str | None = None
+    #: OTLP endpoint for traces and metrics; None leaves it to OTEL_EXPORTER_OTLP_* variables.
+    endpoint: str | None = None
+    protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    #: Head-sampling ratio for new traces (parent-based: an incoming decision wins).
+    sample_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    #: A decode-chunk span closes after this many tokens ...
+    decode_chunk_tokens: int = Field(default=32, ge=1)
+    #: ... or after this many milliseconds, whichever comes first.
+    decode_chunk_ms: float = Field(default=500.0, gt=0)
+    tenant_header: str = "x-tenant-id"
+    #: sha256(API key) hex digest -> tenant, for tenants identified by bearer key.
+    tenant_api_keys: dict[str, str] = Field(default_factory=dict)
+    deployment_version: str = "unknown"
+    #: Record prompt and completion text on spans (off unless explicitly enabled).
+    capture_content: bool = False
+    #: Distinct values kept per metric label before values collapse to ``__overflow__``.
+    max_label_values: int = Field(default=100, ge=1)
+    metrics_enabled: bool = True
+    metric_export_interval_ms: int = Field(default=10_000, ge=100)
+    #: Benchmark mode: measure llmtrace's own CPU time per hook with thread CPU clocks.
+    measure_overhead: bool = False
+
+    @field_validator("tenant_header")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        return v.lower()
+
+    def tenant_for_api_key(self, key: str) -> str | None:
+        if not self.tenant_api_keys:
+            return None
+        return self.tenant_api_keys.get(hashlib.sha256(key.encode()).hexdigest())
+
+
+# field -> environment variables consulted in order (first set wins)
+_ENV: dict[str, tuple[str, ...]] = {
+    "enabled": ("LLMTRACE_ENABLED",),
+    "service_name": ("OTEL_SERVICE_NAME",),
+    "endpoint": ("LLMTRACE_OTLP_ENDPOINT",),
+    "protocol": ("LLMTRACE_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+                 "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    "sample_ratio": ("LLMTRACE_SAMPLE_RATIO",),
+    "decode_chunk_tokens": ("LLMTRACE_DECODE_CHUNK_TOKENS",),
+    "decode_chunk_ms": ("LLMTRACE_DECODE_CHUNK_MS",),
+    "tenant_header": ("LLMTRACE_TENANT_HEADER",),
+    "tenant_api_keys": ("LLMTRACE_TENANT_API_KEYS",),
+    "deployment_version": ("LLMTRACE_DEPLOYMENT_VERSION",),
+    "capture_content": ("LLMTRACE_CAPTURE_CONTENT",),
+    "max_label_values": ("LLMTRACE_MAX_LABEL_VALUES",),
+    "metrics_enabled": ("LLMTRACE_METRICS_ENABLED",),
+    "metric_export_interval_ms": ("LLMTRACE_METRIC_EXPORT_INTERVAL_MS",
+                                  "OTEL_METRIC_EXPORT_INTERVAL"),
+    "measure_overhead": ("LLMTRACE_MEASURE_OVERHEAD",),
+}
+
+
+def _parse(field: str, raw: str) -> Any:
+    if field in ("enabled", "capture_content", "metrics_enabled", "measure_overhead"):
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ConfigError(f"{field}: expected a boolean, got {raw!r}")
+    if field == "tenant_api_keys":
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"LLMTRACE_TENANT_API_KEYS: not JSON: {exc}") from exc
+        return value
+    if field == "sample_ratio" and raw.strip() == "":
+        return None
+    return raw
+
+
+def _sampler_ratio_from_otel() -> float | None:
+    """Honour OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG for the ratio samplers."""
+    sampler = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if sampler in ("always_on", "parentbased_always_on"):
+        return 1.0
+    if sampler in ("always_off", "parentbased_always_off"):
+        return 0.0
+    if sampler in ("traceidratio", "parentbased_traceidratio"):
+        try:
+            return float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+        except ValueError as exc:
+            raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: not a number: {exc}") from exc
+    return None
+
+
+def load_config(**overrides: Any) -> Config:
+    """Build the configuration; raise :class:`ConfigError` naming any bad setting."""
+    values: dict[str, Any] = {}
+    ratio = _sampler_ratio_from_otel()
+    if ratio is not None:
+        values["sample_ratio"] = ratio
+    for field, names in _ENV.items():
+        for name in names:
+            raw = os.environ.get(name)
+            if raw is not None and raw != "":
+                parsed = _parse(field, raw)
+                if parsed is not None:
+                    values[field] = parsed
+                break
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid llmtrace configuration: {problems}") from None
+
+
+def activation_requested(env: dict[str, str] | None = None) -> bool:
+    """Zero-code activation rule: an explicit switch, or an OTLP endpoint, turns llmtrace on.
+
+    ``LLMTRACE_ENABLED=0`` always wins; installing llmtrace alone changes nothing.
+    """
+    env = os.environ if env is None else env
+    flag = env.get("LLMTRACE_ENABLED", "").strip().lower()
+    if flag in _FALSE:
+        return False
+    if flag in _TRUE:
+        return True
+    return any(env.get(v) for v in ("LLMTRACE_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT",
+                                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))

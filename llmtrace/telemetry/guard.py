@@ -1,0 +1,88 @@
+"""Guards that keep instrumentation from ever breaking the host.
+
+An exception raised inside a patched vLLM scheduler method kills the engine,
+so every hook body runs inside a :class:`HookGuard`: the first failure is
+logged once with the hook's name, counted, and the hook disables itself; the
+host's own call always proceeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+
+logger = logging.getLogger("llmtrace")
+
+
+def _ensure_visible_logging() -> None:
+    """Give llmtrace's logger its own stderr handler.
+
+    vLLM's API server imports a package that reconfigures root logging, after
+    which warnings that rely on propagation or logging's last-resort handler
+    vanish; a disabled hook must still be reported.
+    """
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [llmtrace] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(os.environ.get("LLMTRACE_LOG_LEVEL", "WARNING").upper())
+    logger.propagate = False
+
+
+_ensure_visible_logging()
+
+#: hook name -> exceptions swallowed, for the self-telemetry counter and tests.
+HOOK_ERRORS: Counter[str] = Counter()
+#: hook name -> reason it is disabled.
+DISABLED_HOOKS: dict[str, str] = {}
+#: hook name -> CPU seconds spent inside guarded hook bodies (benchmark mode only).
+HOOK_CPU_S: Counter[str] = Counter()
+
+
+def disable_hook(name: str, reason: str) -> None:
+    """Disable one hook with one clear warning (repeated calls stay silent)."""
+    if name in DISABLED_HOOKS:
+        return
+    DISABLED_HOOKS[name] = reason
+    logger.warning("llmtrace: hook %s disabled: %s; the host keeps running without it",
+                   name, reason)
+
+
+class HookGuard:
+    """Context manager around a hook body: swallow, count, disable on first error."""
+
+    __slots__ = ("name", "enabled", "_measure", "_t0", "_on_error")
+
+    def __init__(self, name: str, measure: bool = False,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.name = name
+        self.enabled = name not in DISABLED_HOOKS
+        self._measure = measure
+        self._t0 = 0.0
+        self._on_error = on_error
+
+    def __enter__(self) -> HookGuard:
+        if self._measure:
+            self._t0 = time.thread_time()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._measure:
+            HOOK_CPU_S[self.name] += time.thread_time() - self._t0
+        if exc_type is None:
+            return False
+        HOOK_ERRORS[self.name] += 1
+        self.enabled = False
+        if self.name not in DISABLED_HOOKS:
+            DISABLED_HOOKS[self.name] = f"{exc_type.__name__}: {exc}"
+            logger.warning("llmtrace: hook %s raised %s: %s; hook disabled, host unaffected",
+                           self.name, exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+        if self._on_error is not None:
+            with contextlib.suppress(Exception):  # telemetry of telemetry never raises
+                self._on_error(self.name)
+        return True  # swallow: the host must never see our exception

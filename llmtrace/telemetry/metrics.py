@@ -1,0 +1,192 @@
+"""Metric instruments recorded at the source, once per finished request.
+
+Metrics are recorded for every request whatever the trace sampling decision.
+Each request costs a fixed handful of SDK calls plus one histogram record per
+inter-token gap, batched at the end of the request rather than on the token
+path. Labels are model, tenant and deployment version, with a cap on distinct
+values per label so a misbehaving tenant header cannot explode cardinality.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+
+from llmtrace import __version__
+from llmtrace import semconv as sc
+from llmtrace.config import Config
+
+OVERFLOW = "__overflow__"
+
+# GenAI semconv advice for TTFT, plus 0.2 s: the common 200 ms TTFT SLO must be a bucket edge.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0)
+# GenAI advice for time per output token, with finer low edges for fast decoders.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                0.5, 0.75, 1.0, 2.5)
+# GenAI advice for request duration (x2 steps), with 0.2 s added.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.32, 0.64, 1.28, 2.56,
+                    5.12, 10.24, 20.48, 40.96, 81.92)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+class LabelLimiter:
+    """Keeps at most ``limit`` distinct values per label; the rest become ``__overflow__``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: dict[str, set[str]] = {}
+        self.overflows: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, label: str, value: str) -> str:
+        seen = self._seen.get(label)
+        if seen is not None and value in seen:
+            return value
+        with self._lock:
+            seen = self._seen.setdefault(label, set())
+            if value in seen:
+                return value
+            if len(seen) < self.limit:
+                seen.add(value)
+                return value
+            self.overflows[label] = self.overflows.get(label, 0) + 1
+            return OVERFLOW
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """What one finished request contributes to the metrics (seconds, token counts)."""
+
+    model: str
+    tenant: str
+    version: str
+    finish_reason: str
+    error_type: str | None
+    ttft: float | None
+    e2e: float
+    queue: float | None
+    prefill: float | None
+    decode: float | None
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    preemptions: int
+    itls: Sequence[float]
+
+
+class Instruments:
+    def __init__(self, meter, config: Config) -> None:
+        self.labels = LabelLimiter(config.max_label_values)
+        self.version = config.deployment_version
+        h = meter.create_histogram
+        c = meter.create_counter
+        self.ttft = h(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, unit="s",
+                      description="Time to first token",
+                      explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
+        self.tpot = h(sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, unit="s",
+                      description="Mean time per output token after the first",
+                      explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
+        self.e2e = h(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION, unit="s",
+                     description="Request duration",
+                     explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.itl = h(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY, unit="s",
+                     description="Inter-token latency",
+                     explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
+        self.queue = h(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION, unit="s",
+                       description="Queue time",
+                       explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.prefill = h(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION, unit="s",
+                         description="Prefill time",
+                         explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.decode = h(sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION, unit="s",
+                        description="Decode time",
+                        explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.prompt_tokens = c(sc.METRIC_LLMTRACE_SERVER_PROMPT_TOKENS, unit="{token}",
+                               description="Prompt tokens")
+        self.cached_tokens = c(sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS, unit="{token}",
+                               description="Prompt tokens served from cache")
+        self.generation_tokens = c(sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS, unit="{token}",
+                                   description="Generated tokens")
+        self.requests = c(sc.METRIC_LLMTRACE_SERVER_REQUESTS, unit="{request}",
+                          description="Finished requests")
+        self.preemptions = c(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS, unit="{preemption}",
+                             description="Preemptions")
+        self.prompt_len = h(sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS, unit="{token}",
+                            description="Prompt length per request",
+                            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.output_len = h(sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS, unit="{token}",
+                            description="Output length per request",
+                            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+
+    def record(self, m: RequestMetrics) -> None:
+        base = {
+            sc.GEN_AI_REQUEST_MODEL: self.labels(sc.GEN_AI_REQUEST_MODEL, m.model),
+            sc.LLMTRACE_TENANT: self.labels(sc.LLMTRACE_TENANT, m.tenant),
+            sc.LLMTRACE_DEPLOYMENT_VERSION: self.labels(sc.LLMTRACE_DEPLOYMENT_VERSION,
+                                                        m.version),
+        }
+        if m.ttft is not None:
+            self.ttft.record(m.ttft, base)
+        if m.decode is not None and m.output_tokens > 1:
+            self.tpot.record(m.decode / (m.output_tokens - 1), base)
+        e2e_attrs = {**base, sc.ERROR_TYPE: m.error_type} if m.error_type else base
+        self.e2e.record(m.e2e, e2e_attrs)
+        for value, hist in ((m.queue, self.queue), (m.prefill, self.prefill),
+                            (m.decode, self.decode)):
+            if value is not None:
+                hist.record(value, base)
+        itl = self.itl.record
+        for gap in m.itls:
+            itl(gap, base)
+        self.prompt_tokens.add(m.prompt_tokens, base)
+        if m.cached_tokens:
+            self.cached_tokens.add(m.cached_tokens, base)
+        self.generation_tokens.add(m.output_tokens, base)
+        self.prompt_len.record(m.prompt_tokens, base)
+        finish = {**base, sc.LLMTRACE_REQUEST_FINISH_REASON: m.finish_reason}
+        self.output_len.record(m.output_tokens, finish)
+        if m.error_type:
+            finish[sc.ERROR_TYPE] = m.error_type
+        self.requests.add(1, finish)
+        if m.preemptions:
+            self.preemptions.add(m.preemptions, base)
+
+
+def _observe(counts: dict[str, int] | Iterable[tuple[str, int]], key: str):
+    items = counts.items() if isinstance(counts, dict) else counts
+    return [Observation(v, {key: k}) for k, v in items]
+
+
+def build_instruments(config: Config, resource: Resource, scope: str, reader):
+    """A private MeterProvider with the request instruments and self-telemetry counters."""
+    from llmtrace.telemetry import DROPPED
+    from llmtrace.telemetry.guard import HOOK_ERRORS
+
+    provider = MeterProvider(resource=resource, metric_readers=[reader])
+    meter = provider.get_meter(scope, __version__)
+    instruments = Instruments(meter, config)
+
+    def hook_errors(_: CallbackOptions):
+        return _observe(dict(HOOK_ERRORS), sc.LLMTRACE_TELEMETRY_HOOK)
+
+    def dropped(_: CallbackOptions):
+        return _observe(dict(DROPPED), sc.LLMTRACE_TELEMETRY_REASON)
+
+    def overflows(_: CallbackOptions):
+        total = sum(instruments.labels.overflows.values())
+        return [Observation(total, {sc.LLMTRACE_TELEMETRY_REASON: "cardinality_cap"})] \
+            if total else []
+
+    meter.create_observable_counter(sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, [hook_errors],
+                                    unit="{error}", description="Exceptions caught in hooks")
+    meter.create_observable_counter(sc.METRIC_LLMTRACE_TELEMETRY_DROPPED, [dropped],
+                                    unit="{item}", description="Telemetry items dropped")
+    meter.create_observable_counter(sc.METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS, [overflows],
+                                    unit="{value}", description="Label values over the cap")
+    return provider, instruments

@@ -1,0 +1,311 @@
+"""The live inference-phase span tree and metrics, read from the OTLP wire of a
+real ``vllm serve`` (CPU) that was instrumented with no code change."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import httpx
+import pytest
+
+from llmtrace import semconv as sc
+from llmtrace.testing.models import DENSE, MOE
+from llmtrace.testing.otlp_receiver import OTLPReceiver, ReceivedSpan
+from llmtrace.testing.registry import assert_in_registry
+from llmtrace.testing.stream_client import StreamTiming, run_load
+
+pytestmark = pytest.mark.vllm
+
+LONG_TEXT = " ".join(f"Topic {i} concerns the scheduler and the prefix cache." for i in range(80))
+
+
+def traced(request: dict, tenant: str = "tenant-a",
+           sampled: bool = True) -> tuple[tuple[str, str], dict]:
+    """Give a request its own W3C trace context (trace id, client span id) to find it by."""
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    headers = {"traceparent": f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}",
+               "x-tenant-id": tenant}
+    return (trace_id, span_id), {**request, "headers": headers}
+
+
+def chat(content: str, max_tokens: int = 20) -> dict:
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+
+
+def send(server, model: str, requests: list[dict], concurrency: int = 1,
+         tenant: str = "tenant-a") -> list[tuple[tuple[str, str], StreamTiming]]:
+    ids, bodies = zip(*(traced(r, tenant) for r in requests), strict=True)
+    timings = asyncio.run(run_load(server.base_url, model, list(bodies), concurrency))
+    for t in timings:
+        assert t.ok, t.error
+    return list(zip(ids, timings, strict=True))
+
+
+def trace_of(rx: OTLPReceiver, trace_id: str, timeout: float = 30) -> list[ReceivedSpan]:
+    """Wait for a trace's root span (the last to end) and everything exported before it."""
+    def has_root(r: OTLPReceiver) -> bool:
+        return any(s.trace_id == trace_id and s.name == sc.SPAN_LLMTRACE_REQUEST
+                   for s in r.spans())
+
+    assert rx.wait_for(has_root, timeout), f"no root span for trace {trace_id}"
+    rx.wait_for(lambda r: False, 0.3)  # let the engine core's batch arrive too
+    return [s for s in rx.spans() if s.trace_id == trace_id]
+
+
+def by_name(spans: list[ReceivedSpan], name: str) -> list[ReceivedSpan]:
+    return sorted((s for s in spans if s.name == name), key=lambda s: s.start_ns)
+
+
+def check_tree(spans: list[ReceivedSpan], client_span: str) -> ReceivedSpan:
+    """Parent links intact, every child inside its parent; returns the root."""
+    ids = {s.span_id: s for s in spans}
+    [root] = by_name(spans, sc.SPAN_LLMTRACE_REQUEST)
+    assert root.is_server and root.parent_span_id == client_span
+    for s in spans:
+        if s is root:
+            continue
+        parent = ids.get(s.parent_span_id)
+        assert parent is not None, f"{s.name} has a parent that was not exported"
+        assert parent.start_ns <= s.start_ns <= s.end_ns <= parent.end_ns, (
+            f"{s.name} [{s.start_ns}, {s.end_ns}] outside {parent.name} "
+            f"[{parent.start_ns}, {parent.end_ns}]")
+    return root
+
+
+def test_every_request_has_the_complete_tree(instrumented_servers, otlp_receiver):
+    server = instrumented_servers["dense"]
+    prompts = [chat(f"Question {i}: " + "explain decoding " * (3 + 7 * i), 12 + 4 * i)
+               for i in range(6)]
+    for (trace_id, client_span), timing in send(server, DENSE, prompts):
+        spans = trace_of(otlp_receiver, trace_id)
+        root = check_tree(spans, client_span)
+        a = root.attributes
+        assert a[sc.GEN_AI_OPERATION_NAME] == "chat"
+        assert a[sc.GEN_AI_PROVIDER_NAME] == "vllm"
+        assert a[sc.GEN_AI_REQUEST_MODEL] == DENSE
+        assert a[sc.LLMTRACE_TENANT] == "tenant-a"
+        assert a[sc.LLMTRACE_DEPLOYMENT_VERSION] == "v-test"
+        assert a[sc.GEN_AI_USAGE_INPUT_TOKENS] == timing.prompt_tokens
+        assert a[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == timing.completion_tokens
+        assert list(a[sc.GEN_AI_RESPONSE_FINISH_REASONS]) == ["length"]
+        assert root.resource["service.name"] == "llmtrace-dense"
+
+        [queue] = by_name(spans, sc.SPAN_LLMTRACE_QUEUE)
+        assert queue.attributes[sc.LLMTRACE_QUEUE_REASON] == "arrival"
+        [prefill] = by_name(spans, sc.SPAN_LLMTRACE_PREFILL)
+        chunks = by_name(spans, sc.SPAN_LLMTRACE_PREFILL_CHUNK)
+        assert chunks and {c.parent_span_id for c in chunks} == {prefill.span_id}
+        computed = sum(c.attributes[sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS] for c in chunks)
+        assert computed + prefill.attributes[sc.LLMTRACE_PREFILL_CACHED_TOKENS] == \
+            timing.prompt_tokens
+        [decode] = by_name(spans, sc.SPAN_LLMTRACE_DECODE)
+        dchunks = by_name(spans, sc.SPAN_LLMTRACE_DECODE_CHUNK)
+        assert {c.parent_span_id for c in dchunks} == {decode.span_id}
+        assert [c.attributes[sc.LLMTRACE_DECODE_CHUNK_INDEX] for c in dchunks] == \
+            list(range(len(dchunks)))
+        assert sum(c.attributes[sc.LLMTRACE_DECODE_CHUNK_TOKENS] for c in dchunks) == \
+            timing.completion_tokens
+        for c in dchunks:
+            if sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN in c.attributes:
+                assert 0 <= c.attributes[sc.LLMTRACE_DECODE_CHUNK_ITL_MIN] <= \
+                    c.attributes[sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN] <= \
+                    c.attributes[sc.LLMTRACE_DECODE_CHUNK_ITL_MAX]
+        # phases in order: queue, then prefill, then decode
+        assert queue.end_ns <= prefill.start_ns and prefill.end_ns <= decode.start_ns
+        assert [e.name for e in root.events] == [sc.EVENT_LLMTRACE_FIRST_TOKEN]
+
+        ttft_span = a[sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN]
+        assert abs(ttft_span - timing.ttft_s) <= max(0.002, 0.02 * timing.ttft_s), (
+            f"span TTFT {ttft_span * 1e3:.2f} ms vs client {timing.ttft_s * 1e3:.2f} ms")
+
+
+def test_incoming_traceparent_is_honoured(instrumented_servers, otlp_receiver):
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    resp = httpx.post(f"{instrumented_servers['dense'].base_url}/v1/completions",
+                      json={"model": DENSE, "prompt": "hello there", "max_tokens": 4},
+                      headers={"traceparent": f"00-{trace_id}-{span_id}-01"}, timeout=60)
+    assert resp.status_code == 200
+    spans = trace_of(otlp_receiver, trace_id)
+    root = check_tree(spans, span_id)
+    assert root.attributes[sc.GEN_AI_OPERATION_NAME] == "text_completion"
+    assert {s.trace_id for s in spans} == {trace_id}
+
+
+def test_long_prompt_is_split_into_prefill_chunks(instrumented_servers, otlp_receiver):
+    [((trace_id, _), timing)] = send(instrumented_servers["dense"], DENSE,
+                                     [chat(LONG_TEXT, 4)])
+    assert timing.prompt_tokens > 512
+    spans = trace_of(otlp_receiver, trace_id)
+    chunks = by_name(spans, sc.SPAN_LLMTRACE_PREFILL_CHUNK)
+    assert len(chunks) >= 2
+    assert all(c.attributes[sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS] <= 256 for c in chunks)
+    assert all(c.attributes[sc.LLMTRACE_STEP_SCHEDULED_TOKENS] <= 256 for c in chunks)
+    [prefill] = by_name(spans, sc.SPAN_LLMTRACE_PREFILL)
+    assert sum(c.attributes[sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS] for c in chunks) + \
+        prefill.attributes[sc.LLMTRACE_PREFILL_CACHED_TOKENS] == timing.prompt_tokens
+
+
+def test_repeated_prompt_shows_cached_tokens(instrumented_servers, otlp_receiver):
+    text = "Repeat me exactly. " + LONG_TEXT[:1200]
+    results = send(instrumented_servers["dense"], DENSE, [chat(text, 4), chat(text, 4)])
+    (_, first), ((trace_id, _), second) = results
+    spans = trace_of(otlp_receiver, trace_id)
+    [prefill] = by_name(spans, sc.SPAN_LLMTRACE_PREFILL)
+    cached = prefill.attributes[sc.LLMTRACE_PREFILL_CACHED_TOKENS]
+    assert cached > 0
+    [root] = by_name(spans, sc.SPAN_LLMTRACE_REQUEST)
+    assert root.attributes[sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == cached
+    assert second.cached_tokens in (None, cached)  # vLLM reports it only if asked to
+
+
+def test_tiny_kv_cache_under_concurrency_preempts(instrumented_servers, otlp_receiver):
+    requests = [chat(f"Preempt {i}. " + "long context " * 30, 300) for i in range(8)]
+    results = send(instrumented_servers["dense"], DENSE, requests, concurrency=8)
+    preempted = []
+    for (trace_id, client_span), _timing in results:
+        spans = trace_of(otlp_receiver, trace_id)
+        root = check_tree(spans, client_span)
+        assert sum(c.attributes[sc.LLMTRACE_DECODE_CHUNK_TOKENS]
+                   for c in by_name(spans, sc.SPAN_LLMTRACE_DECODE_CHUNK)) == 300
+        pre = by_name(spans, sc.SPAN_LLMTRACE_PREEMPTION)
+        if pre:
+            preempted.append(trace_id)
+            assert root.attributes[sc.LLMTRACE_REQUEST_PREEMPTIONS] == len(pre)
+            requeued = [q for q in by_name(spans, sc.SPAN_LLMTRACE_QUEUE)
+                        if q.attributes[sc.LLMTRACE_QUEUE_REASON] == "preemption"]
+            assert {q.parent_span_id for q in requeued} == {p.span_id for p in pre}
+            assert all(p.attributes[sc.LLMTRACE_PREEMPTION_REASON] for p in pre)
+    assert preempted, "8 x 330 tokens in a 1,536-token KV cache should preempt"
+
+
+def test_client_disconnect_marks_the_request_aborted(instrumented_servers, otlp_receiver):
+    server = instrumented_servers["dense"]
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    body = {"model": DENSE, "prompt": "never finish", "max_tokens": 900, "stream": True,
+            "ignore_eos": True}
+    with httpx.Client(timeout=60) as client, client.stream(
+            "POST", f"{server.base_url}/v1/completions", json=body,
+            headers={"traceparent": f"00-{trace_id}-{span_id}-01"}) as resp:
+        lines = resp.iter_lines()
+        for _ in range(6):
+            next(lines)
+    spans = trace_of(otlp_receiver, trace_id)
+    [root] = by_name(spans, sc.SPAN_LLMTRACE_REQUEST)
+    assert root.status_code == 2  # ERROR
+    assert root.attributes[sc.ERROR_TYPE] == "aborted"
+    assert root.attributes[sc.LLMTRACE_REQUEST_FINISH_REASON] == "abort"
+    assert 0 < root.attributes[sc.GEN_AI_USAGE_OUTPUT_TOKENS] < 900
+
+
+def _latest(points, metric, **attrs):
+    matching = [p for p in points if p.metric == metric
+                and all(p.attributes.get(k) == v for k, v in attrs.items())]
+    return max(matching, key=lambda p: p.time_ns) if matching else None
+
+
+def test_metrics_at_the_source_count_every_request(instrumented_servers, otlp_receiver):
+    server = instrumented_servers["dense"]
+    sent = send(server, DENSE, [chat(f"metrics {i}", 6) for i in range(5)], tenant="metered")
+    # an unsampled request: no spans, but metrics still count it
+    (trace_id, _), body = traced(chat("not sampled", 6), tenant="metered", sampled=False)
+    [timing] = asyncio.run(run_load(server.base_url, DENSE, [body], 1))
+    assert timing.ok
+    labels = {sc.GEN_AI_REQUEST_MODEL: DENSE, sc.LLMTRACE_TENANT: "metered",
+              sc.LLMTRACE_DEPLOYMENT_VERSION: "v-test"}
+
+    def counted(rx: OTLPReceiver) -> bool:
+        p = _latest(rx.points(), sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, **labels)
+        return p is not None and p.count == 6
+
+    assert otlp_receiver.wait_for(counted, 20), "TTFT histogram never counted 6 requests"
+    points = otlp_receiver.points()
+    ttft = _latest(points, sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, **labels)
+    assert 0.2 in ttft.explicit_bounds and ttft.unit == "s"
+    requests = _latest(points, sc.METRIC_LLMTRACE_SERVER_REQUESTS, **labels)
+    assert requests.value == 6 and requests.attributes[sc.LLMTRACE_REQUEST_FINISH_REASON] \
+        == "length"
+    tokens = _latest(points, sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS, **labels)
+    assert tokens.value == 6 * 6
+    itl = _latest(points, sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY, **labels)
+    assert itl.count == 6 * 5
+    prompt = _latest(points, sc.METRIC_LLMTRACE_SERVER_PROMPT_TOKENS, **labels)
+    assert prompt.value == sum(t.prompt_tokens for _, t in sent) + timing.prompt_tokens
+    for name in (sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION,
+                 sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION,
+                 sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION,
+                 sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION):
+        assert _latest(points, name, **labels).count == 6
+    # the unsampled request left no spans
+    assert not [s for s in otlp_receiver.spans() if s.trace_id == trace_id]
+
+
+def test_everything_emitted_is_in_the_registry(instrumented_servers, otlp_receiver):
+    send(instrumented_servers["dense"], DENSE, [chat("registry check", 10)])
+    otlp_receiver.wait_for(lambda r: False, 1.5)  # one metric export interval
+    spans = otlp_receiver.spans()
+    assert {s.name for s in spans if s.scope.startswith("llmtrace")} >= {
+        sc.SPAN_LLMTRACE_REQUEST, sc.SPAN_LLMTRACE_QUEUE, sc.SPAN_LLMTRACE_PREFILL,
+        sc.SPAN_LLMTRACE_PREFILL_CHUNK, sc.SPAN_LLMTRACE_DECODE, sc.SPAN_LLMTRACE_DECODE_CHUNK}
+    assert_in_registry(spans, otlp_receiver.points())
+
+
+def test_missing_internal_disables_one_hook_and_serving_continues(
+        instrumented_servers, otlp_receiver):
+    server = instrumented_servers["broken"]
+    results = send(server, MOE, [chat(f"still serving {i}", 8) for i in range(4)],
+                   concurrency=2)
+    assert len(results) == 4
+    (trace_id, _), _ = results[0]
+    spans = trace_of(otlp_receiver, trace_id)
+    assert by_name(spans, sc.SPAN_LLMTRACE_PREFILL_CHUNK)  # the other hooks still work
+    log = server.log_path.read_text(errors="replace")
+    for hook in ("vllm.output_processor.propagate_error", "vllm.scheduler.preempt_request"):
+        warnings = [line for line in log.splitlines()
+                    if "[llmtrace]" in line and f"hook {hook} disabled" in line]
+        # one warning per process that loads the plugin and could use the hook
+        assert warnings, f"no warning names {hook}"
+        assert len({w.split("[llmtrace]")[1] for w in warnings}) == 1
+    healthy = server.log_path.read_text(errors="replace").count("hook vllm.scheduler.schedule")
+    assert healthy == 0
+
+
+def test_entry_points_are_registered():
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins["llmtrace"] == "llmtrace.instrumentation.vllm.plugin:register"
+    instrumentors = {ep.name: ep.value for ep in entry_points(group="opentelemetry_instrumentor")}
+    assert instrumentors["vllm"] == "llmtrace.instrumentation.vllm:VLLMInstrumentor"
+
+
+def test_opentelemetry_instrument_loads_the_instrumentor():
+    script = ("import llmtrace; from llmtrace.instrumentation.vllm import VLLMInstrumentor;"
+              "print(llmtrace.is_instrumented(), len(VLLMInstrumentor().installed_hooks))")
+    bindir = os.path.dirname(sys.executable)
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
+           "OTEL_LOGS_EXPORTER": "none", "PATH": f"{bindir}:{os.environ['PATH']}"}
+    out = subprocess.run([os.path.join(bindir, "opentelemetry-instrument"), sys.executable,
+                          "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "11"], out.stdout + out.stderr
+
+
+def test_plugin_does_nothing_unless_switched_on():
+    script = ("from llmtrace.instrumentation.vllm.plugin import register; register();"
+              "import llmtrace; print(llmtrace.is_instrumented())")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LLMTRACE_", "OTEL_EXPORTER_OTLP"))}
+    off = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert off.stdout.strip() == "False", off.stderr
+    on = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        env={**env, "LLMTRACE_ENABLED": "1"}, timeout=120)
+    assert on.stdout.strip() == "True", on.stderr
+    vetoed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**env, "LLMTRACE_ENABLED": "0",
+                                 "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"},
+                            timeout=120)
+    assert vetoed.stdout.strip() == "False", vetoed.stderr
