@@ -70,10 +70,10 @@ def instrumented_env(receiver: OTLPReceiver, service: str, **extra: str) -> tupl
         "LLMTRACE_ENABLED": "1",
         "LLMTRACE_OTLP_ENDPOINT": receiver.grpc_endpoint,
         "LLMTRACE_SAMPLE_RATIO": "1",
-        "LLMTRACE_METRIC_EXPORT_INTERVAL_MS": "500",
+        "LLMTRACE_METRIC_EXPORT_INTERVAL_MS": "1000",
         "LLMTRACE_DECODE_CHUNK_TOKENS": "8",
         "LLMTRACE_DEPLOYMENT_VERSION": "v-test",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_BSP_SCHEDULE_DELAY": "1000",
         "OTEL_SERVICE_NAME": service,
         **extra,
     }

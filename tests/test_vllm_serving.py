@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import httpx
 import pytest
 from transformers import AutoTokenizer
@@ -21,9 +19,9 @@ def test_server_streams_real_completions(vllm_servers, tiny_models, name):
     assert [m["id"] for m in listed["data"]] == [name]
 
     content = "Please explain the prefill and decode phases."
-    timings = asyncio.run(run_load(server.base_url, name, [
+    timings = run_load(server.base_url, name, [
         {"messages": [{"role": "user", "content": content}], "max_tokens": 24}
-    ] * 3, concurrency=3))
+    ] * 3, concurrency=3)
     tok = AutoTokenizer.from_pretrained(tiny_models.path(name))
     expected_prompt = len(tok.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=True, add_generation_prompt=True,
@@ -55,8 +53,8 @@ def test_completions_endpoint_and_concurrent_load(vllm_servers):
     done = []
     requests = [{"prompt": f"Request number {i} asks about the cache.", "max_tokens": 16}
                 for i in range(8)]
-    timings = asyncio.run(run_load(server.base_url, DENSE, requests, concurrency=4,
-                                   on_done=done.append))
+    timings = run_load(server.base_url, DENSE, requests, concurrency=4,
+                                   on_done=done.append)
     assert len(done) == 8 and all(t.ok for t in timings)
     assert len({t.request_id for t in timings}) == 8
     summary = summarize(timings)
@@ -69,6 +67,6 @@ def test_completions_endpoint_and_concurrent_load(vllm_servers):
 
 def test_bad_request_is_reported_not_raised(vllm_servers):
     server = vllm_servers[DENSE]
-    [t] = asyncio.run(run_load(server.base_url, "no-such-model",
-                               [{"prompt": "x", "max_tokens": 4}], concurrency=1))
+    [t] = run_load(server.base_url, "no-such-model",
+                               [{"prompt": "x", "max_tokens": 4}], concurrency=1)
     assert not t.ok and t.status == 404 and "no-such-model" in (t.error or "")

@@ -11,7 +11,6 @@ dashboards to this same run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import shutil
 import sys
@@ -92,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 batch = requests[start:start + count]
                 start += count
                 bar.set_postfix(concurrency=conc)
-                timings = asyncio.run(run_load(server.base_url, DENSE, batch, conc,
-                                               on_done=lambda _t: bar.update(1)))
+                timings = run_load(server.base_url, DENSE, batch, conc,
+                                               on_done=lambda _t: bar.update(1))
                 rows.append((conc, summarize(timings)))
                 every.extend(timings)
         print_table(rows)

@@ -8,15 +8,15 @@ weights produce tokens that decode to empty text.
 
 from __future__ import annotations
 
-import asyncio
+import http.client
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 
 @dataclass
@@ -24,7 +24,8 @@ class StreamTiming:
     """What one streamed request looked like from the client (wall-clock ns)."""
 
     request_id: str = ""
-    sent_ns: int = 0
+    started_ns: int = 0  # before the client library touched the request
+    sent_ns: int = 0  # the request body was written to the socket
     done_ns: int = 0
     chunk_ns: list[int] = field(default_factory=list)  # arrival of each token-bearing chunk
     chunk_tokens: list[int] = field(default_factory=list)  # tokens carried by that chunk
@@ -67,8 +68,7 @@ def _chunk_tokens(choice: dict[str, Any]) -> int:
     return 1 if text else 0
 
 
-async def stream_request(
-    client: httpx.AsyncClient,
+def stream_request(
     base_url: str,
     model: str,
     *,
@@ -80,7 +80,12 @@ async def stream_request(
     extra: dict[str, Any] | None = None,
     timeout: float = 120.0,
 ) -> StreamTiming:
-    """Stream one chat (``messages``) or completion (``prompt``) request and time it."""
+    """Stream one chat (``messages``) or completion (``prompt``) request and time it.
+
+    A plain blocking socket (``http.client``) keeps the client's own overhead out
+    of the measurement: ``sent_ns`` is taken when the request is on the wire and
+    each chunk's time as soon as ``readline`` returns it.
+    """
     chat = messages is not None
     body: dict[str, Any] = {
         "model": model,
@@ -95,70 +100,87 @@ async def stream_request(
         body["messages"] = messages
     else:
         body["prompt"] = prompt
-    url = f"{base_url}/v1/{'chat/completions' if chat else 'completions'}"
+    url = urlsplit(base_url)
+    path = f"{url.path.rstrip('/')}/v1/{'chat/completions' if chat else 'completions'}"
+    payload = json.dumps(body).encode()
     t = StreamTiming()
-    t.sent_ns = time.time_ns()
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
     try:
-        async with client.stream("POST", url, json=body, headers=headers,
-                                 timeout=timeout) as resp:
-            t.status = resp.status_code
-            if resp.status_code != 200:
-                t.error = (await resp.aread()).decode(errors="replace")[:500]
-                return t
-            async for line in resp.aiter_lines():
-                now = time.time_ns()
-                if not line.startswith("data: "):
-                    continue
-                data = line[6:]
-                if data == "[DONE]":
-                    break
-                payload = json.loads(data)
-                if "error" in payload:
-                    t.error = str(payload["error"])[:500]
-                    break
-                t.request_id = t.request_id or payload.get("id", "")
-                usage = payload.get("usage")
-                if usage:
-                    t.prompt_tokens = usage.get("prompt_tokens")
-                    t.completion_tokens = usage.get("completion_tokens")
-                    details = usage.get("prompt_tokens_details") or {}
-                    t.cached_tokens = details.get("cached_tokens")
-                for choice in payload.get("choices") or []:
-                    n = _chunk_tokens(choice)
-                    if n:
-                        t.chunk_ns.append(now)
-                        t.chunk_tokens.append(n)
-                    delta = choice.get("delta") or {}
-                    t.text += (delta.get("content") if chat else choice.get("text")) or ""
-                    if choice.get("finish_reason"):
-                        t.finish_reason = choice["finish_reason"]
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        t.started_ns = time.time_ns()
+        conn.putrequest("POST", path, skip_accept_encoding=True)
+        for key, value in {"Content-Type": "application/json", "Accept": "text/event-stream",
+                           "Content-Length": str(len(payload)), **(headers or {})}.items():
+            conn.putheader(key, value)
+        conn.endheaders(payload)
+        t.sent_ns = time.time_ns()
+        resp = conn.getresponse()
+        t.status = resp.status
+        if resp.status != 200:
+            t.error = resp.read().decode(errors="replace")[:500]
+            return t
+        while True:
+            line = resp.readline()
+            now = time.time_ns()
+            if not line:
+                break
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                break
+            payload_obj = json.loads(data)
+            if "error" in payload_obj:
+                t.error = str(payload_obj["error"])[:500]
+                break
+            _absorb(t, payload_obj, now, chat)
+    except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
         t.error = f"{type(exc).__name__}: {exc}"
     finally:
         t.done_ns = time.time_ns()
+        conn.close()
     return t
 
 
-async def run_load(
+def _absorb(t: StreamTiming, payload: dict[str, Any], now: int, chat: bool) -> None:
+    t.request_id = t.request_id or payload.get("id", "")
+    usage = payload.get("usage")
+    if usage:
+        t.prompt_tokens = usage.get("prompt_tokens")
+        t.completion_tokens = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        t.cached_tokens = details.get("cached_tokens")
+    for choice in payload.get("choices") or []:
+        n = _chunk_tokens(choice)
+        if n:
+            t.chunk_ns.append(now)
+            t.chunk_tokens.append(n)
+        delta = choice.get("delta") or {}
+        t.text += (delta.get("content") if chat else choice.get("text")) or ""
+        if choice.get("finish_reason"):
+            t.finish_reason = choice["finish_reason"]
+
+
+def run_load(
     base_url: str,
     model: str,
     requests: Sequence[dict[str, Any]],
     concurrency: int,
     on_done: Callable[[StreamTiming], None] | None = None,
 ) -> list[StreamTiming]:
-    """Send ``requests`` (kwargs for :func:`stream_request`) with bounded concurrency."""
-    sem = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits) as client:
+    """Send ``requests`` (kwargs for :func:`stream_request`) with bounded concurrency.
 
-        async def one(kwargs: dict[str, Any]) -> StreamTiming:
-            async with sem:
-                timing = await stream_request(client, base_url, model, **kwargs)
-            if on_done:
-                on_done(timing)
-            return timing
+    One thread per concurrent stream: threads spend their time blocked in
+    ``recv``, so timestamps are taken the moment data arrives.
+    """
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+    def one(kwargs: dict[str, Any]) -> StreamTiming:
+        timing = stream_request(base_url, model, **kwargs)
+        if on_done:
+            on_done(timing)
+        return timing
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="stream") as pool:
+        return list(pool.map(one, requests))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -191,7 +213,7 @@ def summarize(timings: Sequence[StreamTiming]) -> LoadSummary:
     ttfts = [t.ttft_s for t in ok if t.ttft_s is not None]
     itls = [gap for t in ok for gap in t.itl_s]
     wall = (
-        (max(t.done_ns for t in timings) - min(t.sent_ns for t in timings)) / 1e9
+        (max(t.done_ns for t in timings) - min(t.started_ns for t in timings)) / 1e9
         if timings else 0.0
     )
     return LoadSummary(

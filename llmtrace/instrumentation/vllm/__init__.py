@@ -41,6 +41,10 @@ def vllm_distribution() -> str | None:
 def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
     """Every patched vLLM callable, with the parameters its wrapper relies on."""
     return [
+        Hook("uvicorn.httptools.data_received", "uvicorn.protocols.http.httptools_impl",
+             "HttpToolsProtocol.data_received", ("data",), frontend.wrap_data_received),
+        Hook("uvicorn.h11.data_received", "uvicorn.protocols.http.h11_impl",
+             "H11Protocol.data_received", ("data",), frontend.wrap_data_received),
         Hook("vllm.api_server.build_app", "vllm.entrypoints.launchers.api_server.entry",
              "build_app", ("args", "supported_tasks", "model_config"), frontend.wrap_build_app),
         Hook("vllm.async_llm.init", "vllm.v1.engine.async_llm", "AsyncLLM.__init__",

@@ -35,6 +35,8 @@ from llmtrace.telemetry.guard import HookGuard
 from llmtrace.telemetry.metrics import RequestMetrics
 
 CONTEXT_HEADER = "llmtrace-traceparent"
+#: ASGI scope key holding the time the request's bytes reached the HTTP server.
+ARRIVAL_KEY = "llmtrace.arrival_ns"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _OPERATIONS = {
     "/v1/chat/completions": "chat",
@@ -114,7 +116,7 @@ class FrontendTracer:
         operation = _OPERATIONS.get(scope.get("path", ""))
         if operation is None:
             return None
-        now = time.time_ns()
+        now = scope.get(ARRIVAL_KEY) or time.time_ns()
         headers = scope.get("headers") or []
         carrier = {}
         for key in (b"traceparent", b"tracestate"):
@@ -362,6 +364,19 @@ class FrontendTracer:
         with HookGuard("vllm.async_llm.init", self._measure):
             names = instance.model_config.served_model_name
             self.served_model = names[0] if isinstance(names, (list, tuple)) else str(names)
+        return result
+
+    def wrap_data_received(self, wrapped, instance, args, kwargs):
+        """Stamp a new request's scope with the time its first bytes were read.
+
+        The ASGI app only runs after the event loop gets round to it, which on a
+        busy server is milliseconds after the bytes arrived; TTFT starts here.
+        """
+        now = time.time_ns()
+        result = wrapped(*args, **kwargs)
+        scope = getattr(instance, "scope", None)
+        if scope is not None and ARRIVAL_KEY not in scope:
+            scope[ARRIVAL_KEY] = now
         return result
 
     def wrap_build_app(self, wrapped, instance, args, kwargs):
