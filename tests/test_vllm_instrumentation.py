@@ -20,7 +20,7 @@ from llmtrace.testing.stream_client import StreamTiming, run_load
 
 pytestmark = pytest.mark.vllm
 
-LONG_TEXT = " ".join(f"Topic {i} concerns the scheduler and the prefix cache." for i in range(80))
+LONG_TEXT = " ".join(f"Topic {i} concerns the scheduler and the prefix cache." for i in range(24))
 
 
 def traced(request: dict, tenant: str = "tenant-a",
