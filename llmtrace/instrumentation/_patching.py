@@ -57,6 +57,11 @@ def _check_signature(hook: Hook, target: Callable) -> str | None:
     return None
 
 
+def is_wrapped(owner: object, attr: str) -> bool:
+    """Whether ``owner.attr`` is a wrapt wrapper (looked up without descriptor binding)."""
+    return isinstance(inspect.getattr_static(owner, attr, None), wrapt.FunctionWrapper)
+
+
 def install(hooks: list[Hook]) -> list[Installed]:
     """Wrap every hook that resolves and matches; warn once for each that does not."""
     done: list[Installed] = []
@@ -72,7 +77,7 @@ def install(hooks: list[Hook]) -> list[Installed]:
         if problem:
             disable_hook(hook.name, problem)
             continue
-        if isinstance(target, wrapt.ObjectProxy):  # already ours (idempotent install)
+        if is_wrapped(owner, leaf):  # already wrapped (idempotent install)
             continue
         try:
             wrapt.wrap_function_wrapper(owner, leaf, hook.wrapper)

@@ -11,11 +11,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 
 logger = logging.getLogger("llmtrace")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (it may be replaced later)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _ensure_visible_logging() -> None:
@@ -27,7 +40,7 @@ def _ensure_visible_logging() -> None:
     """
     if logger.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [llmtrace] %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("LLMTRACE_LOG_LEVEL", "WARNING").upper())

@@ -1,0 +1,159 @@
+"""instrument()/uninstrument(), configuration and the guards, in-process."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import llmtrace
+from llmtrace.config import ConfigError, activation_requested, load_config
+from llmtrace.instrumentation._patching import Hook, install, is_wrapped, uninstall
+from llmtrace.instrumentation.vllm import VLLMInstrumentor, hook_table
+from llmtrace.instrumentation.vllm.engine import EngineTracer
+from llmtrace.instrumentation.vllm.frontend import FrontendTracer
+from llmtrace.telemetry import Telemetry
+from llmtrace.telemetry.guard import DISABLED_HOOKS, HOOK_ERRORS, HookGuard
+from llmtrace.telemetry.metrics import OVERFLOW, LabelLimiter
+
+
+def test_uninstrument_restores_every_patched_callable():
+    import importlib
+
+    originals = {}
+    cfg = load_config()
+    for hook in hook_table(FrontendTracer(cfg, Telemetry(cfg)), EngineTracer(cfg, Telemetry(cfg))):
+        module = importlib.import_module(hook.module)
+        owner = module
+        *path, leaf = hook.attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        originals[hook.name] = (owner, leaf, getattr(owner, leaf))
+    assert not llmtrace.is_instrumented()
+    llmtrace.instrument(sample_ratio=1.0, metrics_enabled=False)
+    try:
+        llmtrace.instrument()  # idempotent
+        installed = VLLMInstrumentor().installed_hooks
+        assert sorted(installed) == sorted(originals)
+        for owner, leaf, _ in originals.values():
+            assert is_wrapped(owner, leaf)
+    finally:
+        llmtrace.uninstrument()
+    assert not llmtrace.is_instrumented()
+    for name, (owner, leaf, original) in originals.items():
+        assert getattr(owner, leaf) is original, name
+    llmtrace.uninstrument()  # no-op when not instrumented
+
+
+def test_missing_or_changed_target_disables_only_that_hook(caplog):
+    class Target:
+        def good(self, request):
+            return request
+
+        def changed(self, *args):
+            return args
+
+    import sys
+    import types
+
+    module = types.ModuleType("llmtrace_fake_vllm")
+    module.Target = Target
+    sys.modules[module.__name__] = module
+    calls = []
+
+    def wrapper(wrapped, instance, args, kwargs):
+        calls.append(args)
+        return wrapped(*args, **kwargs)
+
+    hooks = [
+        Hook("fake.good", module.__name__, "Target.good", ("request",), wrapper),
+        Hook("fake.changed", module.__name__, "Target.changed", ("request",), wrapper),
+        Hook("fake.missing", module.__name__, "Target.gone", (), wrapper),
+        Hook("fake.nomodule", "llmtrace_no_such_module", "X.y", (), wrapper),
+    ]
+    installed = install(hooks)
+    try:
+        assert [i.hook.name for i in installed] == ["fake.good"]
+        assert "no longer takes request" in DISABLED_HOOKS["fake.changed"]
+        assert "not found" in DISABLED_HOOKS["fake.missing"]
+        assert "not found" in DISABLED_HOOKS["fake.nomodule"]
+        assert Target().good(1) == 1 and calls == [(1,)]
+        assert Target().changed(2) == (2,)
+    finally:
+        uninstall(installed)
+        for name in ("fake.changed", "fake.missing", "fake.nomodule"):
+            DISABLED_HOOKS.pop(name, None)
+        del sys.modules[module.__name__]
+
+
+def test_hook_exception_is_swallowed_counted_and_disables_once(capfd):
+    before = HOOK_ERRORS["test.boom"]
+    for _ in range(3):
+        guard = HookGuard("test.boom")
+        with guard:
+            if guard.enabled:
+                raise RuntimeError("boom")
+    assert HOOK_ERRORS["test.boom"] == before + 1  # later calls skipped the body
+    assert "RuntimeError: boom" in DISABLED_HOOKS["test.boom"]
+    err = capfd.readouterr().err
+    assert err.count("hook test.boom raised RuntimeError") == 1
+    DISABLED_HOOKS.pop("test.boom")
+
+
+def test_config_reads_env_and_names_bad_settings(monkeypatch):
+    monkeypatch.setenv("LLMTRACE_SAMPLE_RATIO", "0.25")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("LLMTRACE_TENANT_HEADER", "X-Org")
+    cfg = load_config(decode_chunk_tokens=4)
+    assert (cfg.sample_ratio, cfg.protocol, cfg.tenant_header, cfg.decode_chunk_tokens) == \
+        (0.25, "http/protobuf", "x-org", 4)
+    assert cfg.capture_content is False  # prompts are never recorded by default
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    monkeypatch.delenv("LLMTRACE_SAMPLE_RATIO")
+    assert load_config().sample_ratio == 1.0
+    monkeypatch.setenv("LLMTRACE_SAMPLE_RATIO", "1.5")
+    with pytest.raises(ConfigError, match="sample_ratio"):
+        load_config()
+    monkeypatch.setenv("LLMTRACE_SAMPLE_RATIO", "0.5")
+    monkeypatch.setenv("LLMTRACE_CAPTURE_CONTENT", "perhaps")
+    with pytest.raises(ConfigError, match="capture_content"):
+        load_config()
+    monkeypatch.delenv("LLMTRACE_CAPTURE_CONTENT")
+    monkeypatch.setenv("LLMTRACE_TENANT_API_KEYS", "{not json")
+    with pytest.raises(ConfigError, match="LLMTRACE_TENANT_API_KEYS"):
+        load_config()
+    monkeypatch.delenv("LLMTRACE_TENANT_API_KEYS")
+    with pytest.raises(ConfigError, match="no_such_setting"):
+        load_config(no_such_setting=1)
+
+
+def test_tenant_from_api_key_mapping():
+    import hashlib
+
+    digest = hashlib.sha256(b"sk-123").hexdigest()
+    cfg = load_config(tenant_api_keys={digest: "acme"})
+    assert cfg.tenant_for_api_key("sk-123") == "acme"
+    assert cfg.tenant_for_api_key("sk-999") is None
+
+
+def test_activation_rule():
+    assert not activation_requested({})
+    assert activation_requested({"LLMTRACE_ENABLED": "1"})
+    assert activation_requested({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
+    assert not activation_requested({"LLMTRACE_ENABLED": "0",
+                                     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"})
+
+
+def test_label_cardinality_is_capped_and_counted():
+    limit = LabelLimiter(3)
+    values = [limit("tenant", f"t{i}") for i in range(5)]
+    assert values == ["t0", "t1", "t2", OVERFLOW, OVERFLOW]
+    assert limit("tenant", "t1") == "t1"
+    assert limit.overflows == {"tenant": 2}
+    assert limit("model", "m") == "m"  # caps are per label
+
+
+def test_llmtrace_warnings_stay_visible_when_root_logging_is_reset(capfd):
+    logging.getLogger().handlers.clear()
+    logging.getLogger("llmtrace").warning("visible warning")
+    assert "[llmtrace] visible warning" in capfd.readouterr().err
