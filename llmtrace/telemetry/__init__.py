@@ -9,9 +9,13 @@ engine core) builds its own providers on first use; processes that never emit
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -21,6 +25,7 @@ from opentelemetry.trace import Tracer
 
 from llmtrace import __version__, semconv
 from llmtrace.config import Config
+from llmtrace.telemetry.guard import HOOK_CPU_S
 
 logger = logging.getLogger("llmtrace")
 
@@ -29,12 +34,17 @@ DROPPED: Counter[str] = Counter()
 
 
 class _CountingExporter(SpanExporter):
-    """Delegates to the real exporter and counts spans lost to failed exports."""
+    """Delegates to the real exporter and counts spans lost to failed exports.
 
-    def __init__(self, inner: SpanExporter) -> None:
+    In benchmark mode it also charges the export thread's CPU time to llmtrace.
+    """
+
+    def __init__(self, inner: SpanExporter, measure: bool = False) -> None:
         self._inner = inner
+        self._measure = measure
 
     def export(self, spans) -> SpanExportResult:
+        t0 = time.thread_time() if self._measure else 0.0
         try:
             result = self._inner.export(spans)
         except Exception as exc:  # noqa: BLE001 - an exporter bug must not kill the thread
@@ -42,6 +52,8 @@ class _CountingExporter(SpanExporter):
             result = SpanExportResult.FAILURE
         if result is not SpanExportResult.SUCCESS:
             DROPPED["export_failed"] += len(spans)
+        if self._measure:
+            HOOK_CPU_S["export.spans"] += time.thread_time() - t0
         return result
 
     def shutdown(self) -> None:
@@ -121,8 +133,8 @@ class Telemetry:
                         sampler=ParentBased(TraceIdRatioBased(self.config.sample_ratio)),
                     )
                     exporter = self._span_exporter or _span_exporter(self.config)
-                    provider.add_span_processor(
-                        _CountingBatchSpanProcessor(_CountingExporter(exporter)))
+                    provider.add_span_processor(_CountingBatchSpanProcessor(
+                        _CountingExporter(exporter, self.config.measure_overhead)))
                     self._tracer_provider = provider
                     self._tracer = provider.get_tracer(self.scope, __version__,
                                                        schema_url=None)
@@ -143,9 +155,20 @@ class Telemetry:
     def _default_reader(self):
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
+        exporter = _metric_exporter(self.config)
+        if self.config.measure_overhead:
+            export = exporter.export
+
+            def measured_export(*args, **kwargs):
+                t0 = time.thread_time()
+                try:
+                    return export(*args, **kwargs)
+                finally:
+                    HOOK_CPU_S["export.metrics"] += time.thread_time() - t0
+
+            exporter.export = measured_export
         return PeriodicExportingMetricReader(
-            _metric_exporter(self.config),
-            export_interval_millis=self.config.metric_export_interval_ms)
+            exporter, export_interval_millis=self.config.metric_export_interval_ms)
 
     def flush(self, timeout_ms: int = 10_000) -> None:
         if self._tracer_provider is not None:
@@ -162,4 +185,25 @@ class Telemetry:
         self._instruments = self._meter_provider = None
 
 
-__all__ = ["DROPPED", "Telemetry", "semconv"]
+def start_overhead_reporter(directory: str | None = None, interval_s: float = 0.5) -> None:
+    """Benchmark mode: write this process's llmtrace CPU seconds to a JSON file.
+
+    ``benchmarks/overhead.py`` sums the files of a server's processes to get the
+    CPU llmtrace spent, against the CPU the whole server spent for the same work.
+    """
+    target = Path(directory or os.environ.get("LLMTRACE_OVERHEAD_DIR", "/tmp"))
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / f"llmtrace-{os.getpid()}.json"
+
+    def loop() -> None:
+        while True:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "cpu_s": dict(HOOK_CPU_S),
+                                       "dropped": dict(DROPPED)}))
+            tmp.replace(path)
+            time.sleep(interval_s)
+
+    threading.Thread(target=loop, name="llmtrace-overhead", daemon=True).start()
+
+
+__all__ = ["DROPPED", "Telemetry", "semconv", "start_overhead_reporter"]

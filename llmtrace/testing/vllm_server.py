@@ -181,6 +181,11 @@ class ServerPool:
                 raise
         return [self._servers[c] for c in configs]
 
+    def stop(self, config: ServerConfig) -> None:
+        server = self._servers.pop(config, None)
+        if server is not None:
+            server.stop()
+
     def stop_all(self) -> None:
         for server in self._servers.values():
             server.stop()

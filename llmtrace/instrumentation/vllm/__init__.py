@@ -94,6 +94,10 @@ class VLLMInstrumentor(BaseInstrumentor):
         self.frontend = FrontendTracer(self.config, self.telemetry)
         self.engine = EngineTracer(self.config, self.telemetry)
         self._installed = install(hook_table(self.frontend, self.engine))
+        if self.config.measure_overhead:
+            from llmtrace.telemetry import start_overhead_reporter
+
+            start_overhead_reporter()
         logger.info("llmtrace: vLLM instrumented (%d hooks, sample ratio %s)",
                     len(self._installed), self.config.sample_ratio)
 
