@@ -70,7 +70,8 @@ def llmtrace_cpu_s(directory: Path) -> tuple[float, dict[str, float], dict[str, 
 
 def workload(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"messages": [{"role": "user", "content": "Explain the scheduler " * rng.randint(2, 20)}],
+    text = "Explain the scheduler "
+    return [{"messages": [{"role": "user", "content": text * rng.randint(2, 20)}],
              "max_tokens": 64} for _ in range(n)]
 
 

@@ -45,9 +45,27 @@ class Config(BaseModel):
     #: Distinct values kept per metric label before values collapse to ``__overflow__``.
     max_label_values: int = Field(default=100, ge=1)
     metrics_enabled: bool = True
+    #: Metric exporters, as OTEL_METRICS_EXPORTER: any of otlp, prometheus, none.
+    metrics_exporter: str = "otlp"
+    prometheus_host: str = "0.0.0.0"
+    prometheus_port: int = Field(default=9464, ge=0, le=65535)
     metric_export_interval_ms: int = Field(default=10_000, ge=100)
     #: Benchmark mode: measure llmtrace's own CPU time per hook with thread CPU clocks.
     measure_overhead: bool = False
+
+    @field_validator("metrics_exporter")
+    @classmethod
+    def _exporters(cls, v: str) -> str:
+        names = {n.strip() for n in v.split(",") if n.strip()}
+        unknown = names - {"otlp", "prometheus", "none"}
+        if unknown:
+            raise ValueError(f"unknown metrics exporter(s) {sorted(unknown)}; "
+                             "use otlp, prometheus or none")
+        return ",".join(sorted(names))
+
+    @property
+    def metric_exporters(self) -> set[str]:
+        return set(self.metrics_exporter.split(",")) - {"none"}
 
     @field_validator("tenant_header")
     @classmethod
@@ -76,6 +94,9 @@ _ENV: dict[str, tuple[str, ...]] = {
     "capture_content": ("LLMTRACE_CAPTURE_CONTENT",),
     "max_label_values": ("LLMTRACE_MAX_LABEL_VALUES",),
     "metrics_enabled": ("LLMTRACE_METRICS_ENABLED",),
+    "metrics_exporter": ("LLMTRACE_METRICS_EXPORTER", "OTEL_METRICS_EXPORTER"),
+    "prometheus_host": ("OTEL_EXPORTER_PROMETHEUS_HOST",),
+    "prometheus_port": ("OTEL_EXPORTER_PROMETHEUS_PORT",),
     "metric_export_interval_ms": ("LLMTRACE_METRIC_EXPORT_INTERVAL_MS",
                                   "OTEL_METRIC_EXPORT_INTERVAL"),
     "measure_overhead": ("LLMTRACE_MEASURE_OVERHEAD",),

@@ -104,6 +104,8 @@ def test_every_request_has_the_complete_tree(instrumented_servers, otlp_receiver
         assert a[sc.GEN_AI_USAGE_OUTPUT_TOKENS] == timing.completion_tokens
         assert list(a[sc.GEN_AI_RESPONSE_FINISH_REASONS]) == ["length"]
         assert root.resource["service.name"] == "llmtrace-dense"
+        # prompts and completions are never recorded unless the user opts in
+        assert sc.GEN_AI_INPUT_MESSAGES not in a and sc.GEN_AI_OUTPUT_MESSAGES not in a
 
         [queue] = by_name(spans, sc.SPAN_LLMTRACE_QUEUE)
         assert queue.attributes[sc.LLMTRACE_QUEUE_REASON] == "arrival"

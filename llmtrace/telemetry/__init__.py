@@ -147,12 +147,28 @@ class Telemetry:
                 if self._instruments is None:
                     from llmtrace.telemetry.metrics import build_instruments
 
+                    readers = [self._metric_reader] if self._metric_reader else \
+                        self._default_readers()
                     self._meter_provider, self._instruments = build_instruments(
-                        self.config, self.resource(), self.scope,
-                        self._metric_reader or self._default_reader())
+                        self.config, self.resource(), self.scope, readers)
         return self._instruments
 
-    def _default_reader(self):
+    def _default_readers(self) -> list:
+        readers = []
+        exporters = self.config.metric_exporters
+        if "otlp" in exporters:
+            readers.append(self._otlp_reader())
+        if "prometheus" in exporters:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            readers.append(PrometheusMetricReader())
+            start_http_server(self.config.prometheus_port, self.config.prometheus_host)
+            logger.info("llmtrace: Prometheus metrics on %s:%d/metrics",
+                        self.config.prometheus_host, self.config.prometheus_port)
+        return readers
+
+    def _otlp_reader(self):
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
         exporter = _metric_exporter(self.config)

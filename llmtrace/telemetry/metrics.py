@@ -163,12 +163,12 @@ def _observe(counts: dict[str, int] | Iterable[tuple[str, int]], key: str):
     return [Observation(v, {key: k}) for k, v in items]
 
 
-def build_instruments(config: Config, resource: Resource, scope: str, reader):
+def build_instruments(config: Config, resource: Resource, scope: str, readers: list):
     """A private MeterProvider with the request instruments and self-telemetry counters."""
     from llmtrace.telemetry import DROPPED
     from llmtrace.telemetry.guard import HOOK_ERRORS
 
-    provider = MeterProvider(resource=resource, metric_readers=[reader])
+    provider = MeterProvider(resource=resource, metric_readers=readers)
     meter = provider.get_meter(scope, __version__)
     instruments = Instruments(meter, config)
 

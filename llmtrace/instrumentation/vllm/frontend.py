@@ -20,6 +20,7 @@ spans under it.
 from __future__ import annotations
 
 import contextvars
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,7 +133,7 @@ class FrontendTracer:
         return HttpInfo(now, operation, parent, tenant or "default")
 
     # -- request lifecycle -----------------------------------------------------
-    def begin(self, request: Any) -> RequestRecord | None:
+    def begin(self, request: Any, prompt: str | None = None) -> RequestRecord | None:
         rid = request.request_id
         if rid in self.records:
             return None  # a streaming-input update of a request we already follow
@@ -169,6 +170,9 @@ class FrontendTracer:
                     attrs[key] = value
         if getattr(request, "priority", 0):
             attrs[sc.LLMTRACE_REQUEST_PRIORITY] = request.priority
+        if self.config.capture_content and prompt is not None:  # opt-in only
+            attrs[sc.GEN_AI_INPUT_MESSAGES] = json.dumps(
+                [{"role": "user", "parts": [{"type": "text", "content": prompt}]}])
         span = self.telemetry.tracer.start_span(
             sc.SPAN_LLMTRACE_REQUEST, context=parent, kind=SpanKind.SERVER,
             attributes=attrs, start_time=arrival_ns)
@@ -312,6 +316,12 @@ class FrontendTracer:
             if error_type:
                 attrs[sc.ERROR_TYPE] = error_type
                 rec.span.set_status(Status(StatusCode.ERROR, message or error_type))
+            if self.config.capture_content:  # opt-in only
+                text = getattr(getattr(rec.req_state, "detokenizer", None), "output_text", None)
+                if text is not None:
+                    attrs[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([{
+                        "role": "assistant", "parts": [{"type": "text", "content": text}],
+                        "finish_reason": reason}])
             rec.span.set_attributes(attrs)
             rec.span.end(end_time=end)
         if self.config.metrics_enabled:
@@ -328,7 +338,8 @@ class FrontendTracer:
         with HookGuard("vllm.output_processor.add_request", self._measure) as g:
             if g.enabled:
                 request = args[0] if args else kwargs["request"]
-                rec = self.begin(request)
+                prompt = args[1] if len(args) > 1 else kwargs.get("prompt")
+                rec = self.begin(request, prompt)
         result = wrapped(*args, **kwargs)
         if rec is not None:
             with HookGuard("vllm.output_processor.add_request", self._measure):
@@ -364,6 +375,8 @@ class FrontendTracer:
         with HookGuard("vllm.async_llm.init", self._measure):
             names = instance.model_config.served_model_name
             self.served_model = names[0] if isinstance(names, (list, tuple)) else str(names)
+            if self.config.metrics_enabled:
+                _ = self.telemetry.instruments  # start metric readers with the server
         return result
 
     def wrap_data_received(self, wrapped, instance, args, kwargs):

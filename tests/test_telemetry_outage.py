@@ -1,0 +1,35 @@
+"""An exporter outage costs bounded memory and counted drops, never a blocked caller."""
+
+from __future__ import annotations
+
+import socket
+
+from llmtrace.config import load_config
+from llmtrace.telemetry import DROPPED, Telemetry
+
+
+def test_collector_outage_is_bounded_and_counted(monkeypatch):
+    # A peer that accepts TCP connections but never speaks gRPC: exports hang until
+    # their timeout, which is the worst case for a caller that would wait on them.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(64)
+    port = blackhole.getsockname()[1]
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "16")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
+    telemetry = Telemetry(load_config(endpoint=f"http://127.0.0.1:{port}", sample_ratio=1.0))
+    before_full, before_failed = DROPPED["queue_full"], DROPPED["export_failed"]
+    try:
+        tracer = telemetry.tracer
+        for i in range(500):
+            tracer.start_span(f"span-{i}").end()
+        processor = telemetry._tracer_provider._active_span_processor._span_processors[0]
+        queue = processor._batch_processor._queue
+        assert queue.maxlen == 16 and len(queue) <= 16  # memory stays bounded
+        assert DROPPED["queue_full"] - before_full >= 500 - 16 - 8 * 2
+    finally:
+        telemetry.shutdown()  # gives up on the hung export after its timeout
+        blackhole.close()
+    assert DROPPED["export_failed"] > before_failed
