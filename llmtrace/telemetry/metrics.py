@@ -10,11 +10,14 @@ values per label so a misbehaving tenant header cannot explode cardinality.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
 from llmtrace import __version__
@@ -33,6 +36,54 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.32, 0.64, 1.28, 2.56,
                     5.12, 10.24, 20.48, 40.96, 81.92)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+# Passing an explicit empty context skips a context-variable lookup per record.
+_NO_CONTEXT = Context()
+_BULK_FIELDS = ("_lock", "_value", "_sum", "_min", "_max", "_get_empty_bucket_counts")
+
+
+class BulkHistogramAggregation(ExplicitBucketHistogramAggregation):
+    """Explicit-bucket aggregation that keeps a handle on each attribute set's state.
+
+    A request's inter-token gaps (one per output token) are bucketed in plain
+    Python and merged into the SDK's histogram state in one step, instead of one
+    ``Histogram.record`` per token (about 11-23 us each on this machine). The
+    handle is SDK-internal; if its fields are missing the caller falls back to
+    recording each value.
+    """
+
+    def __init__(self, boundaries: Sequence[float]) -> None:
+        super().__init__(boundaries)
+        self.boundaries = tuple(boundaries)
+        self.states: dict[frozenset, object] = {}
+
+    def _create_aggregation(self, instrument, attributes, reservoir_factory,
+                            start_time_unix_nano):
+        state = super()._create_aggregation(instrument, attributes, reservoir_factory,
+                                            start_time_unix_nano)
+        self.states[frozenset((attributes or {}).items())] = state
+        return state
+
+    def merge(self, attributes: dict, values: Sequence[float]) -> bool:
+        """Add ``values`` to the state of ``attributes``; False if that is not possible."""
+        state = self.states.get(frozenset(attributes.items()))
+        if state is None or not all(hasattr(state, f) for f in _BULK_FIELDS):
+            return False
+        counts = [0] * (len(self.boundaries) + 1)
+        for v in values:
+            counts[bisect_left(self.boundaries, v)] += 1
+        with state._lock:
+            if state._value is None:
+                state._value = state._get_empty_bucket_counts()
+            bucket = state._value
+            for i, c in enumerate(counts):
+                if c:
+                    bucket[i] += c
+            state._sum += sum(values)
+            state._min = min(state._min, min(values))
+            state._max = max(state._max, max(values))
+        return True
 
 
 class LabelLimiter:
@@ -81,7 +132,9 @@ class RequestMetrics:
 
 
 class Instruments:
-    def __init__(self, meter, config: Config) -> None:
+    def __init__(self, meter, config: Config,
+                 itl_aggregation: BulkHistogramAggregation | None = None) -> None:
+        self._itl_bulk = itl_aggregation
         self.labels = LabelLimiter(config.max_label_values)
         self.version = config.deployment_version
         h = meter.create_histogram
@@ -131,31 +184,41 @@ class Instruments:
             sc.LLMTRACE_DEPLOYMENT_VERSION: self.labels(sc.LLMTRACE_DEPLOYMENT_VERSION,
                                                         m.version),
         }
+        ctx = _NO_CONTEXT
         if m.ttft is not None:
-            self.ttft.record(m.ttft, base)
+            self.ttft.record(m.ttft, base, ctx)
         if m.decode is not None and m.output_tokens > 1:
-            self.tpot.record(m.decode / (m.output_tokens - 1), base)
+            self.tpot.record(m.decode / (m.output_tokens - 1), base, ctx)
         e2e_attrs = {**base, sc.ERROR_TYPE: m.error_type} if m.error_type else base
-        self.e2e.record(m.e2e, e2e_attrs)
+        self.e2e.record(m.e2e, e2e_attrs, ctx)
         for value, hist in ((m.queue, self.queue), (m.prefill, self.prefill),
                             (m.decode, self.decode)):
             if value is not None:
-                hist.record(value, base)
-        itl = self.itl.record
-        for gap in m.itls:
-            itl(gap, base)
-        self.prompt_tokens.add(m.prompt_tokens, base)
+                hist.record(value, base, ctx)
+        self._record_itls(m.itls, base)
+        self.prompt_tokens.add(m.prompt_tokens, base, ctx)
         if m.cached_tokens:
-            self.cached_tokens.add(m.cached_tokens, base)
-        self.generation_tokens.add(m.output_tokens, base)
-        self.prompt_len.record(m.prompt_tokens, base)
+            self.cached_tokens.add(m.cached_tokens, base, ctx)
+        self.generation_tokens.add(m.output_tokens, base, ctx)
+        self.prompt_len.record(m.prompt_tokens, base, ctx)
         finish = {**base, sc.LLMTRACE_REQUEST_FINISH_REASON: m.finish_reason}
-        self.output_len.record(m.output_tokens, finish)
+        self.output_len.record(m.output_tokens, finish, ctx)
         if m.error_type:
             finish[sc.ERROR_TYPE] = m.error_type
-        self.requests.add(1, finish)
+        self.requests.add(1, finish, ctx)
         if m.preemptions:
-            self.preemptions.add(m.preemptions, base)
+            self.preemptions.add(m.preemptions, base, ctx)
+
+    def _record_itls(self, itls: Sequence[float], attrs: dict) -> None:
+        if not itls:
+            return
+        record = self.itl.record
+        # The first value goes through the API: it creates the attribute set's state.
+        record(itls[0], attrs, _NO_CONTEXT)
+        rest = itls[1:]
+        if rest and not (self._itl_bulk is not None and self._itl_bulk.merge(attrs, rest)):
+            for gap in rest:
+                record(gap, attrs, _NO_CONTEXT)
 
 
 def _observe(counts: dict[str, int] | Iterable[tuple[str, int]], key: str):
@@ -168,9 +231,16 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
     from llmtrace.telemetry import DROPPED
     from llmtrace.telemetry.guard import HOOK_ERRORS
 
-    provider = MeterProvider(resource=resource, metric_readers=readers)
+    itl_bulk = BulkHistogramAggregation(TPOT_BUCKETS)
+    provider = MeterProvider(
+        resource=resource, metric_readers=readers,
+        # exemplars would cost a trace-context check per measurement
+        exemplar_filter=AlwaysOffExemplarFilter(),
+        views=[View(instrument_name=sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY,
+                    aggregation=itl_bulk)],  # other instruments keep their defaults
+    )
     meter = provider.get_meter(scope, __version__)
-    instruments = Instruments(meter, config)
+    instruments = Instruments(meter, config, itl_bulk)
 
     def hook_errors(_: CallbackOptions):
         return _observe(dict(HOOK_ERRORS), sc.LLMTRACE_TELEMETRY_HOOK)

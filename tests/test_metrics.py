@@ -1,0 +1,102 @@
+"""Request metrics: the bulk inter-token-latency path equals per-value recording."""
+
+from __future__ import annotations
+
+import random
+
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+
+from llmtrace import semconv as sc
+from llmtrace.config import load_config
+from llmtrace.telemetry.metrics import TPOT_BUCKETS, TTFT_BUCKETS, RequestMetrics, build_instruments
+
+
+def _points(reader: InMemoryMetricReader) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                out.setdefault(metric.name, []).extend(metric.data.data_points)
+    return out
+
+
+def test_bulk_itl_histogram_equals_per_value_recording():
+    rng = random.Random(7)
+    requests = [[rng.choice([0.0005, 0.001, 0.0025, 0.004, 0.2, 3.0]) * rng.uniform(0.5, 1.5)
+                 for _ in range(rng.randint(0, 40))] for _ in range(25)]
+    reader = InMemoryMetricReader()
+    _, instruments = build_instruments(load_config(), Resource.create({}), "t", [reader])
+    reference = InMemoryMetricReader()
+    ref_hist = MeterProvider(metric_readers=[reference]).get_meter("r").create_histogram(
+        "ref", explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
+    for i, itls in enumerate(requests):
+        instruments.record(RequestMetrics(
+            model="m", tenant=f"t{i % 2}", version="v", finish_reason="length",
+            error_type=None, ttft=0.05, e2e=1.0, queue=0.01, prefill=0.02, decode=0.9,
+            prompt_tokens=10, cached_tokens=0, output_tokens=len(itls) + 1, preemptions=0,
+            itls=itls))
+        for v in itls:
+            ref_hist.record(v, {"tenant": f"t{i % 2}"})
+    got = {p.attributes[sc.LLMTRACE_TENANT]: p
+           for p in _points(reader)[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]}
+    want = {p.attributes["tenant"]: p for p in _points(reference)["ref"]}
+    assert got.keys() == want.keys() == {"t0", "t1"}
+    for tenant, p in got.items():
+        w = want[tenant]
+        assert tuple(p.bucket_counts) == tuple(w.bucket_counts)
+        assert p.count == w.count and abs(p.sum - w.sum) < 1e-9
+        assert (p.min, p.max) == (w.min, w.max)
+        assert tuple(p.explicit_bounds) == TPOT_BUCKETS
+
+
+def test_request_metrics_carry_fleet_labels_and_slo_bucket():
+    reader = InMemoryMetricReader()
+    _, instruments = build_instruments(load_config(deployment_version="v9"),
+                                       Resource.create({}), "t", [reader])
+    instruments.record(RequestMetrics(
+        model="m", tenant="acme", version="v9", finish_reason="abort", error_type="aborted",
+        ttft=0.15, e2e=0.5, queue=None, prefill=None, decode=None, prompt_tokens=7,
+        cached_tokens=3, output_tokens=2, preemptions=1, itls=[0.01]))
+    points = _points(reader)
+    [ttft] = points[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
+    assert 0.2 in ttft.explicit_bounds and tuple(ttft.explicit_bounds) == TTFT_BUCKETS
+    assert dict(ttft.attributes) == {sc.GEN_AI_REQUEST_MODEL: "m", sc.LLMTRACE_TENANT: "acme",
+                                     sc.LLMTRACE_DEPLOYMENT_VERSION: "v9"}
+    [requests] = points[sc.METRIC_LLMTRACE_SERVER_REQUESTS]
+    assert requests.attributes[sc.LLMTRACE_REQUEST_FINISH_REASON] == "abort"
+    assert requests.attributes[sc.ERROR_TYPE] == "aborted"
+    assert points[sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS][0].value == 3
+    assert points[sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS][0].value == 1
+    assert sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION not in points  # unknown, not zero
+
+
+def test_prometheus_endpoint_exposes_registry_names(monkeypatch):
+    import socket
+
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmtrace.telemetry import Telemetry
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(metrics_exporter="prometheus", prometheus_host="127.0.0.1",
+                      prometheus_port=port)
+    telemetry = Telemetry(cfg)
+    telemetry.instruments.record(RequestMetrics(
+        model="m", tenant="acme", version="v", finish_reason="length", error_type=None,
+        ttft=0.1, e2e=0.5, queue=0.01, prefill=0.05, decode=0.4, prompt_tokens=7,
+        cached_tokens=2, output_tokens=5, preemptions=0, itls=[0.1] * 4))
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    samples = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+    for otel_name in (sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
+                      sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY,
+                      sc.METRIC_LLMTRACE_SERVER_REQUESTS,
+                      sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS):
+        prom = sc.PROMETHEUS_NAMES[otel_name]
+        assert prom in samples or f"{prom}_bucket" in samples, (prom, sorted(samples)[:20])
+    assert 'le="0.2"' in text and 'llmtrace_tenant="acme"' in text
+    telemetry.shutdown()
