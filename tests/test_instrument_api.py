@@ -157,3 +157,14 @@ def test_llmtrace_warnings_stay_visible_when_root_logging_is_reset(capfd):
     logging.getLogger().handlers.clear()
     logging.getLogger("llmtrace").warning("visible warning")
     assert "[llmtrace] visible warning" in capfd.readouterr().err
+
+
+def test_otlp_exporter_follows_protocol_and_endpoint():
+    from llmtrace.telemetry import _otlp_exporter
+
+    http = _otlp_exporter(load_config(endpoint="http://c:4318/", protocol="http/protobuf"),
+                          "metrics")
+    assert type(http).__module__.startswith("opentelemetry.exporter.otlp.proto.http")
+    assert http._endpoint == "http://c:4318/v1/metrics"
+    grpc = _otlp_exporter(load_config(endpoint="http://c:4317", protocol="grpc"), "traces")
+    assert type(grpc).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc")

@@ -9,6 +9,7 @@ engine core) builds its own providers on first use; processes that never emit
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -77,30 +78,27 @@ class _CountingBatchSpanProcessor(BatchSpanProcessor):
         super().on_end(span)
 
 
-def _span_exporter(config: Config) -> SpanExporter:
+_EXPORTERS = {
+    ("grpc", "traces"): ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+                         "OTLPSpanExporter"),
+    ("grpc", "metrics"): ("opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
+                          "OTLPMetricExporter"),
+    ("http/protobuf", "traces"): ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                                  "OTLPSpanExporter"),
+    ("http/protobuf", "metrics"): ("opentelemetry.exporter.otlp.proto.http.metric_exporter",
+                                   "OTLPMetricExporter"),
+}
+
+
+def _otlp_exporter(config: Config, signal: str):
+    """The SDK's OTLP exporter for ``signal``; without an endpoint it reads OTEL_* itself."""
+    module, name = _EXPORTERS[(config.protocol, signal)]
+    cls = getattr(importlib.import_module(module), name)
+    if not config.endpoint:
+        return cls()
     if config.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter(endpoint=config.endpoint) if config.endpoint \
-            else OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    if config.endpoint:
-        return OTLPSpanExporter(endpoint=config.endpoint.rstrip("/") + "/v1/traces")
-    return OTLPSpanExporter()
-
-
-def _metric_exporter(config: Config):
-    if config.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-        return OTLPMetricExporter(endpoint=config.endpoint) if config.endpoint \
-            else OTLPMetricExporter()
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-    if config.endpoint:
-        return OTLPMetricExporter(endpoint=config.endpoint.rstrip("/") + "/v1/metrics")
-    return OTLPMetricExporter()
+        return cls(endpoint=config.endpoint)
+    return cls(endpoint=f"{config.endpoint.rstrip('/')}/v1/{signal}")
 
 
 class Telemetry:
@@ -132,7 +130,7 @@ class Telemetry:
                         resource=self.resource(),
                         sampler=ParentBased(TraceIdRatioBased(self.config.sample_ratio)),
                     )
-                    exporter = self._span_exporter or _span_exporter(self.config)
+                    exporter = self._span_exporter or _otlp_exporter(self.config, "traces")
                     provider.add_span_processor(_CountingBatchSpanProcessor(
                         _CountingExporter(exporter, self.config.measure_overhead)))
                     self._tracer_provider = provider
@@ -171,7 +169,7 @@ class Telemetry:
     def _otlp_reader(self):
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        exporter = _metric_exporter(self.config)
+        exporter = _otlp_exporter(self.config, "metrics")
         if self.config.measure_overhead:
             export = exporter.export
 
