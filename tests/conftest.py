@@ -16,7 +16,7 @@ import pytest
 
 from llmtrace.testing.models import DENSE, MOE, TinyModels, ensure_models
 from llmtrace.testing.otlp_receiver import OTLPReceiver
-from llmtrace.testing.vllm_server import ServerConfig, ServerPool, VLLMServer
+from llmtrace.testing.vllm_server import ServerConfig, ServerPool, VLLMServer, chat
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,4 +96,8 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
         tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
         env=instrumented_env(otlp_receiver, "llmtrace-broken"))
     started = server_pool.get_many([dense, broken])
+    for server, model in zip(started, (DENSE, MOE), strict=True):
+        # one request each so one-time start-up work (telemetry providers, exporter
+        # channels, first-request imports) is not what the tests measure
+        chat(server.base_url, model, "warm up", max_tokens=2)
     return {"dense": started[0], "broken": started[1]}

@@ -59,6 +59,8 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
              ("request_ids", "internal"), frontend.wrap_abort_requests),
         Hook("vllm.output_processor.propagate_error", _OP, "OutputProcessor.propagate_error",
              ("e",), frontend.wrap_propagate_error),
+        Hook("vllm.scheduler.init", _SCHED, "Scheduler.__init__", ("vllm_config",),
+             engine.wrap_scheduler_init),
         Hook("vllm.scheduler.add_request", _SCHED, "Scheduler.add_request", ("request",),
              engine.wrap_add_request),
         Hook("vllm.scheduler.schedule", _SCHED, "Scheduler.schedule", (),

@@ -184,6 +184,12 @@ class EngineTracer:
             queue.end(end_time=now)
 
     # -- wrapt wrappers ----------------------------------------------------------
+    def wrap_scheduler_init(self, wrapped, instance, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        with HookGuard("vllm.scheduler.init", self._measure):
+            _ = self.telemetry.tracer  # exporter set up at start-up, not on a busy step
+        return result
+
     def wrap_add_request(self, wrapped, instance, args, kwargs):
         result = wrapped(*args, **kwargs)
         with HookGuard("vllm.scheduler.add_request", self._measure) as g:

@@ -375,8 +375,10 @@ class FrontendTracer:
         with HookGuard("vllm.async_llm.init", self._measure):
             names = instance.model_config.served_model_name
             self.served_model = names[0] if isinstance(names, (list, tuple)) else str(names)
+            # Build providers and exporters now, not on the first request's path.
+            _ = self.telemetry.tracer
             if self.config.metrics_enabled:
-                _ = self.telemetry.instruments  # start metric readers with the server
+                _ = self.telemetry.instruments
         return result
 
     def wrap_data_received(self, wrapped, instance, args, kwargs):
