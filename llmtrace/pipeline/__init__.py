@@ -1,0 +1,17 @@
+"""Derivation pipeline: spans in, one record per request out.
+
+The same code runs in three places: as an in-process span processor (the
+embedded default), inside the standalone ``llmtrace collector`` service, and in
+tests. It reads OTLP protobuf directly and only the attributes it needs, so it
+can keep up with a fleet's spans on one core.
+
+Status: the span view, trace assembly and per-request derivation are here;
+metrics output, cost attribution and the collector service come next.
+"""
+
+from llmtrace.pipeline.assembler import TraceAssembler
+from llmtrace.pipeline.derive import RequestRecord, derive_request
+from llmtrace.pipeline.spans import SpanView, spans_from_request
+
+__all__ = ["RequestRecord", "SpanView", "TraceAssembler", "derive_request",
+           "spans_from_request"]

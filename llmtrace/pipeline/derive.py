@@ -1,0 +1,125 @@
+"""One record per request, from llmtrace's spans or from vLLM's built-in span.
+
+llmtrace's root span already carries the latency breakdown and usage (the SDK
+computes them where the data is); decode-chunk spans add inter-token latency
+per chunk. vLLM's built-in ``llm_request`` span (``--otlp-traces-endpoint``)
+carries the same breakdown under its ``gen_ai.latency.*`` names, so users
+without the SDK get the same records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from llmtrace import semconv as sc
+from llmtrace.pipeline.spans import SpanView
+
+UNKNOWN = "unknown"
+
+
+@dataclass(slots=True)
+class DecodeChunk:
+    tokens: int
+    itl_min: float | None
+    itl_mean: float | None
+    itl_max: float | None
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything the metrics and cost attribution need about one request."""
+
+    trace_id: str
+    request_id: str
+    source: str  # "llmtrace" | "vllm"
+    model: str
+    tenant: str
+    version: str
+    finish_reason: str
+    error_type: str | None
+    start_ns: int
+    end_ns: int
+    ttft_s: float | None
+    e2e_s: float
+    queue_s: float | None
+    prefill_s: float | None
+    decode_s: float | None
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    preemptions: int
+    accelerator_s: float | None = None
+    decode_chunks: list[DecodeChunk] = field(default_factory=list)
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.decode_s is None or self.output_tokens < 2:
+            return None
+        return self.decode_s / (self.output_tokens - 1)
+
+    def itl_samples(self) -> list[float]:
+        """Inter-token latencies: each chunk's mean, once per gap it summarises."""
+        out: list[float] = []
+        for i, c in enumerate(self.decode_chunks):
+            gaps = c.tokens - 1 if i == 0 else c.tokens
+            if c.itl_mean is not None and gaps > 0:
+                out.extend([c.itl_mean] * gaps)
+        return out
+
+
+def _num(attrs: dict, key: str, default=None):
+    value = attrs.get(key, default)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else default
+
+
+def derive_request(root: SpanView, children: Iterable[SpanView] = ()) -> RequestRecord:
+    """Derive a record from a root span and the trace's other wanted spans."""
+    a = root.attributes
+    res = root.resource or {}
+    if root.name == sc.SPAN_LLM_REQUEST:
+        reasons = a.get(sc.GEN_AI_RESPONSE_FINISH_REASONS) or []
+        reason = str(reasons[0]) if reasons else UNKNOWN
+        return RequestRecord(
+            trace_id=root.trace_id.hex(), request_id=str(a.get(sc.GEN_AI_REQUEST_ID, "")),
+            source="vllm", model=str(a.get(sc.GEN_AI_RESPONSE_MODEL, UNKNOWN)),
+            tenant="default", version=str(res.get("service.version", UNKNOWN)),
+            finish_reason=reason, error_type="aborted" if reason == "abort" else None,
+            start_ns=root.start_ns, end_ns=root.end_ns,
+            ttft_s=_num(a, sc.GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN),
+            e2e_s=_num(a, sc.GEN_AI_LATENCY_E2E, (root.end_ns - root.start_ns) / 1e9),
+            queue_s=_num(a, sc.GEN_AI_LATENCY_TIME_IN_QUEUE),
+            prefill_s=_num(a, sc.GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL),
+            decode_s=_num(a, sc.GEN_AI_LATENCY_TIME_IN_MODEL_DECODE),
+            prompt_tokens=int(_num(a, sc.GEN_AI_USAGE_PROMPT_TOKENS, 0)),
+            output_tokens=int(_num(a, sc.GEN_AI_USAGE_COMPLETION_TOKENS, 0)),
+            cached_tokens=0, preemptions=0)
+    chunks = sorted(
+        (c for c in children if c.name == sc.SPAN_LLMTRACE_DECODE_CHUNK),
+        key=lambda c: _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_INDEX, 0))
+    return RequestRecord(
+        trace_id=root.trace_id.hex(), request_id=str(a.get(sc.LLMTRACE_REQUEST_ID, "")),
+        source="llmtrace",
+        model=str(a.get(sc.GEN_AI_REQUEST_MODEL) or a.get(sc.GEN_AI_RESPONSE_MODEL) or UNKNOWN),
+        tenant=str(a.get(sc.LLMTRACE_TENANT, "default")),
+        version=str(a.get(sc.LLMTRACE_DEPLOYMENT_VERSION) or res.get("service.version")
+                    or UNKNOWN),
+        finish_reason=str(a.get(sc.LLMTRACE_REQUEST_FINISH_REASON, UNKNOWN)),
+        error_type=a.get(sc.ERROR_TYPE),
+        start_ns=root.start_ns, end_ns=root.end_ns,
+        ttft_s=_num(a, sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN),
+        e2e_s=_num(a, sc.LLMTRACE_LATENCY_E2E, (root.end_ns - root.start_ns) / 1e9),
+        queue_s=_num(a, sc.LLMTRACE_LATENCY_QUEUE),
+        prefill_s=_num(a, sc.LLMTRACE_LATENCY_PREFILL),
+        decode_s=_num(a, sc.LLMTRACE_LATENCY_DECODE),
+        prompt_tokens=int(_num(a, sc.GEN_AI_USAGE_INPUT_TOKENS, 0)),
+        output_tokens=int(_num(a, sc.GEN_AI_USAGE_OUTPUT_TOKENS, 0)),
+        cached_tokens=int(_num(a, sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, 0)),
+        preemptions=int(_num(a, sc.LLMTRACE_REQUEST_PREEMPTIONS, 0)),
+        accelerator_s=_num(a, sc.LLMTRACE_COST_ACCELERATOR_SECONDS),
+        decode_chunks=[DecodeChunk(int(_num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_TOKENS, 0)),
+                                   _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_ITL_MIN),
+                                   _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN),
+                                   _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_ITL_MAX))
+                       for c in chunks])
