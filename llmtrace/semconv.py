@@ -586,6 +586,39 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.user.regenerations': '{request}',
 }
 
+METRIC_BRIEFS: Final[dict[str, str]] = {
+    'gen_ai.server.request.duration': 'Time from arrival to the last output token (upstream GenAI metric).',
+    'gen_ai.server.time_per_output_token': 'Mean time per output token after the first, per request (upstream GenAI metric).',
+    'gen_ai.server.time_to_first_token': 'Time from arrival to the first output token (upstream GenAI metric).',
+    'llmtrace.cost.accelerator_seconds': 'Accelerator-seconds attributed to requests by batch share.',
+    'llmtrace.cost.idle_accelerator_seconds': 'Accelerator-seconds with no request scheduled.',
+    'llmtrace.cost.usd': 'Attributed cost in US dollars.',
+    'llmtrace.drift.kl_divergence': "KL divergence of a feature's distribution from the baseline.",
+    'llmtrace.drift.psi': 'Population stability index of a feature versus the baseline.',
+    'llmtrace.output.entropy': 'Mean per-token entropy of the output distribution.',
+    'llmtrace.pipeline.dropped_traces': 'Traces evicted before completion (assembly window or capacity).',
+    'llmtrace.pipeline.requests': 'Per-request records derived by the pipeline.',
+    'llmtrace.pipeline.unpriced_requests': 'Requests whose model has no entry in the price table.',
+    'llmtrace.quality.evaluations': 'Responses evaluated.',
+    'llmtrace.quality.hallucinations': 'Responses flagged as hallucinated by an evaluation.',
+    'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
+    'llmtrace.server.cached_prompt_tokens': 'Prompt tokens served from a prefix or external KV cache.',
+    'llmtrace.server.decode.duration': 'Time from first token to last token.',
+    'llmtrace.server.generation_tokens': 'Output tokens generated.',
+    'llmtrace.server.inter_token_latency': 'Gap between consecutive output tokens of a request.',
+    'llmtrace.server.preemptions': 'Times requests were preempted.',
+    'llmtrace.server.prefill.duration': 'Time from first scheduled to first token.',
+    'llmtrace.server.prompt_tokens': 'Prompt tokens of finished requests.',
+    'llmtrace.server.queue.duration': 'Time a request spent waiting to be scheduled.',
+    'llmtrace.server.request.generation_tokens': 'Output length per request.',
+    'llmtrace.server.request.prompt_tokens': 'Prompt length per request.',
+    'llmtrace.server.requests': 'Finished requests by finish reason.',
+    'llmtrace.telemetry.dropped': 'Spans or records dropped because a queue was full or export failed.',
+    'llmtrace.telemetry.hook_errors': 'Exceptions caught inside instrumentation hooks (never raised into the host).',
+    'llmtrace.telemetry.label_overflows': 'Label values replaced by `__overflow__` by the cardinality cap.',
+    'llmtrace.user.regenerations': 'Requests that regenerate an earlier answer (user retry signal).',
+}
+
 METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
     'gen_ai.server.request.duration': frozenset({
         'gen_ai.request.model',

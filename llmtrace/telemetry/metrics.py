@@ -137,45 +137,32 @@ class Instruments:
         self._itl_bulk = itl_aggregation
         self.labels = LabelLimiter(config.max_label_values)
         self.version = config.deployment_version
-        h = meter.create_histogram
-        c = meter.create_counter
-        self.ttft = h(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, unit="s",
-                      description="Time to first token",
-                      explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
-        self.tpot = h(sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, unit="s",
-                      description="Mean time per output token after the first",
-                      explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
-        self.e2e = h(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION, unit="s",
-                     description="Request duration",
-                     explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.itl = h(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY, unit="s",
-                     description="Inter-token latency",
-                     explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
-        self.queue = h(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION, unit="s",
-                       description="Queue time",
-                       explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.prefill = h(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION, unit="s",
-                         description="Prefill time",
-                         explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.decode = h(sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION, unit="s",
-                        description="Decode time",
-                        explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.prompt_tokens = c(sc.METRIC_LLMTRACE_SERVER_PROMPT_TOKENS, unit="{token}",
-                               description="Prompt tokens")
-        self.cached_tokens = c(sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS, unit="{token}",
-                               description="Prompt tokens served from cache")
-        self.generation_tokens = c(sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS, unit="{token}",
-                                   description="Generated tokens")
-        self.requests = c(sc.METRIC_LLMTRACE_SERVER_REQUESTS, unit="{request}",
-                          description="Finished requests")
-        self.preemptions = c(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS, unit="{preemption}",
-                             description="Preemptions")
-        self.prompt_len = h(sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS, unit="{token}",
-                            description="Prompt length per request",
-                            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
-        self.output_len = h(sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS, unit="{token}",
-                            description="Output length per request",
-                            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+
+        def hist(name: str, buckets: Sequence[float]):
+            return meter.create_histogram(name, unit=sc.METRIC_UNITS[name],
+                                          description=sc.METRIC_BRIEFS[name],
+                                          explicit_bucket_boundaries_advisory=buckets)
+
+        def counter(name: str):
+            return meter.create_counter(name, unit=sc.METRIC_UNITS[name],
+                                        description=sc.METRIC_BRIEFS[name])
+
+        # units and descriptions come from the registry, so they cannot drift from it
+        self.ttft = hist(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, TTFT_BUCKETS)
+        self.tpot = hist(sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, TPOT_BUCKETS)
+        self.e2e = hist(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION, DURATION_BUCKETS)
+        self.itl = hist(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY, TPOT_BUCKETS)
+        self.queue = hist(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION, DURATION_BUCKETS)
+        self.prefill = hist(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION, DURATION_BUCKETS)
+        self.decode = hist(sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION, DURATION_BUCKETS)
+        self.prompt_len = hist(sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS, TOKEN_BUCKETS)
+        self.output_len = hist(sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS,
+                               TOKEN_BUCKETS)
+        self.prompt_tokens = counter(sc.METRIC_LLMTRACE_SERVER_PROMPT_TOKENS)
+        self.cached_tokens = counter(sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS)
+        self.generation_tokens = counter(sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS)
+        self.requests = counter(sc.METRIC_LLMTRACE_SERVER_REQUESTS)
+        self.preemptions = counter(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
 
     def record(self, m: RequestMetrics) -> None:
         base = {
@@ -253,10 +240,9 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
         return [Observation(total, {sc.LLMTRACE_TELEMETRY_REASON: "cardinality_cap"})] \
             if total else []
 
-    meter.create_observable_counter(sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, [hook_errors],
-                                    unit="{error}", description="Exceptions caught in hooks")
-    meter.create_observable_counter(sc.METRIC_LLMTRACE_TELEMETRY_DROPPED, [dropped],
-                                    unit="{item}", description="Telemetry items dropped")
-    meter.create_observable_counter(sc.METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS, [overflows],
-                                    unit="{value}", description="Label values over the cap")
+    for name, callback in ((sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, hook_errors),
+                           (sc.METRIC_LLMTRACE_TELEMETRY_DROPPED, dropped),
+                           (sc.METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS, overflows)):
+        meter.create_observable_counter(name, [callback], unit=sc.METRIC_UNITS[name],
+                                        description=sc.METRIC_BRIEFS[name])
     return provider, instruments
