@@ -5,8 +5,10 @@ embedded default), inside the standalone ``llmtrace collector`` service, and in
 tests. It reads OTLP protobuf directly and only the attributes it needs, so it
 can keep up with a fleet's spans on one core.
 
-Status: the span view, trace assembly and per-request derivation are here;
-metrics output, cost attribution and the collector service come next.
+Status: the span view, trace assembly and per-request derivation are here.
+Still to come: derived metrics output, cost attribution (batch-share
+accelerator-seconds, price tables), the in-process span processor, and the
+``llmtrace collector`` service.
 """
 
 from llmtrace.pipeline.assembler import TraceAssembler
