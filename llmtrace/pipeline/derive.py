@@ -68,56 +68,62 @@ class RequestRecord:
         return out
 
 
-def _num(attrs: dict, key: str, default=None):
-    value = attrs.get(key, default)
+def _num(attrs: dict, key: str | None, default=None):
+    value = attrs.get(key, default) if key else default
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) \
         else default
 
 
-def derive_request(root: SpanView, children: Iterable[SpanView] = ()) -> RequestRecord:
-    """Derive a record from a root span and the trace's other wanted spans."""
-    a = root.attributes
-    res = root.resource or {}
+# record field -> attribute key, for llmtrace's root span and for vLLM's llm_request
+_TIMES = {
+    "ttft_s": (sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN, sc.GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN),
+    "queue_s": (sc.LLMTRACE_LATENCY_QUEUE, sc.GEN_AI_LATENCY_TIME_IN_QUEUE),
+    "prefill_s": (sc.LLMTRACE_LATENCY_PREFILL, sc.GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL),
+    "decode_s": (sc.LLMTRACE_LATENCY_DECODE, sc.GEN_AI_LATENCY_TIME_IN_MODEL_DECODE),
+    "accelerator_s": (sc.LLMTRACE_COST_ACCELERATOR_SECONDS, None),
+}
+_COUNTS = {
+    "prompt_tokens": (sc.GEN_AI_USAGE_INPUT_TOKENS, sc.GEN_AI_USAGE_PROMPT_TOKENS),
+    "output_tokens": (sc.GEN_AI_USAGE_OUTPUT_TOKENS, sc.GEN_AI_USAGE_COMPLETION_TOKENS),
+    "cached_tokens": (sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, None),
+    "preemptions": (sc.LLMTRACE_REQUEST_PREEMPTIONS, None),
+}
+_E2E = (sc.LLMTRACE_LATENCY_E2E, sc.GEN_AI_LATENCY_E2E)
+
+
+def _identity(root: SpanView) -> dict:
+    """Model, tenant, version, finish reason and ids: named differently by each source."""
+    a, res = root.attributes, root.resource or {}
     if root.name == sc.SPAN_LLM_REQUEST:
         reasons = a.get(sc.GEN_AI_RESPONSE_FINISH_REASONS) or []
         reason = str(reasons[0]) if reasons else UNKNOWN
-        return RequestRecord(
-            trace_id=root.trace_id.hex(), request_id=str(a.get(sc.GEN_AI_REQUEST_ID, "")),
-            source="vllm", model=str(a.get(sc.GEN_AI_RESPONSE_MODEL, UNKNOWN)),
-            tenant="default", version=str(res.get("service.version", UNKNOWN)),
-            finish_reason=reason, error_type="aborted" if reason == "abort" else None,
-            start_ns=root.start_ns, end_ns=root.end_ns,
-            ttft_s=_num(a, sc.GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN),
-            e2e_s=_num(a, sc.GEN_AI_LATENCY_E2E, (root.end_ns - root.start_ns) / 1e9),
-            queue_s=_num(a, sc.GEN_AI_LATENCY_TIME_IN_QUEUE),
-            prefill_s=_num(a, sc.GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL),
-            decode_s=_num(a, sc.GEN_AI_LATENCY_TIME_IN_MODEL_DECODE),
-            prompt_tokens=int(_num(a, sc.GEN_AI_USAGE_PROMPT_TOKENS, 0)),
-            output_tokens=int(_num(a, sc.GEN_AI_USAGE_COMPLETION_TOKENS, 0)),
-            cached_tokens=0, preemptions=0)
-    chunks = sorted(
-        (c for c in children if c.name == sc.SPAN_LLMTRACE_DECODE_CHUNK),
-        key=lambda c: _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_INDEX, 0))
-    return RequestRecord(
-        trace_id=root.trace_id.hex(), request_id=str(a.get(sc.LLMTRACE_REQUEST_ID, "")),
-        source="llmtrace",
+        return dict(source="vllm", request_id=str(a.get(sc.GEN_AI_REQUEST_ID, "")),
+                    model=str(a.get(sc.GEN_AI_RESPONSE_MODEL, UNKNOWN)), tenant="default",
+                    version=str(res.get("service.version", UNKNOWN)), finish_reason=reason,
+                    error_type="aborted" if reason == "abort" else None)
+    return dict(
+        source="llmtrace", request_id=str(a.get(sc.LLMTRACE_REQUEST_ID, "")),
         model=str(a.get(sc.GEN_AI_REQUEST_MODEL) or a.get(sc.GEN_AI_RESPONSE_MODEL) or UNKNOWN),
         tenant=str(a.get(sc.LLMTRACE_TENANT, "default")),
         version=str(a.get(sc.LLMTRACE_DEPLOYMENT_VERSION) or res.get("service.version")
                     or UNKNOWN),
         finish_reason=str(a.get(sc.LLMTRACE_REQUEST_FINISH_REASON, UNKNOWN)),
-        error_type=a.get(sc.ERROR_TYPE),
-        start_ns=root.start_ns, end_ns=root.end_ns,
-        ttft_s=_num(a, sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN),
-        e2e_s=_num(a, sc.LLMTRACE_LATENCY_E2E, (root.end_ns - root.start_ns) / 1e9),
-        queue_s=_num(a, sc.LLMTRACE_LATENCY_QUEUE),
-        prefill_s=_num(a, sc.LLMTRACE_LATENCY_PREFILL),
-        decode_s=_num(a, sc.LLMTRACE_LATENCY_DECODE),
-        prompt_tokens=int(_num(a, sc.GEN_AI_USAGE_INPUT_TOKENS, 0)),
-        output_tokens=int(_num(a, sc.GEN_AI_USAGE_OUTPUT_TOKENS, 0)),
-        cached_tokens=int(_num(a, sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, 0)),
-        preemptions=int(_num(a, sc.LLMTRACE_REQUEST_PREEMPTIONS, 0)),
-        accelerator_s=_num(a, sc.LLMTRACE_COST_ACCELERATOR_SECONDS),
+        error_type=a.get(sc.ERROR_TYPE))
+
+
+def derive_request(root: SpanView, children: Iterable[SpanView] = ()) -> RequestRecord:
+    """Derive a record from a root span and the trace's other wanted spans."""
+    a = root.attributes
+    side = 1 if root.name == sc.SPAN_LLM_REQUEST else 0
+    chunks = sorted(
+        (c for c in children if c.name == sc.SPAN_LLMTRACE_DECODE_CHUNK),
+        key=lambda c: _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_INDEX, 0))
+    return RequestRecord(
+        trace_id=root.trace_id.hex(), start_ns=root.start_ns, end_ns=root.end_ns,
+        e2e_s=_num(a, _E2E[side], (root.end_ns - root.start_ns) / 1e9),
+        **_identity(root),
+        **{f: _num(a, keys[side]) for f, keys in _TIMES.items()},
+        **{f: int(_num(a, keys[side], 0)) for f, keys in _COUNTS.items()},
         decode_chunks=[DecodeChunk(int(_num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_TOKENS, 0)),
                                    _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_ITL_MIN),
                                    _num(c.attributes, sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN),
