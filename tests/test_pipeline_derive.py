@@ -102,3 +102,24 @@ def test_orphans_are_evicted_after_the_window_and_capacity_is_bounded():
     now[0] = 11.0
     asm.expire()
     assert len(asm) == 0 and asm.dropped["window"] == 3
+
+
+def test_in_process_processor_and_otlp_path_derive_the_same_records():
+    from llmtrace.pipeline import DerivingSpanProcessor
+
+    exporter = InMemorySpanExporter()
+    in_process = []
+    provider = TracerProvider(resource=Resource.create({"service.name": "svc"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider.add_span_processor(DerivingSpanProcessor(in_process.append))
+    tracer = provider.get_tracer("llmtrace.vllm")
+    client = tracer.start_span("client call")
+    _request(tracer, set_span_in_context(client), 10**18, "m-a", [8, 2], 0.030)
+    _request(tracer, set_span_in_context(client), 10**18 + MS, "m-b", [4, 4, 4], 0.045)
+    client.end()
+    over_wire = []
+    TraceAssembler(over_wire.append).add(spans_from_request(
+        encode_spans(exporter.get_finished_spans())))
+    assert len(in_process) == len(over_wire) == 2
+    key = lambda r: r.model  # noqa: E731
+    assert sorted(in_process, key=key) == sorted(over_wire, key=key)

@@ -5,15 +5,16 @@ embedded default), inside the standalone ``llmtrace collector`` service, and in
 tests. It reads OTLP protobuf directly and only the attributes it needs, so it
 can keep up with a fleet's spans on one core.
 
-Status: the span view, trace assembly and per-request derivation are here.
-Still to come: derived metrics output, cost attribution (batch-share
-accelerator-seconds, price tables), the in-process span processor, and the
-``llmtrace collector`` service.
+Status: the span views (OTLP protobuf and SDK spans), trace assembly,
+per-request derivation and the in-process span processor are here. Still to
+come: derived metrics output, cost attribution (batch-share
+accelerator-seconds, price tables) and the ``llmtrace collector`` service.
 """
 
 from llmtrace.pipeline.assembler import TraceAssembler
 from llmtrace.pipeline.derive import RequestRecord, derive_request
+from llmtrace.pipeline.processor import DerivingSpanProcessor, view_of
 from llmtrace.pipeline.spans import SpanView, spans_from_request
 
-__all__ = ["RequestRecord", "SpanView", "TraceAssembler", "derive_request",
-           "spans_from_request"]
+__all__ = ["DerivingSpanProcessor", "RequestRecord", "SpanView", "TraceAssembler",
+           "derive_request", "spans_from_request", "view_of"]
