@@ -123,3 +123,34 @@ def test_in_process_processor_and_otlp_path_derive_the_same_records():
     assert len(in_process) == len(over_wire) == 2
     key = lambda r: r.model  # noqa: E731
     assert sorted(in_process, key=key) == sorted(over_wire, key=key)
+
+
+def test_derived_metrics_expose_registry_names_and_count_every_request():
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmtrace.pipeline.metrics import DerivedMetrics
+
+    tracer, exporter = _provider()
+    ttfts = [0.03, 0.05, 0.25]
+    for i, ttft in enumerate(ttfts):
+        _request(tracer, None, 10**18 + i * MS, "m", [4, 3], ttft)
+    metrics = DerivedMetrics()
+    TraceAssembler(metrics.observe).add(spans_from_request(
+        encode_spans(exporter.get_finished_spans())))
+    text = generate_latest(metrics.registry).decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    labels = (("gen_ai_request_model", "m"), ("llmtrace_deployment_version", "v1"),
+              ("llmtrace_tenant", "acme"))
+    ttft = sc.PROMETHEUS_NAMES[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
+    assert samples[(f"{ttft}_count", labels)] == 3
+    assert abs(samples[(f"{ttft}_sum", labels)] - sum(ttfts)) < 1e-9
+    le = tuple(sorted(labels + (("le", "0.2"),)))
+    assert samples[(f"{ttft}_bucket", le)] == 2  # the 200 ms SLO is a bucket edge
+    requests = sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_SERVER_REQUESTS]
+    assert samples[(requests, tuple(sorted(labels + (("llmtrace_request_finish_reason",
+                                                      "length"),))))] == 3
+    itl = sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]
+    assert samples[(f"{itl}_count", labels)] == 3 * 6  # output tokens - 1 per request
+    assert samples[(sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_PIPELINE_REQUESTS], ())] == 3
