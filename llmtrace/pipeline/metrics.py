@@ -12,14 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from llmtrace import semconv as sc
 from llmtrace.pipeline.derive import RequestRecord
-from llmtrace.telemetry.metrics import (
-    DURATION_BUCKETS,
-    OVERFLOW,
-    TOKEN_BUCKETS,
-    TPOT_BUCKETS,
-    TTFT_BUCKETS,
-    LabelLimiter,
-)
+from llmtrace.telemetry.metrics import HISTOGRAM_BUCKETS, OVERFLOW, LabelLimiter
 
 LABELS = (sc.GEN_AI_REQUEST_MODEL, sc.LLMTRACE_TENANT, sc.LLMTRACE_DEPLOYMENT_VERSION)
 
@@ -43,23 +36,23 @@ class DerivedMetrics:
         self.labels = LabelLimiter(max_label_values)
         base = [_label(k) for k in LABELS]
 
-        def hist(metric: str, buckets, extra: tuple[str, ...] = ()) -> Histogram:
+        def hist(metric: str, extra: tuple[str, ...] = ()) -> Histogram:
             return Histogram(_base_name(metric), sc.METRIC_BRIEFS[metric], base + list(extra),
-                             buckets=buckets, registry=self.registry)
+                             buckets=HISTOGRAM_BUCKETS[metric], registry=self.registry)
 
         def counter(metric: str, labels: list[str] | None = None) -> Counter:
             return Counter(_base_name(metric), sc.METRIC_BRIEFS[metric],
                            base if labels is None else labels, registry=self.registry)
 
-        self.ttft = hist(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, TTFT_BUCKETS)
-        self.tpot = hist(sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, TPOT_BUCKETS)
-        self.e2e = hist(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION, DURATION_BUCKETS)
-        self.itl = hist(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY, TPOT_BUCKETS)
-        self.queue = hist(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION, DURATION_BUCKETS)
-        self.prefill = hist(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION, DURATION_BUCKETS)
-        self.decode = hist(sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION, DURATION_BUCKETS)
+        self.ttft = hist(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN)
+        self.tpot = hist(sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN)
+        self.e2e = hist(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION)
+        self.itl = hist(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY)
+        self.queue = hist(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION)
+        self.prefill = hist(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION)
+        self.decode = hist(sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION)
         self.output_len = hist(sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS,
-                               TOKEN_BUCKETS, (_label(sc.LLMTRACE_REQUEST_FINISH_REASON),))
+                               (_label(sc.LLMTRACE_REQUEST_FINISH_REASON),))
         self.prompt_tokens = counter(sc.METRIC_LLMTRACE_SERVER_PROMPT_TOKENS)
         self.cached_tokens = counter(sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS)
         self.generation_tokens = counter(sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS)

@@ -37,6 +37,19 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.32, 0.64,
                     5.12, 10.24, 20.48, 40.96, 81.92)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
+#: Bucket boundaries per histogram, shared by the SDK's instruments and the pipeline's.
+HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
+    sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN: TTFT_BUCKETS,
+    sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN: TPOT_BUCKETS,
+    sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION: DURATION_BUCKETS,
+    sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY: TPOT_BUCKETS,
+    sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION: DURATION_BUCKETS,
+    sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION: DURATION_BUCKETS,
+    sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION: DURATION_BUCKETS,
+    sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS: TOKEN_BUCKETS,
+    sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS: TOKEN_BUCKETS,
+}
+
 
 # Passing an explicit empty context skips a context-variable lookup per record.
 _NO_CONTEXT = Context()
@@ -138,26 +151,25 @@ class Instruments:
         self.labels = LabelLimiter(config.max_label_values)
         self.version = config.deployment_version
 
-        def hist(name: str, buckets: Sequence[float]):
-            return meter.create_histogram(name, unit=sc.METRIC_UNITS[name],
-                                          description=sc.METRIC_BRIEFS[name],
-                                          explicit_bucket_boundaries_advisory=buckets)
+        def hist(name: str):
+            return meter.create_histogram(
+                name, unit=sc.METRIC_UNITS[name], description=sc.METRIC_BRIEFS[name],
+                explicit_bucket_boundaries_advisory=HISTOGRAM_BUCKETS[name])
 
         def counter(name: str):
             return meter.create_counter(name, unit=sc.METRIC_UNITS[name],
                                         description=sc.METRIC_BRIEFS[name])
 
         # units and descriptions come from the registry, so they cannot drift from it
-        self.ttft = hist(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN, TTFT_BUCKETS)
-        self.tpot = hist(sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN, TPOT_BUCKETS)
-        self.e2e = hist(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION, DURATION_BUCKETS)
-        self.itl = hist(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY, TPOT_BUCKETS)
-        self.queue = hist(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION, DURATION_BUCKETS)
-        self.prefill = hist(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION, DURATION_BUCKETS)
-        self.decode = hist(sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION, DURATION_BUCKETS)
-        self.prompt_len = hist(sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS, TOKEN_BUCKETS)
-        self.output_len = hist(sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS,
-                               TOKEN_BUCKETS)
+        self.ttft = hist(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN)
+        self.tpot = hist(sc.METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN)
+        self.e2e = hist(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION)
+        self.itl = hist(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY)
+        self.queue = hist(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION)
+        self.prefill = hist(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION)
+        self.decode = hist(sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION)
+        self.prompt_len = hist(sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS)
+        self.output_len = hist(sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS)
         self.prompt_tokens = counter(sc.METRIC_LLMTRACE_SERVER_PROMPT_TOKENS)
         self.cached_tokens = counter(sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS)
         self.generation_tokens = counter(sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS)
@@ -218,7 +230,8 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
     from llmtrace.telemetry import DROPPED
     from llmtrace.telemetry.guard import HOOK_ERRORS
 
-    itl_bulk = BulkHistogramAggregation(TPOT_BUCKETS)
+    itl_bulk = BulkHistogramAggregation(
+        HISTOGRAM_BUCKETS[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY])
     provider = MeterProvider(
         resource=resource, metric_readers=readers,
         # exemplars would cost a trace-context check per measurement
