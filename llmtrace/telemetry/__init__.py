@@ -17,12 +17,14 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import Span, Tracer, set_span_in_context
 
 from llmtrace import __version__, semconv
 from llmtrace.config import Config
@@ -137,6 +139,13 @@ class Telemetry:
                     self._tracer = provider.get_tracer(self.scope, __version__,
                                                        schema_url=None)
         return self._tracer
+
+    def child_span(self, name: str, parent: Context | Span, start_ns: int,
+                   attributes: dict[str, Any] | None = None) -> Span:
+        """Start ``name`` at ``start_ns`` under ``parent`` (a span, or an extracted context)."""
+        ctx = parent if isinstance(parent, Context) else set_span_in_context(parent)
+        return self.tracer.start_span(name, context=ctx, start_time=start_ns,
+                                      attributes=attributes)
 
     @property
     def instruments(self):

@@ -8,13 +8,11 @@ host's own call always proceeds.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 
 logger = logging.getLogger("llmtrace")
 
@@ -69,15 +67,13 @@ def disable_hook(name: str, reason: str) -> None:
 class HookGuard:
     """Context manager around a hook body: swallow, count, disable on first error."""
 
-    __slots__ = ("name", "enabled", "_measure", "_t0", "_on_error")
+    __slots__ = ("name", "enabled", "_measure", "_t0")
 
-    def __init__(self, name: str, measure: bool = False,
-                 on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(self, name: str, measure: bool = False) -> None:
         self.name = name
         self.enabled = name not in DISABLED_HOOKS
         self._measure = measure
         self._t0 = 0.0
-        self._on_error = on_error
 
     def __enter__(self) -> HookGuard:
         if self._measure:
@@ -95,7 +91,4 @@ class HookGuard:
             DISABLED_HOOKS[self.name] = f"{exc_type.__name__}: {exc}"
             logger.warning("llmtrace: hook %s raised %s: %s; hook disabled, host unaffected",
                            self.name, exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
-        if self._on_error is not None:
-            with contextlib.suppress(Exception):  # telemetry of telemetry never raises
-                self._on_error(self.name)
         return True  # swallow: the host must never see our exception

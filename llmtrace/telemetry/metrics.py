@@ -149,7 +149,6 @@ class Instruments:
                  itl_aggregation: BulkHistogramAggregation | None = None) -> None:
         self._itl_bulk = itl_aggregation
         self.labels = LabelLimiter(config.max_label_values)
-        self.version = config.deployment_version
 
         def hist(name: str):
             return meter.create_histogram(

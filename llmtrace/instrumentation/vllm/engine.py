@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry.context import Context
-from opentelemetry.trace import Span, Status, StatusCode, set_span_in_context
+from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtrace import semconv as sc
@@ -38,7 +38,6 @@ class EngineRecord:
     wait_span: Span | None = None  # preemption span while preempted
     prefill_span: Span | None = None
     chunk_index: int = 0
-    preemptions: int = 0
 
 
 @dataclass
@@ -70,12 +69,6 @@ class EngineTracer:
         self.records[request.request_id] = EngineRecord(
             parent=parent, wait_start_ns=int(request.arrival_time * 1e9))
 
-    def _span(self, name: str, parent: Context | Span, start: int,
-              attrs: dict[str, Any] | None = None) -> Span:
-        ctx = parent if isinstance(parent, Context) else set_span_in_context(parent)
-        return self.telemetry.tracer.start_span(name, context=ctx, start_time=start,
-                                                attributes=attrs)
-
     def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> None:
         num_scheduled = out.num_scheduled_tokens
         self.step_index += 1
@@ -100,8 +93,8 @@ class EngineTracer:
                 if stats is not None and stats.num_external_cached_tokens:
                     attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = \
                         stats.num_external_cached_tokens
-                rec.prefill_span = self._span(sc.SPAN_LLMTRACE_PREFILL, rec.parent, start_ns,
-                                              attrs)
+                rec.prefill_span = self.telemetry.child_span(
+                    sc.SPAN_LLMTRACE_PREFILL, rec.parent, start_ns, attrs)
                 rec.chunk_index = 0
             if step is None:
                 step = StepPending(start_ns, self.step_index, len(num_scheduled),
@@ -117,8 +110,8 @@ class EngineTracer:
         """Scheduled (again): the queue wait ends, and so does a preemption."""
         reason = "preemption" if rec.state == PREEMPTED else "arrival"
         parent = rec.wait_span if rec.wait_span is not None else rec.parent
-        queue = self._span(sc.SPAN_LLMTRACE_QUEUE, parent, rec.wait_start_ns,
-                           {sc.LLMTRACE_QUEUE_REASON: reason})
+        queue = self.telemetry.child_span(sc.SPAN_LLMTRACE_QUEUE, parent, rec.wait_start_ns,
+                                          {sc.LLMTRACE_QUEUE_REASON: reason})
         queue.end(end_time=now)
         if rec.wait_span is not None:
             rec.wait_span.end(end_time=now)
@@ -141,8 +134,8 @@ class EngineTracer:
             }
             if rec.chunk_index == 0:
                 attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
-            chunk = self._span(sc.SPAN_LLMTRACE_PREFILL_CHUNK, rec.prefill_span, step.start_ns,
-                               attrs)
+            chunk = self.telemetry.child_span(
+                sc.SPAN_LLMTRACE_PREFILL_CHUNK, rec.prefill_span, step.start_ns, attrs)
             chunk.end(end_time=end_ns)
             rec.chunk_index += 1
             if last:
@@ -158,9 +151,9 @@ class EngineTracer:
         if rec.prefill_span is not None:
             rec.prefill_span.end(end_time=now)
             rec.prefill_span = None
-        rec.preemptions += 1
-        rec.wait_span = self._span(sc.SPAN_LLMTRACE_PREEMPTION, rec.parent, now,
-                                   {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"})
+        rec.wait_span = self.telemetry.child_span(
+            sc.SPAN_LLMTRACE_PREEMPTION, rec.parent, now,
+            {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"})
         rec.wait_start_ns = now
         rec.state = PREEMPTED
 
@@ -178,8 +171,9 @@ class EngineTracer:
                     span.set_attribute(sc.ERROR_TYPE, "aborted")
                 span.end(end_time=now)
         if rec.state == QUEUED and aborted:
-            queue = self._span(sc.SPAN_LLMTRACE_QUEUE, rec.parent, rec.wait_start_ns,
-                               {sc.LLMTRACE_QUEUE_REASON: "arrival", sc.ERROR_TYPE: "aborted"})
+            queue = self.telemetry.child_span(
+                sc.SPAN_LLMTRACE_QUEUE, rec.parent, rec.wait_start_ns,
+                {sc.LLMTRACE_QUEUE_REASON: "arrival", sc.ERROR_TYPE: "aborted"})
             queue.set_status(Status(StatusCode.ERROR, "aborted"))
             queue.end(end_time=now)
 

@@ -231,8 +231,7 @@ class FrontendTracer:
     # -- decode chunks ---------------------------------------------------------
     def _start_decode(self, rec: RequestRecord, now: int) -> None:
         rec.span.add_event(sc.EVENT_LLMTRACE_FIRST_TOKEN, timestamp=now)
-        rec.decode_span = self.telemetry.tracer.start_span(
-            sc.SPAN_LLMTRACE_DECODE, context=_ctx(rec.span), start_time=now)
+        rec.decode_span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, rec.span, now)
         rec.chunk_start_ns = now
 
     @staticmethod
@@ -257,9 +256,8 @@ class FrontendTracer:
             attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MIN] = rec.chunk_itl_min
             attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN] = rec.chunk_itl_sum / rec.chunk_gaps
             attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MAX] = rec.chunk_itl_max
-        span = self.telemetry.tracer.start_span(
-            sc.SPAN_LLMTRACE_DECODE_CHUNK, context=_ctx(rec.decode_span),
-            start_time=rec.chunk_start_ns, attributes=attrs)
+        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_CHUNK, rec.decode_span,
+                                         rec.chunk_start_ns, attrs)
         span.end(end_time=now)
         rec.chunk_index += 1
         rec.chunk_start_ns = now
@@ -404,12 +402,6 @@ class FrontendTracer:
                 # bootstrap), so Starlette refuses add_middleware: wrap the stack.
                 app.middleware_stack = LlmtraceASGIMiddleware(app.middleware_stack, tracer=self)
         return app
-
-
-def _ctx(span: Span) -> Context:
-    from opentelemetry.trace import set_span_in_context
-
-    return set_span_in_context(span)
 
 
 class LlmtraceASGIMiddleware:

