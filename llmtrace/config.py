@@ -50,6 +50,11 @@ class Config(BaseModel):
     prometheus_host: str = "0.0.0.0"
     prometheus_port: int = Field(default=9464, ge=0, le=65535)
     metric_export_interval_ms: int = Field(default=10_000, ge=100)
+    #: Batch-share weights: a step's time is split by weight x scheduled tokens.
+    cost_prefill_weight: float = Field(default=1.0, ge=0.0)
+    cost_decode_weight: float = Field(default=1.0, ge=0.0)
+    #: Instance type whose $/accelerator-hour prices this engine's time (price tables).
+    instance_type: str = "unknown"
     #: Benchmark mode: measure llmtrace's own CPU time per hook with thread CPU clocks.
     measure_overhead: bool = False
 
@@ -100,6 +105,9 @@ _ENV: dict[str, tuple[str, ...]] = {
     "metric_export_interval_ms": ("LLMTRACE_METRIC_EXPORT_INTERVAL_MS",
                                   "OTEL_METRIC_EXPORT_INTERVAL"),
     "measure_overhead": ("LLMTRACE_MEASURE_OVERHEAD",),
+    "cost_prefill_weight": ("LLMTRACE_COST_PREFILL_WEIGHT",),
+    "cost_decode_weight": ("LLMTRACE_COST_DECODE_WEIGHT",),
+    "instance_type": ("LLMTRACE_INSTANCE_TYPE",),
 }
 
 

@@ -12,7 +12,7 @@ from typing import Final
 
 # -- Attributes ---------------------------------------------------------------
 ERROR_TYPE: Final = 'error.type'
-"""[upstream] Why the request failed: `aborted`, `timeout`, `engine_error` or an exception type."""
+"""[upstream] Why the request failed: `aborted`, `client_disconnected`, `timeout`, `engine_error` or an exception type."""
 GEN_AI_EVALUATION_NAME: Final = 'gen_ai.evaluation.name'
 """[upstream] Name of the quality evaluation (judge) that produced a score."""
 GEN_AI_EVALUATION_SCORE_LABEL: Final = 'gen_ai.evaluation.score.label'
@@ -81,6 +81,30 @@ GEN_AI_USAGE_OUTPUT_TOKENS: Final = 'gen_ai.usage.output_tokens'
 """[upstream] Generated tokens."""
 GEN_AI_USAGE_PROMPT_TOKENS: Final = 'gen_ai.usage.prompt_tokens'
 """[input only] vLLM built-in (deprecated upstream name for gen_ai.usage.input_tokens)."""
+LLM_D_EPP_DISAGG_REASON: Final = 'llm_d.epp.disagg.reason'
+"""[input only] llm-d `prepare_disaggregation`, why no disaggregation was prepared at all."""
+LLM_D_EPP_PD_DISAGGREGATION_USED: Final = 'llm_d.epp.pd.disaggregation_used'
+"""[input only] llm-d `prepare_disaggregation`, whether a prefill endpoint was handed to the sidecar."""
+LLM_D_EPP_PD_PREFILL_POD_ADDRESS: Final = 'llm_d.epp.pd.prefill_pod_address'
+"""[input only] llm-d `prepare_disaggregation`, address of the prefill pod."""
+LLM_D_EPP_PD_PREFILL_POD_PORT: Final = 'llm_d.epp.pd.prefill_pod_port'
+"""[input only] llm-d `prepare_disaggregation`, port of the prefill pod (a string in llm-d)."""
+LLM_D_EPP_PD_REASON: Final = 'llm_d.epp.pd.reason'
+"""[input only] llm-d `prepare_disaggregation`, why prefill was not split off."""
+LLM_D_EPP_PICKER_TOP_ENDPOINTS: Final = 'llm_d.epp.picker.top_endpoints'
+"""[input only] llm-d `pick_endpoints`, up to 5 best candidates (namespace/name), best first."""
+LLM_D_EPP_PICKER_TOP_SCORES: Final = 'llm_d.epp.picker.top_scores'
+"""[input only] llm-d `pick_endpoints`, weighted scores aligned with top_endpoints."""
+LLM_D_EPP_PROFILE_HANDLER_DECISION: Final = 'llm_d.epp.profile_handler.decision'
+"""[input only] llm-d `pick_pd_profile` / `pick_disagg_profile`, the profile handler's step decision."""
+LLM_D_EPP_PROFILE_HANDLER_SELECTED_PROFILE: Final = 'llm_d.epp.profile_handler.selected_profile'
+"""[input only] llm-d `pick_pd_profile`, the profile chosen to run next."""
+LLM_D_EPP_SCHEDULING_PROFILE_NAME: Final = 'llm_d.epp.scheduling.profile.name'
+"""[input only] llm-d `run_scheduler_profile`, the scheduler profile run (e.g. decode, prefill)."""
+LLM_D_EPP_SCORER_SCORE_MAX: Final = 'llm_d.epp.scorer.score.max'
+"""[input only] llm-d scorer spans, the highest score the scorer gave any candidate."""
+LLM_D_EPP_SCORER_TYPE: Final = 'llm_d.epp.scorer.type'
+"""[input only] llm-d `llm_d.epp.scorer.<type>`, the scorer plugin type."""
 LLMTRACE_COST_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.accelerator_seconds'
 """The request's share of engine-step time, split by scheduled tokens in each step."""
 LLMTRACE_COST_BASIS: Final = 'llmtrace.cost.basis'
@@ -105,6 +129,8 @@ LLMTRACE_DRIFT_FEATURE: Final = 'llmtrace.drift.feature'
 """Feature whose distribution is compared with the baseline."""
 LLMTRACE_ENGINE_INDEX: Final = 'llmtrace.engine.index'
 """Data-parallel engine index (vLLM `engine` label)."""
+LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
+"""Engine steps the request was scheduled in (prefill chunks and decode steps)."""
 LLMTRACE_KV_TRANSFER_BYTES: Final = 'llmtrace.kv_transfer.bytes'
 """Bytes transferred."""
 LLMTRACE_KV_TRANSFER_CONNECTOR: Final = 'llmtrace.kv_transfer.connector'
@@ -153,6 +179,8 @@ LLMTRACE_QUALITY_DIMENSION: Final = 'llmtrace.quality.dimension'
 """Quality dimension a score refers to."""
 LLMTRACE_QUEUE_REASON: Final = 'llmtrace.queue.reason'
 """Why the request was waiting."""
+LLMTRACE_REQUEST_CLIENT_DISCONNECTED: Final = 'llmtrace.request.client_disconnected'
+"""The client closed the connection before the response ended. vLLM may abort the request or, when the stream is not closed promptly, run it to completion for nobody (wasted accelerator time)."""
 LLMTRACE_REQUEST_FINISH_REASON: Final = 'llmtrace.request.finish_reason'
 """Why the request finished; one value per request, usable as a metric label."""
 LLMTRACE_REQUEST_ID: Final = 'llmtrace.request.id'
@@ -165,8 +193,22 @@ LLMTRACE_ROUTER_DECISION: Final = 'llmtrace.router.decision'
 """Router decision, e.g. the scorer or the P/D split that won."""
 LLMTRACE_ROUTER_ENDPOINT: Final = 'llmtrace.router.endpoint'
 """Endpoint the router chose."""
+LLMTRACE_ROUTER_ENDPOINT_SCORE: Final = 'llmtrace.router.endpoint_score'
+"""Weighted total score of the highest-ranked candidate endpoint (all scorers, weights applied)."""
+LLMTRACE_ROUTER_ORCHESTRATION_DURATION: Final = 'llmtrace.router.orchestration_duration'
+"""Seconds the router spent on the request before forwarding it."""
 LLMTRACE_ROUTER_PD_DISAGGREGATED: Final = 'llmtrace.router.pd_disaggregated'
 """Whether prefill and decode ran on different engines."""
+LLMTRACE_ROUTER_PD_REASON: Final = 'llmtrace.router.pd_reason'
+"""Why the router did not split prefill and decode, as the router reports it."""
+LLMTRACE_ROUTER_PREFILL_ADDRESS: Final = 'llmtrace.router.prefill_address'
+"""Host and port of the prefill endpoint when prefill and decode were split."""
+LLMTRACE_ROUTER_PREFIX_CACHE_SCORE: Final = 'llmtrace.router.prefix_cache_score'
+"""Highest prefix-cache scorer score over the candidates (0 to 1), primary profile."""
+LLMTRACE_ROUTER_SCHEDULING_DURATION: Final = 'llmtrace.router.scheduling_duration'
+"""Seconds the router spent running its scheduler profiles (filter, score, pick)."""
+LLMTRACE_ROUTER_SCORER_MAX: Final = 'llmtrace.router.scorer_max'
+"""Highest score one scorer gave any candidate, keyed by scorer type."""
 LLMTRACE_STEP_BATCH_SIZE: Final = 'llmtrace.step.batch_size'
 """Requests scheduled in the engine step."""
 LLMTRACE_STEP_INDEX: Final = 'llmtrace.step.index'
@@ -232,6 +274,7 @@ class LlmtraceRequestFinishReasonValues(StrEnum):
 SPAN_LLM_REQUEST: Final = 'llm_request'
 SPAN_LLMTRACE_DECODE: Final = 'llmtrace.decode'
 SPAN_LLMTRACE_DECODE_CHUNK: Final = 'llmtrace.decode.chunk'
+SPAN_LLMTRACE_ENGINE_REQUEST: Final = 'llmtrace.engine.request'
 SPAN_LLMTRACE_ENGINE_STEP: Final = 'llmtrace.engine.step'
 SPAN_LLMTRACE_KV_TRANSFER: Final = 'llmtrace.kv_transfer'
 SPAN_LLMTRACE_MOE_DISPATCH: Final = 'llmtrace.moe.dispatch'
@@ -257,8 +300,13 @@ METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.idle_accel
 METRIC_LLMTRACE_COST_USD: Final = 'llmtrace.cost.usd'
 METRIC_LLMTRACE_DRIFT_KL_DIVERGENCE: Final = 'llmtrace.drift.kl_divergence'
 METRIC_LLMTRACE_DRIFT_PSI: Final = 'llmtrace.drift.psi'
+METRIC_LLMTRACE_ENGINE_STEP_DURATION: Final = 'llmtrace.engine.step.duration'
 METRIC_LLMTRACE_OUTPUT_ENTROPY: Final = 'llmtrace.output.entropy'
-METRIC_LLMTRACE_PIPELINE_DROPPED_TRACES: Final = 'llmtrace.pipeline.dropped_traces'
+METRIC_LLMTRACE_PIPELINE_DROPPED_SPANS: Final = 'llmtrace.pipeline.dropped_spans'
+METRIC_LLMTRACE_PIPELINE_OPEN_TRACES: Final = 'llmtrace.pipeline.open_traces'
+METRIC_LLMTRACE_PIPELINE_QUEUED_SPANS: Final = 'llmtrace.pipeline.queued_spans'
+METRIC_LLMTRACE_PIPELINE_RECEIVED_SPANS: Final = 'llmtrace.pipeline.received_spans'
+METRIC_LLMTRACE_PIPELINE_REJECTED_PAYLOADS: Final = 'llmtrace.pipeline.rejected_payloads'
 METRIC_LLMTRACE_PIPELINE_REQUESTS: Final = 'llmtrace.pipeline.requests'
 METRIC_LLMTRACE_PIPELINE_UNPRICED_REQUESTS: Final = 'llmtrace.pipeline.unpriced_requests'
 METRIC_LLMTRACE_QUALITY_EVALUATIONS: Final = 'llmtrace.quality.evaluations'
@@ -319,6 +367,7 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.deployment.version',
     'llmtrace.drift.feature',
     'llmtrace.engine.index',
+    'llmtrace.engine.steps',
     'llmtrace.kv_transfer.bytes',
     'llmtrace.kv_transfer.connector',
     'llmtrace.kv_transfer.direction',
@@ -343,13 +392,21 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.profiler.region',
     'llmtrace.quality.dimension',
     'llmtrace.queue.reason',
+    'llmtrace.request.client_disconnected',
     'llmtrace.request.finish_reason',
     'llmtrace.request.id',
     'llmtrace.request.preemptions',
     'llmtrace.request.priority',
     'llmtrace.router.decision',
     'llmtrace.router.endpoint',
+    'llmtrace.router.endpoint_score',
+    'llmtrace.router.orchestration_duration',
     'llmtrace.router.pd_disaggregated',
+    'llmtrace.router.pd_reason',
+    'llmtrace.router.prefill_address',
+    'llmtrace.router.prefix_cache_score',
+    'llmtrace.router.scheduling_duration',
+    'llmtrace.router.scorer_max',
     'llmtrace.step.batch_size',
     'llmtrace.step.index',
     'llmtrace.step.scheduled_tokens',
@@ -372,12 +429,25 @@ INPUT_ONLY_ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'gen_ai.request.n',
     'gen_ai.usage.completion_tokens',
     'gen_ai.usage.prompt_tokens',
+    'llm_d.epp.disagg.reason',
+    'llm_d.epp.pd.disaggregation_used',
+    'llm_d.epp.pd.prefill_pod_address',
+    'llm_d.epp.pd.prefill_pod_port',
+    'llm_d.epp.pd.reason',
+    'llm_d.epp.picker.top_endpoints',
+    'llm_d.epp.picker.top_scores',
+    'llm_d.epp.profile_handler.decision',
+    'llm_d.epp.profile_handler.selected_profile',
+    'llm_d.epp.scheduling.profile.name',
+    'llm_d.epp.scorer.score.max',
+    'llm_d.epp.scorer.type',
 })
 """Attribute names other software emits and llmtrace only reads."""
 
 SPAN_KINDS: Final[dict[str, str]] = {
     'llmtrace.decode': 'internal',
     'llmtrace.decode.chunk': 'internal',
+    'llmtrace.engine.request': 'internal',
     'llmtrace.engine.step': 'internal',
     'llmtrace.kv_transfer': 'internal',
     'llmtrace.moe.dispatch': 'internal',
@@ -422,6 +492,14 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.decode.chunk.itl_min',
         'llmtrace.decode.chunk.itl_mean',
         'llmtrace.decode.chunk.itl_max',
+    }),
+    'llmtrace.engine.request': frozenset({
+        'llmtrace.cost.accelerator_seconds',
+        'llmtrace.engine.steps',
+        'gen_ai.request.model',
+        'llmtrace.tenant',
+        'llmtrace.deployment.version',
+        'llmtrace.request.finish_reason',
     }),
     'llmtrace.engine.step': frozenset({
         'llmtrace.step.index',
@@ -496,6 +574,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.request.finish_reason',
         'llmtrace.request.priority',
         'llmtrace.request.preemptions',
+        'llmtrace.request.client_disconnected',
         'llmtrace.latency.time_to_first_token',
         'llmtrace.latency.e2e',
         'llmtrace.latency.queue',
@@ -529,8 +608,13 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'counter',
     'llmtrace.drift.kl_divergence': 'gauge',
     'llmtrace.drift.psi': 'gauge',
+    'llmtrace.engine.step.duration': 'histogram',
     'llmtrace.output.entropy': 'histogram',
-    'llmtrace.pipeline.dropped_traces': 'counter',
+    'llmtrace.pipeline.dropped_spans': 'counter',
+    'llmtrace.pipeline.open_traces': 'gauge',
+    'llmtrace.pipeline.queued_spans': 'gauge',
+    'llmtrace.pipeline.received_spans': 'counter',
+    'llmtrace.pipeline.rejected_payloads': 'counter',
     'llmtrace.pipeline.requests': 'counter',
     'llmtrace.pipeline.unpriced_requests': 'counter',
     'llmtrace.quality.evaluations': 'counter',
@@ -562,8 +646,13 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': '{USD}',
     'llmtrace.drift.kl_divergence': '{nat}',
     'llmtrace.drift.psi': '{psi}',
+    'llmtrace.engine.step.duration': 's',
     'llmtrace.output.entropy': '{nat}',
-    'llmtrace.pipeline.dropped_traces': '{trace}',
+    'llmtrace.pipeline.dropped_spans': '{span}',
+    'llmtrace.pipeline.open_traces': '{trace}',
+    'llmtrace.pipeline.queued_spans': '{span}',
+    'llmtrace.pipeline.received_spans': '{span}',
+    'llmtrace.pipeline.rejected_payloads': '{payload}',
     'llmtrace.pipeline.requests': '{request}',
     'llmtrace.pipeline.unpriced_requests': '{request}',
     'llmtrace.quality.evaluations': '{evaluation}',
@@ -595,10 +684,15 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'Attributed cost in US dollars.',
     'llmtrace.drift.kl_divergence': "KL divergence of a feature's distribution from the baseline.",
     'llmtrace.drift.psi': 'Population stability index of a feature versus the baseline.',
+    'llmtrace.engine.step.duration': "Engine step time, from scheduling to the model's output, split among the batch.",
     'llmtrace.output.entropy': 'Mean per-token entropy of the output distribution.',
-    'llmtrace.pipeline.dropped_traces': 'Traces evicted before completion (assembly window or capacity).',
+    'llmtrace.pipeline.dropped_spans': 'Spans lost by the pipeline, by reason; never silent.',
+    'llmtrace.pipeline.open_traces': 'Traces held by the assembler waiting for their request span.',
+    'llmtrace.pipeline.queued_spans': 'Spans accepted and waiting for the derivation worker (bounded).',
+    'llmtrace.pipeline.received_spans': 'Spans accepted by the collector service, before derivation.',
+    'llmtrace.pipeline.rejected_payloads': 'OTLP export requests refused, by reason (malformed, unauthenticated, backpressure).',
     'llmtrace.pipeline.requests': 'Per-request records derived by the pipeline.',
-    'llmtrace.pipeline.unpriced_requests': 'Requests whose model has no entry in the price table.',
+    'llmtrace.pipeline.unpriced_requests': 'Requests whose model (or instance type) has no entry in the price table.',
     'llmtrace.quality.evaluations': 'Responses evaluated.',
     'llmtrace.quality.hallucinations': 'Responses flagged as hallucinated by an evaluation.',
     'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
@@ -663,12 +757,25 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.deployment.version',
         'llmtrace.drift.feature',
     }),
+    'llmtrace.engine.step.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+    }),
     'llmtrace.output.entropy': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
     }),
-    'llmtrace.pipeline.dropped_traces': frozenset({
+    'llmtrace.pipeline.dropped_spans': frozenset({
+        'llmtrace.telemetry.reason',
+    }),
+    'llmtrace.pipeline.open_traces': frozenset({
+    }),
+    'llmtrace.pipeline.queued_spans': frozenset({
+    }),
+    'llmtrace.pipeline.received_spans': frozenset({
+    }),
+    'llmtrace.pipeline.rejected_payloads': frozenset({
         'llmtrace.telemetry.reason',
     }),
     'llmtrace.pipeline.requests': frozenset({
@@ -680,6 +787,7 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.cost.basis',
     }),
     'llmtrace.quality.evaluations': frozenset({
         'gen_ai.request.model',
@@ -783,8 +891,13 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'llmtrace_cost_usd_total',
     'llmtrace.drift.kl_divergence': 'llmtrace_drift_kl_divergence',
     'llmtrace.drift.psi': 'llmtrace_drift_psi',
+    'llmtrace.engine.step.duration': 'llmtrace_engine_step_duration_seconds',
     'llmtrace.output.entropy': 'llmtrace_output_entropy',
-    'llmtrace.pipeline.dropped_traces': 'llmtrace_pipeline_dropped_traces_total',
+    'llmtrace.pipeline.dropped_spans': 'llmtrace_pipeline_dropped_spans_total',
+    'llmtrace.pipeline.open_traces': 'llmtrace_pipeline_open_traces',
+    'llmtrace.pipeline.queued_spans': 'llmtrace_pipeline_queued_spans',
+    'llmtrace.pipeline.received_spans': 'llmtrace_pipeline_received_spans_total',
+    'llmtrace.pipeline.rejected_payloads': 'llmtrace_pipeline_rejected_payloads_total',
     'llmtrace.pipeline.requests': 'llmtrace_pipeline_requests_total',
     'llmtrace.pipeline.unpriced_requests': 'llmtrace_pipeline_unpriced_requests_total',
     'llmtrace.quality.evaluations': 'llmtrace_quality_evaluations_total',

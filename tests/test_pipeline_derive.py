@@ -153,4 +153,4 @@ def test_derived_metrics_expose_registry_names_and_count_every_request():
                                                       "length"),))))] == 3
     itl = sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]
     assert samples[(f"{itl}_count", labels)] == 3 * 6  # output tokens - 1 per request
-    assert samples[(sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_PIPELINE_REQUESTS], ())] == 3
+    assert samples[(sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_PIPELINE_REQUESTS], labels)] == 3

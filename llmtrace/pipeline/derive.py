@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from llmtrace import semconv as sc
 from llmtrace.pipeline.spans import SpanView
@@ -51,6 +52,8 @@ class RequestRecord:
     preemptions: int
     accelerator_s: float | None = None
     decode_chunks: list[DecodeChunk] = field(default_factory=list)
+    #: llm-d router decision (``llmtrace.router.*``), when its spans came first
+    routing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tpot_s(self) -> float | None:
@@ -66,6 +69,32 @@ class RequestRecord:
             if c.itl_mean is not None and gaps > 0:
                 out.extend([c.itl_mean] * gaps)
         return out
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One request's batch-share accelerator time, from its engine-core span."""
+
+    trace_id: str
+    model: str
+    tenant: str
+    version: str
+    instance_type: str | None
+    accelerator_s: float
+    steps: int
+
+
+def derive_usage(span: SpanView) -> UsageRecord:
+    a, res = span.attributes, span.resource or {}
+    instance = res.get(sc.LLMTRACE_COST_INSTANCE_TYPE)
+    return UsageRecord(
+        trace_id=span.trace_id.hex(), model=str(a.get(sc.GEN_AI_REQUEST_MODEL, UNKNOWN)),
+        tenant=str(a.get(sc.LLMTRACE_TENANT, "default")),
+        version=str(a.get(sc.LLMTRACE_DEPLOYMENT_VERSION) or res.get("service.version")
+                    or UNKNOWN),
+        instance_type=str(instance) if instance else None,
+        accelerator_s=max(0.0, float(_num(a, sc.LLMTRACE_COST_ACCELERATOR_SECONDS, 0.0))),
+        steps=int(_num(a, sc.LLMTRACE_ENGINE_STEPS, 0)))
 
 
 def _num(attrs: dict, key: str | None, default=None):

@@ -1,5 +1,10 @@
 """Prometheus metrics derived from request records (the collector's output).
 
+Cost: accelerator-seconds come from engine-core usage spans (batch share);
+USD from an optional price table, on both bases. A model or instance type
+missing from the table is counted in ``llmtrace_pipeline_unpriced_requests``.
+Idle accelerator time is only known at the engine (an SDK metric).
+
 Names are the registry's Prometheus names, the same ones the SDK's metrics get
 after OTLP -> Prometheus translation, so the dashboards read either path.
 Scrape one path per engine: an engine instrumented with the SDK already
@@ -11,7 +16,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from llmtrace import semconv as sc
-from llmtrace.pipeline.derive import RequestRecord
+from llmtrace.pipeline.derive import RequestRecord, UsageRecord
+from llmtrace.pipeline.pricing import PriceTable
 from llmtrace.telemetry.metrics import HISTOGRAM_BUCKETS, OVERFLOW, LabelLimiter
 
 LABELS = (sc.GEN_AI_REQUEST_MODEL, sc.LLMTRACE_TENANT, sc.LLMTRACE_DEPLOYMENT_VERSION)
@@ -31,8 +37,9 @@ class DerivedMetrics:
     """Histograms and counters over derived records, in a registry of their own."""
 
     def __init__(self, registry: CollectorRegistry | None = None,
-                 max_label_values: int = 100) -> None:
+                 max_label_values: int = 100, prices: PriceTable | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self.prices = prices
         self.labels = LabelLimiter(max_label_values)
         base = [_label(k) for k in LABELS]
 
@@ -59,12 +66,30 @@ class DerivedMetrics:
         self.requests = counter(sc.METRIC_LLMTRACE_SERVER_REQUESTS,
                                 base + [_label(sc.LLMTRACE_REQUEST_FINISH_REASON)])
         self.preemptions = counter(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
-        self.derived = counter(sc.METRIC_LLMTRACE_PIPELINE_REQUESTS, [])
+        self.derived = counter(sc.METRIC_LLMTRACE_PIPELINE_REQUESTS)
+        costed = base + [_label(sc.LLMTRACE_COST_BASIS)]
+        self.accelerator_seconds = counter(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS, costed)
+        self.usd = counter(sc.METRIC_LLMTRACE_COST_USD, costed)
+        self.unpriced = counter(sc.METRIC_LLMTRACE_PIPELINE_UNPRICED_REQUESTS, costed)
+
+    def _labels(self, model: str, tenant: str, version: str) -> tuple[str, str, str]:
+        return (self.labels(sc.GEN_AI_REQUEST_MODEL, model),
+                self.labels(sc.LLMTRACE_TENANT, tenant),
+                self.labels(sc.LLMTRACE_DEPLOYMENT_VERSION, version))
+
+    def observe_usage(self, u: UsageRecord) -> None:
+        """One request's batch-share accelerator time, priced by the instance type."""
+        labels = self._labels(u.model, u.tenant, u.version)
+        self.accelerator_seconds.labels(*labels, "batch_share").inc(u.accelerator_s)
+        if self.prices is not None:
+            usd = self.prices.accelerator_cost(u.accelerator_s, u.instance_type)
+            if usd is None:
+                self.unpriced.labels(*labels, "batch_share").inc()
+            else:
+                self.usd.labels(*labels, "batch_share").inc(usd)
 
     def observe(self, r: RequestRecord) -> None:
-        labels = (self.labels(sc.GEN_AI_REQUEST_MODEL, r.model),
-                  self.labels(sc.LLMTRACE_TENANT, r.tenant),
-                  self.labels(sc.LLMTRACE_DEPLOYMENT_VERSION, r.version))
+        labels = self._labels(r.model, r.tenant, r.version)
         for value, hist in ((r.ttft_s, self.ttft), (r.tpot_s, self.tpot), (r.e2e_s, self.e2e),
                             (r.queue_s, self.queue), (r.prefill_s, self.prefill),
                             (r.decode_s, self.decode)):
@@ -80,7 +105,14 @@ class DerivedMetrics:
         self.requests.labels(*labels, r.finish_reason).inc()
         if r.preemptions:
             self.preemptions.labels(*labels).inc(r.preemptions)
-        self.derived.inc()
+        self.derived.labels(*labels).inc()
+        if self.prices is not None:
+            usd = self.prices.token_cost(r.model, r.prompt_tokens, r.cached_tokens,
+                                         r.output_tokens)
+            if usd is None:
+                self.unpriced.labels(*labels, "price_table").inc()
+            else:
+                self.usd.labels(*labels, "price_table").inc(usd)
 
 
 __all__ = ["OVERFLOW", "DerivedMetrics"]

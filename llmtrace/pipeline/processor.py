@@ -14,12 +14,12 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
 from llmtrace.pipeline.assembler import TraceAssembler
 from llmtrace.pipeline.derive import RequestRecord
-from llmtrace.pipeline.spans import RESOURCE_KEYS, WANTED, SpanView
+from llmtrace.pipeline.spans import RESOURCE_KEYS, SpanView, wanted_keys
 
 
 def view_of(span: ReadableSpan) -> SpanView | None:
     """The :class:`SpanView` of an SDK span, or None if the derivation does not read it."""
-    keys = WANTED.get(span.name)
+    keys = wanted_keys(span.name)
     if keys is None or span.context is None:
         return None
     attrs = span.attributes or {}

@@ -8,12 +8,13 @@ uses. So spans are filtered by name first and only known keys are decoded.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from llmtrace import semconv as sc
+from llmtrace.pipeline.router import ROUTER_WANTED, router_keys
+from llmtrace.pipeline.view import SpanView
 
 #: span name -> attribute keys the derivation reads from it
 WANTED: dict[str, frozenset[str]] = {
@@ -33,6 +34,10 @@ WANTED: dict[str, frozenset[str]] = {
         sc.LLMTRACE_DECODE_CHUNK_ITL_MAX,
     }),
     sc.SPAN_LLMTRACE_DECODE: frozenset(),  # links decode chunks to their request
+    sc.SPAN_LLMTRACE_ENGINE_REQUEST: frozenset({
+        sc.LLMTRACE_COST_ACCELERATOR_SECONDS, sc.LLMTRACE_ENGINE_STEPS,
+        sc.GEN_AI_REQUEST_MODEL, sc.LLMTRACE_TENANT, sc.LLMTRACE_DEPLOYMENT_VERSION,
+    }),
     sc.SPAN_LLM_REQUEST: frozenset({
         sc.GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN, sc.GEN_AI_LATENCY_E2E,
         sc.GEN_AI_LATENCY_TIME_IN_QUEUE, sc.GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL,
@@ -41,23 +46,19 @@ WANTED: dict[str, frozenset[str]] = {
         sc.GEN_AI_RESPONSE_FINISH_REASONS,
     }),
 }
+WANTED.update(ROUTER_WANTED)  # llm-d router / endpoint-picker spans
 #: root spans: one per request; their arrival makes a trace derivable
 ROOTS = frozenset({sc.SPAN_LLMTRACE_REQUEST, sc.SPAN_LLM_REQUEST})
+#: spans that carry a request's cost on their own: aggregated, never held
+USAGE = frozenset({sc.SPAN_LLMTRACE_ENGINE_REQUEST})
 #: resource attributes read for every wanted span
-RESOURCE_KEYS = frozenset({"service.name", "service.version"})
+RESOURCE_KEYS = frozenset({"service.name", "service.version", sc.LLMTRACE_COST_INSTANCE_TYPE})
 
 
-@dataclass(frozen=True, slots=True)
-class SpanView:
-    name: str
-    trace_id: bytes
-    span_id: bytes
-    parent_span_id: bytes
-    start_ns: int
-    end_ns: int
-    status_code: int
-    attributes: dict[str, Any]
-    resource: dict[str, Any]
+def wanted_keys(name: str) -> frozenset[str] | None:
+    """Attribute keys read from a span named ``name``; None: the span is skipped."""
+    keys = WANTED.get(name)
+    return keys if keys is not None else router_keys(name)
 
 
 def _value(v) -> Any:
@@ -79,7 +80,9 @@ def spans_from_request(request: ExportTraceServiceRequest) -> Iterator[SpanView]
             for span in ss.spans:
                 keys = WANTED.get(span.name)
                 if keys is None:
-                    continue
+                    keys = router_keys(span.name)  # custom scorer plugins
+                    if keys is None:
+                        continue
                 if resource is None:
                     resource = _pick(rs.resource.attributes, RESOURCE_KEYS)
                 yield SpanView(span.name, span.trace_id, span.span_id, span.parent_span_id,

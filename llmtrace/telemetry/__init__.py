@@ -120,6 +120,8 @@ class Telemetry:
 
     def resource(self) -> Resource:
         attrs = {"service.name": self.config.service_name} if self.config.service_name else {}
+        if self.config.instance_type != "unknown":  # prices this engine's accelerator time
+            attrs[semconv.LLMTRACE_COST_INSTANCE_TYPE] = self.config.instance_type
         # Resource.create honours OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
         return Resource.create(attrs)
 

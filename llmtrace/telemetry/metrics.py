@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from opentelemetry.context import Context
@@ -35,6 +35,9 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 # GenAI advice for request duration (x2 steps), with 0.2 s added.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.32, 0.64, 1.28, 2.56,
                     5.12, 10.24, 20.48, 40.96, 81.92)
+# Engine steps: sub-millisecond decode steps up to multi-second long prefills.
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                5.0)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 #: Bucket boundaries per histogram, shared by the SDK's instruments and the pipeline's.
@@ -48,6 +51,7 @@ HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
     sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION: DURATION_BUCKETS,
     sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS: TOKEN_BUCKETS,
     sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS: TOKEN_BUCKETS,
+    sc.METRIC_LLMTRACE_ENGINE_STEP_DURATION: STEP_BUCKETS,
 }
 
 
@@ -174,6 +178,20 @@ class Instruments:
         self.generation_tokens = counter(sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS)
         self.requests = counter(sc.METRIC_LLMTRACE_SERVER_REQUESTS)
         self.preemptions = counter(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
+        # engine core: batch-share cost attribution
+        self.step_duration = hist(sc.METRIC_LLMTRACE_ENGINE_STEP_DURATION)
+        self.accelerator_seconds = counter(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
+        #: returns cumulative idle engine seconds; set by the engine-core tracer
+        self.idle_seconds: Callable[[], float] | None = None
+
+    def record_engine_usage(self, model: str, tenant: str, version: str,
+                            seconds: float) -> None:
+        """One finished request's batch share, at the engine core (every request)."""
+        self.accelerator_seconds.add(seconds, {
+            sc.GEN_AI_REQUEST_MODEL: self.labels(sc.GEN_AI_REQUEST_MODEL, model),
+            sc.LLMTRACE_TENANT: self.labels(sc.LLMTRACE_TENANT, tenant),
+            sc.LLMTRACE_DEPLOYMENT_VERSION: self.labels(sc.LLMTRACE_DEPLOYMENT_VERSION, version),
+            sc.LLMTRACE_COST_BASIS: "batch_share"}, _NO_CONTEXT)
 
     def record(self, m: RequestMetrics) -> None:
         base = {
@@ -252,7 +270,13 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
         return [Observation(total, {sc.LLMTRACE_TELEMETRY_REASON: "cardinality_cap"})] \
             if total else []
 
-    for name, callback in ((sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, hook_errors),
+    def idle(_: CallbackOptions):
+        source = instruments.idle_seconds
+        return [Observation(source(), {sc.LLMTRACE_COST_INSTANCE_TYPE: config.instance_type})] \
+            if source is not None else []
+
+    for name, callback in ((sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS, idle),
+                           (sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, hook_errors),
                            (sc.METRIC_LLMTRACE_TELEMETRY_DROPPED, dropped),
                            (sc.METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS, overflows)):
         meter.create_observable_counter(name, [callback], unit=sc.METRIC_UNITS[name],

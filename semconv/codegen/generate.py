@@ -30,7 +30,7 @@ DEFAULT_MARKDOWN = ROOT / "semconv" / "REGISTRY.md"
 GROUP_TYPES = {"attribute_group", "span", "event", "metric"}
 INSTRUMENTS = {"counter", "updowncounter", "gauge", "histogram"}
 # Groups describing what other software emits: llmtrace reads these, never writes them.
-INPUT_ONLY_GROUPS = ("registry.vllm.", "span.llm_request")
+INPUT_ONLY_GROUPS = ("registry.vllm.", "span.llm_request", "registry.llm_d.")
 
 
 class RegistryError(ValueError):

@@ -8,8 +8,11 @@ Where the data comes from (cheapest source that keeps it true):
 - token arrival, first token, finish: ``OutputProcessor.process_outputs``
   (one dict lookup and a few integer updates per output on the hot path);
 - queue / prefill / decode times for metrics: vLLM's own per-request stats;
-- aborts (client disconnects) and engine death: ``abort_requests`` and
-  ``propagate_error``.
+- aborts and engine death: ``abort_requests`` and ``propagate_error``;
+- client disconnects: the middleware sees ``http.disconnect``. vLLM aborts the
+  request only once its stream generator is closed, which can be late or, if
+  the generator is left to the garbage collector, never; a request that
+  finishes after its client left is marked ``client_disconnected``.
 
 The root span's context rides to the engine core in ``trace_headers`` under
 :data:`CONTEXT_HEADER` (vLLM forwards its own ``traceparent`` only when its
@@ -36,6 +39,8 @@ from llmtrace.telemetry.guard import HookGuard
 from llmtrace.telemetry.metrics import RequestMetrics
 
 CONTEXT_HEADER = "llmtrace-traceparent"
+#: trace_headers key carrying the tenant to the engine core (cost attribution)
+TENANT_HEADER = "llmtrace-tenant"
 #: ASGI scope key holding the time the request's bytes reached the HTTP server.
 ARRIVAL_KEY = "llmtrace.arrival_ns"
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -58,6 +63,8 @@ class HttpInfo:
     tenant: str
     streaming: bool = False
     first_body_ns: int = 0
+    response_done: bool = False
+    disconnected_ns: int = 0
 
 
 _HTTP: contextvars.ContextVar[HttpInfo | None] = contextvars.ContextVar(
@@ -178,9 +185,11 @@ class FrontendTracer:
             attributes=attrs, start_time=arrival_ns)
         ctx = span.get_span_context()
         sampled = ctx.trace_flags.sampled
+        headers = {**(request.trace_headers or {}), TENANT_HEADER: attrs[sc.LLMTRACE_TENANT]}
         if sampled:
-            header = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-            request.trace_headers = {**(request.trace_headers or {}), CONTEXT_HEADER: header}
+            headers[CONTEXT_HEADER] = \
+                f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+        request.trace_headers = headers
         rec = RequestRecord(rid, span, sampled, arrival_ns, self.served_model,
                             attrs[sc.LLMTRACE_TENANT], prompt_tokens, info)
         self.records[rid] = rec
@@ -271,6 +280,9 @@ class FrontendTracer:
         reason = _FINISH.get(finish_reason.lower(), finish_reason.lower())
         if reason in ("abort", "error") and error_type is None:
             error_type = "aborted" if reason == "abort" else "engine_error"
+        gone = rec.http is not None and rec.http.disconnected_ns != 0
+        if gone and error_type is None:
+            error_type = "client_disconnected"  # ran to completion for nobody
         end = rec.last_ns if rec.last_ns and error_type is None else now
         first = rec.first_ns
         if first and rec.http is not None and rec.http.streaming and rec.http.first_body_ns:
@@ -311,6 +323,8 @@ class FrontendTracer:
             if decode is not None and rec.output_tokens > 1:
                 attrs[sc.LLMTRACE_LATENCY_TIME_PER_OUTPUT_TOKEN] = decode / (
                     rec.output_tokens - 1)
+            if gone:
+                attrs[sc.LLMTRACE_REQUEST_CLIENT_DISCONNECTED] = True
             if error_type:
                 attrs[sc.ERROR_TYPE] = error_type
                 rec.span.set_status(Status(StatusCode.ERROR, message or error_type))
@@ -422,17 +436,25 @@ class LlmtraceASGIMiddleware:
             return await self.app(scope, receive, send)
 
         async def timed_send(message):
-            if info.first_body_ns == 0:
-                kind = message.get("type")
-                if kind == "http.response.start":
-                    ctype = _header(message.get("headers") or [], b"content-type") or ""
-                    info.streaming = ctype.startswith("text/event-stream")
-                elif kind == "http.response.body" and message.get("body"):
+            kind = message.get("type")
+            if kind == "http.response.body":
+                if info.first_body_ns == 0 and message.get("body"):
                     info.first_body_ns = time.time_ns()
+                if not message.get("more_body"):
+                    info.response_done = True
+            elif kind == "http.response.start":
+                ctype = _header(message.get("headers") or [], b"content-type") or ""
+                info.streaming = ctype.startswith("text/event-stream")
             await send(message)
+
+        async def watched_receive():
+            message = await receive()
+            if message.get("type") == "http.disconnect" and not info.response_done:
+                info.disconnected_ns = info.disconnected_ns or time.time_ns()
+            return message
 
         token = _HTTP.set(info)
         try:
-            return await self.app(scope, receive, timed_send)
+            return await self.app(scope, watched_receive, timed_send)
         finally:
             _HTTP.reset(token)
