@@ -29,6 +29,9 @@ class Config(BaseModel):
     service_name: str | None = None
     #: OTLP endpoint for traces and metrics; None leaves it to OTEL_EXPORTER_OTLP_* variables.
     endpoint: str | None = None
+    #: per-signal endpoints (e.g. traces to an llmtrace collector, metrics elsewhere)
+    traces_endpoint: str | None = None
+    metrics_endpoint: str | None = None
     protocol: Literal["grpc", "http/protobuf"] = "grpc"
     #: Head-sampling ratio for new traces (parent-based: an incoming decision wins).
     sample_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
@@ -88,6 +91,8 @@ _ENV: dict[str, tuple[str, ...]] = {
     "enabled": ("LLMTRACE_ENABLED",),
     "service_name": ("OTEL_SERVICE_NAME",),
     "endpoint": ("LLMTRACE_OTLP_ENDPOINT",),
+    "traces_endpoint": ("LLMTRACE_OTLP_TRACES_ENDPOINT",),
+    "metrics_endpoint": ("LLMTRACE_OTLP_METRICS_ENDPOINT",),
     "protocol": ("LLMTRACE_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                  "OTEL_EXPORTER_OTLP_PROTOCOL"),
     "sample_ratio": ("LLMTRACE_SAMPLE_RATIO",),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from llmtrace.collector import CollectorConfig, CollectorService
 from llmtrace.testing.models import DENSE, MOE, TinyModels, ensure_models
 from llmtrace.testing.otlp_receiver import OTLPReceiver
 from llmtrace.testing.vllm_server import ServerConfig, ServerPool, VLLMServer, chat
@@ -52,23 +53,55 @@ def moe_config(models: TinyModels, *args: str, **kw) -> ServerConfig:
 
 
 @pytest.fixture(scope="session")
-def vllm_servers(server_pool: ServerPool, tiny_models: TinyModels) -> dict[str, VLLMServer]:
-    """Plain dense and MoE servers, started together so their start-ups overlap."""
-    dense, moe = server_pool.get_many([dense_config(tiny_models), moe_config(tiny_models)])
-    return {DENSE: dense, MOE: moe}
-
-
-@pytest.fixture(scope="session")
 def otlp_receiver() -> Iterator[OTLPReceiver]:
     with OTLPReceiver() as receiver:
         yield receiver
 
 
-def instrumented_env(receiver: OTLPReceiver, service: str, **extra: str) -> tuple:
+@pytest.fixture(scope="session")
+def collector(otlp_receiver: OTLPReceiver) -> Iterator[CollectorService]:
+    """The standalone collector on free ports, forwarding every span to ``otlp_receiver``.
+
+    Instrumented servers send their traces here (metrics go straight to the
+    receiver), so every trace test also exercises ingest and forwarding.
+    ``collector.records`` / ``collector.usage`` keep what it derived.
+    """
+    config = CollectorConfig(grpc_endpoint="127.0.0.1:0", http_endpoint="127.0.0.1:0",
+                             admin_endpoint="127.0.0.1:0",
+                             forward_endpoint=otlp_receiver.grpc_endpoint,
+                             prices=REPO / "examples" / "prices.yaml")
+    records: list = []
+    usage: list = []
+    service = CollectorService(config, on_record=records.append, on_usage=usage.append)
+    service.records, service.usage = records, usage
+    service.start()
+    yield service
+    service.stop(2.0)
+
+
+@pytest.fixture(scope="session")
+def vllm_servers(server_pool: ServerPool, tiny_models: TinyModels,
+                 collector: CollectorService) -> dict[str, VLLMServer]:
+    """Dense and MoE servers without llmtrace, started together so their start-ups overlap.
+
+    The dense one has vLLM's own tracing on (``--otlp-traces-endpoint``) into the
+    collector: the path for users without the SDK.
+    """
+    builtin = dense_config(
+        tiny_models, "--otlp-traces-endpoint", f"http://127.0.0.1:{collector.ports['grpc']}",
+        env=(("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "true"),
+             ("OTEL_SERVICE_NAME", "vllm-builtin")))
+    dense, moe = server_pool.get_many([builtin, moe_config(tiny_models)])
+    return {DENSE: dense, MOE: moe}
+
+
+def instrumented_env(receiver: OTLPReceiver, service: str, traces_to: str | None = None,
+                     **extra: str) -> tuple:
     """Zero-code activation: only environment variables, no code change in vLLM."""
     env = {
         "LLMTRACE_ENABLED": "1",
         "LLMTRACE_OTLP_ENDPOINT": receiver.grpc_endpoint,
+        **({"LLMTRACE_OTLP_TRACES_ENDPOINT": traces_to} if traces_to else {}),
         "LLMTRACE_SAMPLE_RATIO": "1",
         "LLMTRACE_METRIC_EXPORT_INTERVAL_MS": "1000",
         "LLMTRACE_DECODE_CHUNK_TOKENS": "8",
@@ -82,7 +115,8 @@ def instrumented_env(receiver: OTLPReceiver, service: str, **extra: str) -> tupl
 
 @pytest.fixture(scope="session")
 def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
-                         otlp_receiver: OTLPReceiver) -> dict[str, VLLMServer]:
+                         otlp_receiver: OTLPReceiver,
+                         collector: CollectorService) -> dict[str, VLLMServer]:
     """Instrumented servers, activated through the vllm.general_plugins entry point.
 
     ``dense``: chunked prefill (256-token step budget) and a 12-block KV cache
@@ -91,7 +125,9 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
     """
     dense = dense_config(
         tiny_models, "--max-num-batched-tokens", "256", "--num-gpu-blocks-override", "12",
-        max_model_len=1024, env=instrumented_env(otlp_receiver, "llmtrace-dense"))
+        max_model_len=1024, env=instrumented_env(
+            otlp_receiver, "llmtrace-dense",
+            traces_to=f"http://127.0.0.1:{collector.ports['grpc']}"))
     broken = moe_config(
         tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
         env=instrumented_env(otlp_receiver, "llmtrace-broken"))

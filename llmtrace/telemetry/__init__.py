@@ -96,6 +96,9 @@ def _otlp_exporter(config: Config, signal: str):
     """The SDK's OTLP exporter for ``signal``; without an endpoint it reads OTEL_* itself."""
     module, name = _EXPORTERS[(config.protocol, signal)]
     cls = getattr(importlib.import_module(module), name)
+    specific = config.traces_endpoint if signal == "traces" else config.metrics_endpoint
+    if specific:  # a per-signal endpoint is used as given, like OTEL_EXPORTER_OTLP_*_ENDPOINT
+        return cls(endpoint=specific)
     if not config.endpoint:
         return cls()
     if config.protocol == "grpc":

@@ -7,13 +7,9 @@ would see it. It is deliberately small: decode, flatten, store, and wait.
 
 from __future__ import annotations
 
-import base64
-import gzip
-import json
 import socket
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -21,12 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
-from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+
+from llmtrace.collector.otlp import OTLPError, decode
 
 
 def any_value(value: AnyValue) -> Any:
@@ -205,22 +201,6 @@ _HTTP_ROUTES = {
 }
 
 
-_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
-
-
-def _hex_ids_to_base64(node: Any) -> Any:
-    """OTLP/JSON writes trace and span ids as hex, protobuf's JSON mapping expects base64."""
-    if isinstance(node, dict):
-        return {
-            k: (base64.b64encode(bytes.fromhex(v)).decode()
-                if k in _ID_FIELDS and isinstance(v, str) else _hex_ids_to_base64(v))
-            for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [_hex_ids_to_base64(v) for v in node]
-    return node
-
-
 def _make_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -243,18 +223,9 @@ def _make_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
                 return
             req_cls, resp_cls, add = route
             try:
-                encoding = (self.headers.get("Content-Encoding") or "").lower()
-                if encoding == "gzip":
-                    raw = gzip.decompress(raw)
-                elif encoding == "deflate":
-                    raw = zlib.decompress(raw)
-                ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-                msg = req_cls()
-                if ctype == "application/json":
-                    json_format.ParseDict(_hex_ids_to_base64(json.loads(raw)), msg)
-                else:
-                    msg.ParseFromString(raw)
-            except (DecodeError, json_format.ParseError, OSError, ValueError) as exc:
+                msg = decode(req_cls, raw, self.headers.get("Content-Type"),
+                             self.headers.get("Content-Encoding"))
+            except OTLPError as exc:
                 store.rejected.append(f"{self.path}: {exc}")
                 self._reply(400, f"malformed OTLP payload: {exc}".encode(), "text/plain")
                 return

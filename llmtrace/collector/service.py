@@ -1,0 +1,383 @@
+"""``llmtrace collector``: OTLP in, derived Prometheus metrics out, spans forwarded.
+
+Data path: the gRPC (4317) and HTTP (4318) receivers decode and check each
+payload, then put it on a queue bounded in spans; one worker derives records
+through the same :class:`~llmtrace.pipeline.TraceAssembler` as the in-process
+processor and updates :class:`~llmtrace.pipeline.metrics.DerivedMetrics`. The
+original bytes go, unchanged, to a second bounded queue for the downstream
+OTLP endpoint.
+
+Bounded memory: both queues are bounded in spans, the assembler in traces
+and time. When the ingest queue is full the sender gets a retryable answer
+(gRPC ``UNAVAILABLE``, HTTP 503 with ``Retry-After``) and the refusal is
+counted; when the forward queue is full or the downstream fails, the payload
+is dropped for the downstream only, counted. A malformed payload gets a 4xx
+naming the problem and nothing else is touched.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+from collections import Counter as Tally
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+
+from llmtrace import semconv as sc
+from llmtrace.collector.config import CollectorConfig
+from llmtrace.collector.otlp import OTLPError, decode_traces
+from llmtrace.pipeline.assembler import TraceAssembler
+from llmtrace.pipeline.derive import RequestRecord, UsageRecord
+from llmtrace.pipeline.metrics import DerivedMetrics
+from llmtrace.pipeline.pricing import PriceTable
+from llmtrace.pipeline.spans import spans_from_request
+
+log = logging.getLogger("llmtrace.collector")
+TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+EXPORT_PATH = f"/{TRACE_SERVICE}/Export"
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
+
+
+class Refused(Exception):
+    """An ingest refusal: ``retryable`` ones are backpressure, the rest the sender's fault."""
+
+    def __init__(self, reason: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
+
+
+@dataclass(slots=True)
+class _Batch:
+    request: ExportTraceServiceRequest
+    spans: int
+
+
+def _split(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host or "0.0.0.0", int(port)
+
+
+class CollectorService:
+    """Owns the receivers, the derivation worker and the forwarder."""
+
+    def __init__(self, config: CollectorConfig,
+                 on_record=None, on_usage=None) -> None:
+        self.config = config
+        prices = PriceTable.load(config.prices) if config.prices else None
+        self.metrics = DerivedMetrics(max_label_values=config.max_label_values, prices=prices)
+        self._on_record, self._on_usage = on_record, on_usage
+        self.assembler = TraceAssembler(self._record, on_usage=self._usage,
+                                        window_s=config.window_s, max_traces=config.max_traces)
+        reg = self.metrics.registry
+
+        def counter(metric: str, labels: tuple[str, ...] = ()) -> Counter:
+            name = sc.PROMETHEUS_NAMES[metric].removesuffix("_total")
+            return Counter(name, sc.METRIC_BRIEFS[metric], labels, registry=reg)
+
+        reason = ("llmtrace_telemetry_reason",)
+        self.received = counter(sc.METRIC_LLMTRACE_PIPELINE_RECEIVED_SPANS)
+        self.dropped = counter(sc.METRIC_LLMTRACE_PIPELINE_DROPPED_SPANS, reason)
+        self.rejected = counter(sc.METRIC_LLMTRACE_PIPELINE_REJECTED_PAYLOADS, reason)
+        Gauge(sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_PIPELINE_OPEN_TRACES],
+              sc.METRIC_BRIEFS[sc.METRIC_LLMTRACE_PIPELINE_OPEN_TRACES],
+              registry=reg).set_function(lambda: len(self.assembler))
+        Gauge(sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_PIPELINE_QUEUED_SPANS],
+              sc.METRIC_BRIEFS[sc.METRIC_LLMTRACE_PIPELINE_QUEUED_SPANS],
+              registry=reg).set_function(lambda: self.queued_spans)
+
+        self._queue: queue.Queue[_Batch | None] = queue.Queue()
+        self._lock = threading.Lock()  # guards queued_spans and forward_spans
+        self.queued_spans = 0
+        self._fwd_queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue()
+        self.forward_spans = 0
+        self._assembler_dropped: Tally[str] = Tally()
+        self.errors = 0
+        self.draining = False
+        self._threads: list[threading.Thread] = []
+        self._grpc: grpc.Server | None = None
+        self._http: list[ThreadingHTTPServer] = []
+        self.ports: dict[str, int] = {}
+
+    # -- ingest ----------------------------------------------------------------
+    def check_auth(self, header: str | None) -> None:
+        token = self.config.bearer_token
+        if not token:
+            return
+        expected = f"Bearer {token}".encode()
+        if header is None or not hmac.compare_digest(header.encode(), expected):
+            raise Refused("unauthenticated", "missing or wrong bearer token")
+
+    def accept(self, body: bytes, content_type: str | None = None,
+               encoding: str | None = None, auth: str | None = None) -> int:
+        """Decode, check and enqueue one payload; returns its span count or raises Refused."""
+        try:
+            self.check_auth(auth)
+            if self.draining:
+                raise Refused("shutdown", "collector is shutting down", retryable=True)
+            if len(body) > self.config.max_payload_bytes:
+                raise Refused("too_large", f"payload of {len(body)} bytes exceeds "
+                              f"max_payload_bytes={self.config.max_payload_bytes}")
+            try:
+                request, n = decode_traces(body, content_type, encoding)
+            except OTLPError as exc:
+                raise Refused("malformed", str(exc)) from exc
+            with self._lock:
+                if self.queued_spans + n > self.config.queue_spans and self.queued_spans:
+                    self.dropped.labels("backpressure").inc(n)
+                    raise Refused("backpressure", f"ingest queue full ({self.queued_spans} "
+                                  "spans waiting); retry later", retryable=True)
+                self.queued_spans += n
+        except Refused as exc:
+            self.rejected.labels(exc.reason).inc()
+            raise
+        self.received.inc(n)
+        self._queue.put(_Batch(request, n))
+        if self.config.forward_endpoint and n:
+            self._enqueue_forward(body if not encoding and (content_type or "").endswith(
+                "protobuf") else request.SerializeToString(), n)
+        return n
+
+    def _enqueue_forward(self, raw: bytes, n: int) -> None:
+        with self._lock:
+            if self.forward_spans + n > self.config.forward_queue_spans:
+                self.dropped.labels("forward_queue_full").inc(n)
+                return
+            self.forward_spans += n
+        self._fwd_queue.put((raw, n))
+
+    # -- derivation worker -----------------------------------------------------
+    def _record(self, record: RequestRecord) -> None:
+        self.metrics.observe(record)
+        if self._on_record is not None:
+            self._on_record(record)
+
+    def _usage(self, usage: UsageRecord) -> None:
+        self.metrics.observe_usage(usage)
+        if self._on_usage is not None:
+            self._on_usage(usage)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                batch = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                self._tick()
+                continue
+            if batch is None:
+                self._tick()
+                return
+            try:
+                self.assembler.add(spans_from_request(batch.request))
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the service
+                self.errors += 1
+                log.exception("derivation failed for a batch of %d spans", batch.spans)
+            finally:
+                with self._lock:
+                    self.queued_spans -= batch.spans
+            self._tick()
+
+    def _tick(self) -> None:
+        self.assembler.expire()
+        for reason, n in self.assembler.dropped.items():
+            delta = n - self._assembler_dropped[reason]
+            if delta:
+                self.dropped.labels(reason).inc(delta)
+                self._assembler_dropped[reason] = n
+
+    # -- forwarder -------------------------------------------------------------
+    def _forward(self) -> None:
+        cfg = self.config
+        scheme, _, target = cfg.forward_endpoint.rpartition("://")
+        secure = scheme == "https" or (not scheme and not cfg.forward_insecure)
+        channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials()) if secure
+                   else grpc.insecure_channel(target))
+        export = channel.unary_unary(EXPORT_PATH, request_serializer=None,
+                                     response_deserializer=None)
+        metadata = tuple((k.lower(), v) for k, v in cfg.forward_headers.items())
+        try:
+            while True:
+                item = self._fwd_queue.get()
+                if item is None:
+                    return
+                raw, n = item
+                try:
+                    for attempt in range(cfg.forward_retries + 1):
+                        try:
+                            export(raw, timeout=cfg.forward_timeout_s, metadata=metadata)
+                            break
+                        except grpc.RpcError as exc:
+                            code = exc.code() if hasattr(exc, "code") else None
+                            if code not in _RETRYABLE or attempt == cfg.forward_retries \
+                                    or self.draining:
+                                self.dropped.labels("forward_failed").inc(n)
+                                break
+                            time.sleep(min(0.2 * 2 ** attempt, 2.0))
+                finally:
+                    with self._lock:
+                        self.forward_spans -= n
+        finally:
+            channel.close()
+
+    # -- servers ---------------------------------------------------------------
+    def _grpc_export(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        meta = dict(context.invocation_metadata() or ())
+        try:
+            self.accept(raw, "application/x-protobuf", None, meta.get("authorization"))
+        except Refused as exc:
+            code = (grpc.StatusCode.UNAVAILABLE if exc.retryable else
+                    grpc.StatusCode.UNAUTHENTICATED if exc.reason == "unauthenticated" else
+                    grpc.StatusCode.INVALID_ARGUMENT)
+            context.abort(code, str(exc))
+        return ExportTraceServiceResponse().SerializeToString()
+
+    def start(self) -> CollectorService:
+        cfg = self.config
+        self._spawn(self._work, "llmtrace-derive")
+        if cfg.forward_endpoint:
+            self._spawn(self._forward, "llmtrace-forward")
+        if cfg.grpc_endpoint:
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[
+                ("grpc.max_receive_message_length", cfg.max_payload_bytes)])
+            handler = grpc.unary_unary_rpc_method_handler(
+                self._grpc_export, request_deserializer=None, response_serializer=None)
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                TRACE_SERVICE, {"Export": handler}),))
+            self.ports["grpc"] = server.add_insecure_port(cfg.grpc_endpoint)
+            server.start()
+            self._grpc = server
+        if cfg.http_endpoint:
+            self._serve_http("http", cfg.http_endpoint, _ingest_handler(self))
+        if cfg.admin_endpoint:
+            self._serve_http("admin", cfg.admin_endpoint, _admin_handler(self))
+        log.info("llmtrace collector listening: %s", self.ports)
+        return self
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _serve_http(self, kind: str, endpoint: str, handler) -> None:
+        server = ThreadingHTTPServer(_split(endpoint), handler)
+        server.daemon_threads = True
+        self.ports[kind] = server.server_address[1]
+        self._http.append(server)
+        threading.Thread(target=server.serve_forever, name=f"llmtrace-{kind}",
+                         daemon=True).start()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Refuse new payloads (retryable), derive and forward what was accepted, then stop."""
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        self.draining = True
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait(grace + 1)
+        for server in self._http:
+            if server is not self._admin_server():
+                server.shutdown()
+        deadline = time.monotonic() + grace
+        self._queue.put(None)
+        self._fwd_queue.put(None)
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for server in self._http:
+            if server is self._admin_server():
+                server.shutdown()
+            server.server_close()
+
+    def _admin_server(self) -> ThreadingHTTPServer | None:
+        return self._http[-1] if self.config.admin_endpoint and self._http else None
+
+    def health(self) -> tuple[int, dict]:
+        status = {"status": "draining" if self.draining else "ok",
+                  "queued_spans": self.queued_spans, "queue_limit": self.config.queue_spans,
+                  "open_traces": len(self.assembler), "forward_queued_spans": self.forward_spans,
+                  "derived_requests": self.assembler.derived, "errors": self.errors}
+        return (503 if self.draining else 200), status
+
+
+def _ingest_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
+    class Ingest(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def _reply(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            path = self.path.split("?")[0]
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > service.config.max_payload_bytes:
+                service.rejected.labels("too_large").inc()
+                self.close_connection = True
+                self._reply(413, b"missing or too large Content-Length", "text/plain")
+                return
+            body = self.rfile.read(length)
+            if path != "/v1/traces":
+                self._reply(404, f"{path}: only /v1/traces is accepted".encode(), "text/plain")
+                return
+            ctype = self.headers.get("Content-Type") or "application/x-protobuf"
+            try:
+                service.accept(body, ctype, self.headers.get("Content-Encoding"),
+                               self.headers.get("Authorization"))
+            except Refused as exc:
+                code = 503 if exc.retryable else 401 if exc.reason == "unauthenticated" \
+                    else 413 if exc.reason == "too_large" else 400
+                extra = {"Retry-After": "1"} if exc.retryable else None
+                self._reply(code, f"{exc}\n".encode(), "text/plain", extra)
+                return
+            if ctype.split(";")[0].strip() == "application/json":
+                self._reply(200, b"{}", "application/json")
+            else:
+                self._reply(200, ExportTraceServiceResponse().SerializeToString(),
+                            "application/x-protobuf")
+
+    return Ingest
+
+
+def _admin_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
+    class Admin(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                code, body, ctype = 200, generate_latest(service.metrics.registry), \
+                    CONTENT_TYPE_LATEST
+            elif path == "/healthz":
+                code, status = service.health()
+                body, ctype = json.dumps(status).encode(), "application/json"
+            else:
+                code, body, ctype = 404, b"try /metrics or /healthz", "text/plain"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Admin
