@@ -90,7 +90,9 @@ def vllm_servers(server_pool: ServerPool, tiny_models: TinyModels,
     builtin = dense_config(
         tiny_models, "--otlp-traces-endpoint", f"http://127.0.0.1:{collector.ports['grpc']}",
         env=(("OTEL_EXPORTER_OTLP_TRACES_INSECURE", "true"),
-             ("OTEL_SERVICE_NAME", "vllm-builtin")))
+             ("OTEL_SERVICE_NAME", "vllm-builtin"),
+             # vLLM's span names no model; the pipeline reads it from the resource
+             ("OTEL_RESOURCE_ATTRIBUTES", f"gen_ai.request.model={DENSE}")))
     dense, moe = server_pool.get_many([builtin, moe_config(tiny_models)])
     return {DENSE: dense, MOE: moe}
 

@@ -1,9 +1,11 @@
-"""llmtrace demo on CPU: a real vLLM server, streaming load, client-measured latency.
+"""llmtrace demo on CPU: a real instrumented vLLM server, streaming load, derived records.
 
-Generates the tiny models (cached), starts ``vllm serve`` on the dense model,
-drives streaming chat requests at a few concurrency levels and prints what the
-client saw. Later steps of the project add traces, derived metrics, cost and
-dashboards to this same run.
+Generates the tiny models (cached), starts an in-process llmtrace collector
+(the derivation pipeline) and ``vllm serve`` on the dense model with llmtrace
+switched on by environment only. Drives streaming chat requests from three
+tenants at a few concurrency levels, then prints what the client saw, the
+pipeline's per-tenant table (TTFT, ITL, tokens, accelerator-seconds by batch
+share, cost from the example price table) and one request's span waterfall.
 
     python examples/demo/run_demo.py [--requests 50] [--levels 1,4,8]
 """
@@ -19,11 +21,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from llmtrace.collector import CollectorConfig, CollectorService
+from llmtrace.pipeline.derive import RequestRecord, UsageRecord
+from llmtrace.pipeline.pricing import PriceTable
 from llmtrace.testing.models import DENSE, ensure_models
-from llmtrace.testing.stream_client import LoadSummary, StreamTiming, run_load, summarize
+from llmtrace.testing.otlp_receiver import OTLPReceiver
+from llmtrace.testing.stream_client import (
+    LoadSummary,
+    StreamTiming,
+    percentile,
+    run_load,
+    summarize,
+)
 from llmtrace.testing.vllm_server import ServerConfig, VLLMServer
 
 REPO = Path(__file__).resolve().parents[2]
+TENANTS = ("acme", "globex", "initech")
 TOPICS = ["the prefix cache", "chunked prefill", "the decode loop", "expert routing",
           "request queues", "KV transfer", "batch scheduling", "token latency"]
 
@@ -37,7 +50,8 @@ def make_requests(n: int, seed: int = 0) -> list[dict]:
         padding = " ".join(rng.choice(TOPICS) for _ in range(rng.randint(0, 40)))
         content = f"Request {i}: please explain {topic}. Context: {padding}"
         requests.append({"messages": [{"role": "user", "content": content}],
-                         "max_tokens": rng.choice([16, 32, 48, 64])})
+                         "max_tokens": rng.choice([16, 32, 48, 64]),
+                         "headers": {"x-tenant-id": TENANTS[i % len(TENANTS)]}})
     return requests
 
 
@@ -62,6 +76,81 @@ def print_table(rows: list[tuple[int, LoadSummary]]) -> None:
               f"{s.output_tokens:>7} {s.tokens_per_s:>8.1f}")
 
 
+def print_tenant_table(records: list[RequestRecord], usage: list[UsageRecord],
+                       prices: PriceTable | None) -> None:
+    """The pipeline's view: one row per tenant and model, from derived records."""
+    rows: dict[tuple[str, str], dict] = {}
+    for r in records:
+        row = rows.setdefault((r.tenant, r.model), {"ttft": [], "itl": [], "in": 0, "out": 0,
+                                                     "acc": 0.0, "usd": 0.0, "n": 0})
+        row["n"] += 1
+        if r.ttft_s is not None:
+            row["ttft"].append(r.ttft_s)
+        row["itl"].extend(r.itl_samples())
+        row["in"] += r.prompt_tokens
+        row["out"] += r.output_tokens
+        usd = prices.token_cost(r.model, r.prompt_tokens, r.cached_tokens, r.output_tokens) \
+            if prices else None
+        row["usd"] += usd or 0.0
+    for u in usage:
+        if (u.tenant, u.model) in rows:
+            rows[(u.tenant, u.model)]["acc"] += u.accelerator_s
+    header = (f"{'tenant':<9} {'model':<11} {'reqs':>4} {'TTFT p50':>8} {'TTFT p99':>8} "
+              f"{'ITL p50':>7} {'ITL p99':>7} {'tok in':>6} {'tok out':>7} {'acc-s':>6} "
+              f"{'USD/1K tok':>10} {'USD':>9}")
+    print("\nderived by the llmtrace pipeline from spans (ms; cost: examples/prices.yaml)")
+    print(header)
+    print("-" * len(header))
+    for (tenant, model), row in sorted(rows.items()):
+        tokens = row["in"] + row["out"]
+        per_1k = row["usd"] / tokens * 1000 if tokens else 0.0
+        ttft = [percentile(row["ttft"], q) * 1e3 for q in (50, 99)]
+        itl = [percentile(row["itl"], q) * 1e3 for q in (50, 99)]
+        print(f"{tenant:<9} {model:<11} {row['n']:>4} {ttft[0]:>8.1f} {ttft[1]:>8.1f} "
+              f"{itl[0]:>7.1f} {itl[1]:>7.1f} "
+              f"{row['in']:>6} {row['out']:>7} {row['acc']:>6.2f} {per_1k:>10.6f} "
+              f"{row['usd']:>9.6f}")
+    busy = sum(u.accelerator_s for u in usage)
+    print(f"accelerator-seconds attributed by batch share: {busy:.2f} s over "
+          f"{len(usage)} requests")
+
+
+def print_waterfall(receiver: OTLPReceiver, trace_id: str, width: int = 48,
+                    max_lines: int = 24) -> None:
+    """One request's spans as a terminal waterfall (the trace store's view)."""
+    spans = [s for s in receiver.spans() if s.trace_id == trace_id]
+    if not spans:
+        print(f"\n(no spans received for trace {trace_id})")
+        return
+    t0 = min(s.start_ns for s in spans)
+    total = max(s.end_ns for s in spans) - t0 or 1
+    children: dict[str, list] = {}
+    for s in spans:
+        children.setdefault(s.parent_span_id, []).append(s)
+    ids = {s.span_id for s in spans}
+    lines: list[str] = []
+
+    def walk(span, depth: int) -> None:
+        start = (span.start_ns - t0) / total
+        length = max(1, round((span.end_ns - span.start_ns) / total * width))
+        bar = " " * min(width - 1, round(start * width)) + "#" * length
+        label = ("  " * depth + span.name)[:34]
+        lines.append(f"{label:<34} {(span.start_ns - t0) / 1e6:>8.1f} "
+                     f"{(span.end_ns - span.start_ns) / 1e6:>8.1f}  |{bar[:width]:<{width}}|")
+        for child in sorted(children.get(span.span_id, []), key=lambda c: c.start_ns):
+            walk(child, depth + 1)
+
+    for root in sorted((s for s in spans if s.parent_span_id not in ids),
+                       key=lambda s: s.start_ns):
+        walk(root, 0)
+    print(f"\nspan waterfall of trace {trace_id} ({total / 1e6:.1f} ms)")
+    print(f"{'span':<34} {'start ms':>8} {'dur ms':>8}")
+    for line in lines[:max_lines]:
+        print(line)
+    if len(lines) > max_lines:
+        print(f"... {len(lines) - max_lines} more spans")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50)
@@ -75,9 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     models = ensure_models(REPO / ".cache" / "models", verbose=True)
     print(f"models ready in {time.monotonic() - t0:.1f} s: {models.dense}")
 
-    server = VLLMServer(ServerConfig(model_dir=models.dense, served_name=DENSE),
+    records: list[RequestRecord] = []
+    usage: list[UsageRecord] = []
+    receiver = OTLPReceiver().start()  # stands in for the trace store (Tempo, Jaeger)
+    collector = CollectorService(CollectorConfig(
+        grpc_endpoint="127.0.0.1:0", http_endpoint="", admin_endpoint="127.0.0.1:0",
+        forward_endpoint=receiver.grpc_endpoint, prices=REPO / "examples" / "prices.yaml"),
+        on_record=records.append, on_usage=usage.append)
+    collector.start()
+    print(f"llmtrace collector in this process: OTLP gRPC :{collector.ports['grpc']}, "
+          f"metrics http://127.0.0.1:{collector.ports['admin']}/metrics")
+    env = (("LLMTRACE_ENABLED", "1"), ("LLMTRACE_SAMPLE_RATIO", "1"),
+           ("LLMTRACE_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{collector.ports['grpc']}"),
+           ("LLMTRACE_METRICS_EXPORTER", "none"), ("LLMTRACE_DEPLOYMENT_VERSION", "demo"),
+           ("LLMTRACE_INSTANCE_TYPE", "cpu"), ("OTEL_BSP_SCHEDULE_DELAY", "500"),
+           ("OTEL_SERVICE_NAME", "vllm-demo"))
+    server = VLLMServer(ServerConfig(model_dir=models.dense, served_name=DENSE, env=env),
                         workdir=args.workdir / "server")
-    print("starting vllm serve (CPU, --enforce-eager) ...", flush=True)
+    print("starting vllm serve with llmtrace (CPU, --enforce-eager) ...", flush=True)
     server.start()
     try:
         server.wait_ready(timeout=300)
@@ -96,6 +200,16 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((conc, summarize(timings)))
                 every.extend(timings)
         print_table(rows)
+        expected = len(every)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(records) < expected
+                                               or len(usage) < expected):
+            time.sleep(0.2)  # the last spans leave vLLM on the exporters' next batch
+        print_tenant_table(records, usage, collector.metrics.prices)
+        slowest = max((r for r in records if r.ttft_s is not None),
+                      key=lambda r: r.e2e_s, default=None)
+        if slowest is not None:
+            print_waterfall(receiver, slowest.trace_id)
         total = summarize(every)
         print(f"\n{total.requests} requests, {total.errors} errors, "
               f"{total.output_tokens} tokens in {total.wall_s:.1f} s; "
@@ -109,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         server.stop()
+        collector.stop(2.0)
+        receiver.stop()
         if not args.keep:
             shutil.rmtree(args.workdir / "server" / "tmp", ignore_errors=True)
 

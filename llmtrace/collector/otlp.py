@@ -61,6 +61,8 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
         out = d.decompress(body, MAX_DECODED_BYTES)
         if d.unconsumed_tail:
             raise OTLPError(f"payload decompresses to more than {MAX_DECODED_BYTES} bytes")
+        if not d.eof:  # a cut-off stream must not pass as a shorter payload
+            raise OTLPError(f"bad {encoding} body: compressed stream is truncated")
         return out
     except (zlib.error, gzip.BadGzipFile, EOFError) as exc:
         raise OTLPError(f"bad {encoding} body: {exc}") from exc

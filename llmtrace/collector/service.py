@@ -135,28 +135,35 @@ class CollectorService:
                 request, n = decode_traces(body, content_type, encoding)
             except OTLPError as exc:
                 raise Refused("malformed", str(exc)) from exc
+            raw = None
+            if self.config.forward_endpoint and n:
+                raw = body if not encoding and (content_type or "").endswith(
+                    "protobuf") else request.SerializeToString()
+            # Checked again and enqueued under the lock that stop() sets ``draining``
+            # under: an accepted batch is always ahead of the workers' stop sentinels.
             with self._lock:
+                if self.draining:
+                    raise Refused("shutdown", "collector is shutting down", retryable=True)
                 if self.queued_spans + n > self.config.queue_spans and self.queued_spans:
                     self.dropped.labels("backpressure").inc(n)
                     raise Refused("backpressure", f"ingest queue full ({self.queued_spans} "
                                   "spans waiting); retry later", retryable=True)
                 self.queued_spans += n
+                self._queue.put(_Batch(request, n))
+                if raw is not None:
+                    self._enqueue_forward(raw, n)
         except Refused as exc:
             self.rejected.labels(exc.reason).inc()
             raise
         self.received.inc(n)
-        self._queue.put(_Batch(request, n))
-        if self.config.forward_endpoint and n:
-            self._enqueue_forward(body if not encoding and (content_type or "").endswith(
-                "protobuf") else request.SerializeToString(), n)
         return n
 
     def _enqueue_forward(self, raw: bytes, n: int) -> None:
-        with self._lock:
-            if self.forward_spans + n > self.config.forward_queue_spans:
-                self.dropped.labels("forward_queue_full").inc(n)
-                return
-            self.forward_spans += n
+        """Caller holds ``self._lock``."""
+        if self.forward_spans + n > self.config.forward_queue_spans:
+            self.dropped.labels("forward_queue_full").inc(n)
+            return
+        self.forward_spans += n
         self._fwd_queue.put((raw, n))
 
     # -- derivation worker -----------------------------------------------------
@@ -282,24 +289,20 @@ class CollectorService:
     def stop(self, grace_s: float | None = None) -> None:
         """Refuse new payloads (retryable), derive and forward what was accepted, then stop."""
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        self.draining = True
+        with self._lock:
+            self.draining = True
         if self._grpc is not None:
             self._grpc.stop(grace).wait(grace + 1)
-        for server in self._http:
-            if server is not self._admin_server():
-                server.shutdown()
         deadline = time.monotonic() + grace
         self._queue.put(None)
         self._fwd_queue.put(None)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        # The HTTP receiver stays up while draining so senders get 503 + Retry-After
+        # rather than a connection that hangs until the drain ends.
         for server in self._http:
-            if server is self._admin_server():
-                server.shutdown()
+            server.shutdown()
             server.server_close()
-
-    def _admin_server(self) -> ThreadingHTTPServer | None:
-        return self._http[-1] if self.config.admin_endpoint and self._http else None
 
     def health(self) -> tuple[int, dict]:
         status = {"status": "draining" if self.draining else "ok",

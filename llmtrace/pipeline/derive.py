@@ -126,8 +126,12 @@ def _identity(root: SpanView) -> dict:
     if root.name == sc.SPAN_LLM_REQUEST:
         reasons = a.get(sc.GEN_AI_RESPONSE_FINISH_REASONS) or []
         reason = str(reasons[0]) if reasons else UNKNOWN
+        # vLLM 0.32's span names no model: take it from the resource when the user set
+        # OTEL_RESOURCE_ATTRIBUTES=gen_ai.request.model=<served name>
+        model = (a.get(sc.GEN_AI_RESPONSE_MODEL) or a.get(sc.GEN_AI_REQUEST_MODEL)
+                 or res.get(sc.GEN_AI_REQUEST_MODEL) or UNKNOWN)
         return dict(source="vllm", request_id=str(a.get(sc.GEN_AI_REQUEST_ID, "")),
-                    model=str(a.get(sc.GEN_AI_RESPONSE_MODEL, UNKNOWN)), tenant="default",
+                    model=str(model), tenant="default",
                     version=str(res.get("service.version", UNKNOWN)), finish_reason=reason,
                     error_type="aborted" if reason == "abort" else None)
     return dict(

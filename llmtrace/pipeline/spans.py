@@ -43,6 +43,7 @@ WANTED: dict[str, frozenset[str]] = {
         sc.GEN_AI_LATENCY_TIME_IN_QUEUE, sc.GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL,
         sc.GEN_AI_LATENCY_TIME_IN_MODEL_DECODE, sc.GEN_AI_USAGE_PROMPT_TOKENS,
         sc.GEN_AI_USAGE_COMPLETION_TOKENS, sc.GEN_AI_REQUEST_ID, sc.GEN_AI_RESPONSE_MODEL,
+        sc.GEN_AI_REQUEST_MODEL,
         sc.GEN_AI_RESPONSE_FINISH_REASONS,
     }),
 }
@@ -52,7 +53,8 @@ ROOTS = frozenset({sc.SPAN_LLMTRACE_REQUEST, sc.SPAN_LLM_REQUEST})
 #: spans that carry a request's cost on their own: aggregated, never held
 USAGE = frozenset({sc.SPAN_LLMTRACE_ENGINE_REQUEST})
 #: resource attributes read for every wanted span
-RESOURCE_KEYS = frozenset({"service.name", "service.version", sc.LLMTRACE_COST_INSTANCE_TYPE})
+RESOURCE_KEYS = frozenset({"service.name", "service.version", sc.LLMTRACE_COST_INSTANCE_TYPE,
+                           sc.GEN_AI_REQUEST_MODEL})
 
 
 def wanted_keys(name: str) -> frozenset[str] | None:
