@@ -14,11 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from llmtrace.pipeline import TraceAssembler, spans_from_request
+from llmtrace.pipeline.metrics import DerivedMetrics
+from llmtrace.pipeline.pricing import PriceTable
 from llmtrace.testing.synthetic import make_payload
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def best_of(repeat: int, fn) -> float:
@@ -47,13 +52,25 @@ def main(argv: list[str] | None = None) -> int:
         TraceAssembler(records.append).add(spans_from_request(req))
         assert len(records) == args.requests
 
+    metrics = DerivedMetrics(prices=PriceTable.load(REPO / "examples" / "prices.yaml"))
+
+    def derive_and_count() -> None:
+        req = ExportTraceServiceRequest()
+        req.ParseFromString(payload)
+        TraceAssembler(metrics.observe, on_usage=metrics.observe_usage).add(
+            spans_from_request(req))
+
     t_parse = best_of(args.repeat, parse_only)
     t_derive = best_of(args.repeat, derive)
+    t_metrics = best_of(args.repeat, derive_and_count)
     print(f"{n_spans} spans ({args.requests} requests, {len(payload) / 1e6:.1f} MB OTLP)")
     print(f"parse only:                  {n_spans / t_parse:>10,.0f} spans/s per core")
     print(f"parse + view + assemble +    {n_spans / t_derive:>10,.0f} spans/s per core "
           f"({t_derive / t_parse:.1f}x the parse time)")
     print(f"  derive (records)           {args.requests / t_derive:>10,.0f} requests/s per core")
+    print(f"... + Prometheus metrics     {n_spans / t_metrics:>10,.0f} spans/s per core "
+          f"({t_metrics / t_parse:.1f}x the parse time; "
+          f"{args.requests / t_metrics:,.0f} requests/s)")
     return 0
 
 

@@ -76,7 +76,9 @@ def decode(message: type[M], body: bytes, content_type: str | None = None,
     msg = message()
     try:
         if ctype == "application/json":
-            json_format.ParseDict(_hex_ids_to_base64(json.loads(raw)), msg)
+            # OTLP/JSON receivers must ignore fields they do not know (newer senders)
+            json_format.ParseDict(_hex_ids_to_base64(json.loads(raw)), msg,
+                                  ignore_unknown_fields=True)
         elif ctype in ("application/x-protobuf", "application/protobuf"):
             msg.ParseFromString(raw)
         else:

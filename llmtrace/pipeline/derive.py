@@ -61,14 +61,18 @@ class RequestRecord:
             return None
         return self.decode_s / (self.output_tokens - 1)
 
-    def itl_samples(self) -> list[float]:
-        """Inter-token latencies: each chunk's mean, once per gap it summarises."""
-        out: list[float] = []
+    def itl_groups(self) -> list[tuple[float, int]]:
+        """Inter-token latencies as (chunk mean, gaps it summarises), one per decode chunk."""
+        out: list[tuple[float, int]] = []
         for i, c in enumerate(self.decode_chunks):
             gaps = c.tokens - 1 if i == 0 else c.tokens
             if c.itl_mean is not None and gaps > 0:
-                out.extend([c.itl_mean] * gaps)
+                out.append((c.itl_mean, gaps))
         return out
+
+    def itl_samples(self) -> list[float]:
+        """Inter-token latencies: each chunk's mean, once per gap it summarises."""
+        return [mean for mean, gaps in self.itl_groups() for _ in range(gaps)]
 
 
 @dataclass(slots=True)
@@ -97,10 +101,12 @@ def derive_usage(span: SpanView) -> UsageRecord:
         steps=int(_num(a, sc.LLMTRACE_ENGINE_STEPS, 0)))
 
 
+_NUMBER = (int, float)
+
+
 def _num(attrs: dict, key: str | None, default=None):
     value = attrs.get(key, default) if key else default
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        else default
+    return value if type(value) in _NUMBER else default  # bool is not a number here
 
 
 # record field -> attribute key, for llmtrace's root span and for vLLM's llm_request

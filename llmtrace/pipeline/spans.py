@@ -71,7 +71,16 @@ def _value(v) -> Any:
 
 
 def _pick(kvs, keys: frozenset[str]) -> dict[str, Any]:
-    return {kv.key: _value(kv.value) for kv in kvs if kv.key in keys}
+    """Decode only the wanted keys; the hot loop of the pipeline, kept flat."""
+    out: dict[str, Any] = {}
+    for kv in kvs:
+        key = kv.key
+        if key in keys:
+            v = kv.value
+            kind = v.WhichOneof("value")
+            out[key] = _value(v) if kind == "array_value" else (
+                getattr(v, kind) if kind else None)
+    return out
 
 
 def spans_from_request(request: ExportTraceServiceRequest) -> Iterator[SpanView]:
