@@ -1031,7 +1031,7 @@ def test_sdk_grpc_exporter_retries_through_backpressure(start_collector):
 def test_stop_drains_accepted_payloads_and_refuses_new_ones_retryably(start_collector):
     run = start_collector(shutdown_grace_s=10)
     service = run.service
-    pool = payloads(make_spans(8), requests_each=2)
+    pool = payloads(make_spans(10), requests_each=2)
     pending, late = pool[:3], pool[3:]
     release, busy = block_worker(service)
     stopper = threading.Thread(target=service.stop, kwargs={"grace_s": 10})

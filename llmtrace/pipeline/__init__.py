@@ -5,10 +5,10 @@ embedded default), inside the standalone ``llmtrace collector`` service, and in
 tests. It reads OTLP protobuf directly and only the attributes it needs, so it
 can keep up with a fleet's spans on one core.
 
-Status: the span views (OTLP protobuf and SDK spans), trace assembly,
-per-request derivation and the in-process span processor are here. Still to
-come: derived metrics output, cost attribution (batch-share
-accelerator-seconds, price tables) and the ``llmtrace collector`` service.
+Pieces: span views (:mod:`spans` for OTLP protobuf, :mod:`processor` for SDK
+spans), trace assembly (:mod:`assembler`), per-request records and usage
+records (:mod:`derive`), llm-d router decisions (:mod:`router`), price tables
+(:mod:`pricing`) and the Prometheus output (:mod:`metrics`).
 """
 
 from llmtrace.pipeline.assembler import TraceAssembler
