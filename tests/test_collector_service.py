@@ -88,7 +88,7 @@ ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 SPANS_PER_REQUEST = len(make_spans(1))
 
 
-# -- helpers -----------------------------------------------------------------------
+# -- helpers -----------------------------------------------------------------------------------
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
@@ -313,7 +313,7 @@ def block_worker(service: CollectorService) -> tuple[threading.Event, threading.
     return release, busy
 
 
-# -- 1. real SDK exporters in, derived metrics out ------------------------------------
+# -- 1. real SDK exporters in, derived metrics out ---------------------------------------------
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http", "http+gzip"])
@@ -341,8 +341,8 @@ def test_sdk_exporter_traffic_is_derived_into_metrics(start_collector, transport
     samples = run.scrape()
     expected = Counter(f"t{i % tenants}" for i in range(n))
     assert by_label(samples, f"{TTFT}_count", TENANT) == expected
-    for tenant, count in by_label(samples, f"{TTFT}_sum", TENANT).items():
-        assert count == pytest.approx(expected[tenant] * TTFT_S)
+    for tenant, seconds in by_label(samples, f"{TTFT}_sum", TENANT).items():
+        assert seconds == pytest.approx(expected[tenant] * TTFT_S)
     assert ACCELERATOR.endswith("_total")
     assert total(samples, ACCELERATOR) == pytest.approx(n * ACCELERATOR_S)
     per_tenant = by_label(samples, ACCELERATOR, TENANT)
@@ -359,7 +359,7 @@ def test_sdk_exporter_traffic_is_derived_into_metrics(start_collector, transport
     assert run.admin("/nope").status == 404
 
 
-# -- 2. forwarding ------------------------------------------------------------------------
+# -- 2. forwarding -----------------------------------------------------------------------------
 
 
 def test_forwarding_delivers_every_span_unchanged(start_collector):
@@ -464,19 +464,19 @@ def test_downstream_outage_is_counted_and_derivation_goes_on(start_collector):
     assert total(run.scrape(), DERIVED) == len(pool)
 
 
-# -- 3. authentication ------------------------------------------------------------------
+# -- 3. authentication -------------------------------------------------------------------------
 
 
 def test_bearer_token_is_required_on_both_transports(start_collector):
     run = start_collector(bearer_token="s3cret")
-    good, bad_http, bad_grpc = payloads(make_spans(3))
+    good, bad_http, via_grpc = payloads(make_spans(3))
     grpc_port = run.ports["grpc"]
 
     for auth in (None, "Bearer wrong", "s3cret", "Bearer s3cret "):
         reply = run.post(bad_http.body, auth=auth)
         assert reply.status == 401 and b"bearer token" in reply.body
     for metadata in (None, (("authorization", "Bearer nope"),)):
-        code, details = grpc_code(grpc_port, bad_grpc.body, metadata)
+        code, details = grpc_code(grpc_port, via_grpc.body, metadata)
         assert code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in details
     refused_sdk = GrpcSpanExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, timeout=5)
     try:
@@ -485,7 +485,7 @@ def test_bearer_token_is_required_on_both_transports(start_collector):
         refused_sdk.shutdown()
 
     assert run.post(good.body, auth="Bearer s3cret").status == 200
-    grpc_export(grpc_port, bad_grpc.body, (("authorization", "Bearer s3cret"),))
+    grpc_export(grpc_port, via_grpc.body, (("authorization", "Bearer s3cret"),))
     sdk = GrpcSpanExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, timeout=5,
                            headers={"authorization": "Bearer s3cret"})
     try:
@@ -493,7 +493,7 @@ def test_bearer_token_is_required_on_both_transports(start_collector):
         assert sdk.export(spans) == SpanExportResult.SUCCESS
     finally:
         sdk.shutdown()
-    accepted = good.roots | bad_grpc.roots | root_ids(spans)
+    accepted = good.roots | via_grpc.roots | root_ids(spans)
     run.wait_derived(accepted)
     assert run.derived() == set(accepted), "nothing from a refused payload was derived"
     assert not bad_http.roots & run.derived()
@@ -501,10 +501,10 @@ def test_bearer_token_is_required_on_both_transports(start_collector):
     samples = run.scrape()
     assert total(samples, REJECTED, **{REASON: "unauthenticated"}) == 4 + 2 + 1
     assert total(samples, REJECTED) == 7
-    assert total(samples, RECEIVED) == good.spans + bad_grpc.spans + len(spans)
+    assert total(samples, RECEIVED) == good.spans + via_grpc.spans + len(spans)
 
 
-# -- 4. malformed input -----------------------------------------------------------------------
+# -- 4. malformed input ------------------------------------------------------------------------
 
 
 def _short_span_id() -> bytes:
@@ -569,7 +569,7 @@ def test_malformed_http_payload_gets_400_naming_the_problem(shared, case):
     with pytest.raises(Refused) as refused:
         shared.service.accept(body, ctype, encoding)
     assert refused.value.reason == "malformed" and not refused.value.retryable
-    # the same connection-level path still takes a valid payload afterwards
+    # and a valid payload right after it still goes end to end
     p = payloads(make_spans(1))[0]
     assert shared.post(p.body).status == 200
     shared.wait_derived(p.roots)
@@ -640,7 +640,7 @@ def test_json_fields_unknown_to_this_version_are_ignored(start_collector):
     run.wait_derived(p.roots)
 
 
-# -- 5. fuzz ---------------------------------------------------------------------------------
+# -- 5. fuzz -----------------------------------------------------------------------------------
 
 OTLP_KEYS = ("resourceSpans", "scopeSpans", "spans", "resource", "scope", "attributes", "key",
              "value", "stringValue", "intValue", "doubleValue", "boolValue", "arrayValue",
@@ -821,11 +821,9 @@ def test_fuzz_ten_thousand_payloads_never_break_the_service(start_collector):
     fuzz = Fuzzer(seed=20240917, max_bytes=max_bytes)
     # valid payloads with unique traces, interleaved every VALID_EVERY-th, in four forms
     pool = payloads(make_spans(FUZZ_PAYLOADS // (VALID_EVERY - 1) + 2, tenants=5))
-    forms = []
-    for k, p in enumerate(pool):
-        forms.append([(p.body, PROTOBUF, None), (gzip.compress(p.body), PROTOBUF, "gzip"),
-                      (to_otlp_json(p.body), JSON, None), (zlib.compress(p.body), PROTOBUF,
-                                                           "deflate")][k % 4])
+    forms = [((p.body, PROTOBUF, None), (gzip.compress(p.body), PROTOBUF, "gzip"),
+              (to_otlp_json(p.body), JSON, None),
+              (zlib.compress(p.body), PROTOBUF, "deflate"))[k % 4] for k, p in enumerate(pool)]
     valid_roots: set[str] = set()
     outcomes: Counter[str] = Counter()
     refused_by_kind: Counter[str] = Counter()
@@ -872,6 +870,9 @@ def test_fuzz_ten_thousand_payloads_never_break_the_service(start_collector):
         else:
             outcomes["accepted"] += 1
     elapsed = time.perf_counter() - started
+    print(f"fuzz: {fuzzed} payloads + {len(valid_roots)} valid in {elapsed:.1f}s; {outcomes}; "
+          f"refused by kind {dict(refused_by_kind)}; HTTP {dict(http_statuses)}; "
+          f"derivation errors {service.errors}")
 
     assert fuzzed >= 10_000 and sent >= fuzzed + len(valid_roots)
     assert sum(http_statuses.values()) >= 300
@@ -887,6 +888,7 @@ def test_fuzz_ten_thousand_payloads_never_break_the_service(start_collector):
     assert refusals == (total(samples, REJECTED, **{REASON: "malformed"})
                         + total(samples, REJECTED, **{REASON: "too_large"}))
     assert total(samples, DROPPED, **{REASON: "backpressure"}) == 0
+    assert service.errors == 0, "whatever the decoder accepted, the derivation handled"
     # the generators do produce broken input of every kind, and mostly broken input
     assert set(refused_by_kind) == set(Fuzzer.KINDS)
     assert outcomes["refused"] > 0.6 * fuzzed
@@ -902,7 +904,7 @@ _hyp_json = st.recursive(
     | st.binary(min_size=0, max_size=17).map(bytes.hex),
     lambda children: st.lists(children, max_size=4)
     | st.dictionaries(st.sampled_from(OTLP_KEYS) | st.text(max_size=6), children, max_size=5),
-    max_leaves=25)
+    max_leaves=12)
 _hyp_bodies = st.one_of(
     st.binary(max_size=1024).map(lambda b: (b, PROTOBUF)),
     _hyp_json.map(lambda d: (json.dumps(d).encode(), JSON)),
@@ -914,7 +916,7 @@ _hyp_bodies = st.one_of(
 )
 
 
-@settings(max_examples=1500, deadline=None, database=None, derandomize=True,
+@settings(max_examples=400, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(body_ctype=_hyp_bodies, ctype=st.sampled_from(("natural",) * 6 + CTYPES),
        encoding=st.sampled_from((None, None, None, "gzip", "deflate", "identity", "br")),
@@ -934,7 +936,7 @@ def test_hypothesis_payloads_are_accepted_or_refused_as_the_senders_fault(
     assert shared.service.health()[0] == 200
 
 
-# -- 6. backpressure -------------------------------------------------------------------------
+# -- 6. backpressure ---------------------------------------------------------------------------
 
 
 def test_full_ingest_queue_refuses_retryably_and_counts_exactly(start_collector):
@@ -1025,7 +1027,7 @@ def test_sdk_grpc_exporter_retries_through_backpressure(start_collector):
     assert total(run.scrape(), DROPPED, **{REASON: "backpressure"}) >= len(spans)
 
 
-# -- 7. graceful shutdown ---------------------------------------------------------------------
+# -- 7. graceful shutdown ----------------------------------------------------------------------
 
 
 def test_stop_drains_accepted_payloads_and_refuses_new_ones_retryably(start_collector):
@@ -1109,7 +1111,7 @@ def test_payload_decoding_while_stop_begins_is_never_acknowledged_and_lost(start
         assert p.roots <= run.derived(), "accepted payload was derived"
 
 
-# -- 8. configuration errors --------------------------------------------------------------------
+# -- 8. configuration errors -------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -1193,7 +1195,7 @@ def test_cli_reports_a_port_it_cannot_listen_on(clean_env, capsys):
     assert "cannot listen" in capsys.readouterr().err
 
 
-# -- 9. the console script, end to end ----------------------------------------------------------
+# -- 9. the console script, end to end ---------------------------------------------------------
 
 
 def test_console_script_serves_and_stops_on_sigterm(tmp_path):
