@@ -58,12 +58,20 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
             return body
         else:
             raise OTLPError(f"unsupported Content-Encoding {encoding!r} (use gzip or deflate)")
-        out = d.decompress(body, MAX_DECODED_BYTES)
-        if d.unconsumed_tail:
-            raise OTLPError(f"payload decompresses to more than {MAX_DECODED_BYTES} bytes")
-        if not d.eof:  # a cut-off stream must not pass as a shorter payload
-            raise OTLPError(f"bad {encoding} body: compressed stream is truncated")
-        return out
+        parts: list[bytes] = []
+        size = 0
+        while True:  # gzip allows several members back to back
+            out = d.decompress(body, MAX_DECODED_BYTES - size)
+            size += len(out)
+            parts.append(out)
+            if d.unconsumed_tail:
+                raise OTLPError(f"payload decompresses to more than {MAX_DECODED_BYTES} bytes")
+            if not d.eof:  # a cut-off stream must not pass as a shorter payload
+                raise OTLPError(f"bad {encoding} body: compressed stream is truncated")
+            body = d.unused_data
+            if encoding != "gzip" or not body:
+                return b"".join(parts)
+            d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     except (zlib.error, gzip.BadGzipFile, EOFError) as exc:
         raise OTLPError(f"bad {encoding} body: {exc}") from exc
 

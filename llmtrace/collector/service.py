@@ -330,8 +330,14 @@ def _ingest_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:  # noqa: N802 - http.server API
             path = self.path.split("?")[0]
+            declared = self.headers.get("Content-Length")
+            if declared is None:  # chunked uploads are not supported
+                service.rejected.labels("malformed").inc()
+                self.close_connection = True
+                self._reply(411, b"Content-Length is required", "text/plain")
+                return
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                length = int(declared)
             except ValueError:
                 length = -1
             if length < 0 or length > service.config.max_payload_bytes:
