@@ -8,7 +8,7 @@ export LLMTRACE_MODEL_DIR ?= $(CURDIR)/.cache/models
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all install demo test lint semconv models clean
+.PHONY: all install system demo test lint semconv models dashboards clean
 
 all: test
 
@@ -24,6 +24,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# System packages the tests need: Debian's prometheus (prometheus + promtool) for
+# the SLO rule tests and the dashboard queries evaluated against a real Prometheus.
+system:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null; }
+
 models: $(STAMP)
 	$(PY) -m llmtrace.testing.models --cache-dir $(LLMTRACE_MODEL_DIR)
 
@@ -34,7 +43,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) semconv/codegen/generate.py --check
 
-test: $(STAMP) lint
+test: $(STAMP) system lint
 	$(PY) -m pytest
 
 demo: $(STAMP)

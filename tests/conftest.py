@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,9 +117,18 @@ def instrumented_env(receiver: OTLPReceiver, service: str, traces_to: str | None
 
 
 @pytest.fixture(scope="session")
+def engine_metrics_port() -> int:
+    """Where the instrumented dense engine core serves its Prometheus metrics."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
 def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
                          otlp_receiver: OTLPReceiver,
-                         collector: CollectorService) -> dict[str, VLLMServer]:
+                         collector: CollectorService,
+                         engine_metrics_port: int) -> dict[str, VLLMServer]:
     """Instrumented servers, activated through the vllm.general_plugins entry point.
 
     ``dense``: chunked prefill (256-token step budget) and a 12-block KV cache
@@ -129,7 +139,12 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
         tiny_models, "--max-num-batched-tokens", "256", "--num-gpu-blocks-override", "12",
         max_model_len=1024, env=instrumented_env(
             otlp_receiver, "llmtrace-dense",
-            traces_to=f"http://127.0.0.1:{collector.ports['grpc']}"))
+            traces_to=f"http://127.0.0.1:{collector.ports['grpc']}",
+            # metrics also for Prometheus: the API server's join vLLM's /metrics,
+            # the engine core's get their own port
+            LLMTRACE_METRICS_EXPORTER="otlp,prometheus",
+            OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
+            OTEL_EXPORTER_PROMETHEUS_PORT=str(engine_metrics_port)))
     broken = moe_config(
         tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
         env=instrumented_env(otlp_receiver, "llmtrace-broken"))

@@ -120,6 +120,9 @@ class Telemetry:
         self._tracer_provider: TracerProvider | None = None
         self._instruments = None
         self._meter_provider = None
+        #: the host already serves prometheus_client's REGISTRY (vLLM's API server
+        #: /metrics): the Prometheus reader joins it and no extra port is opened
+        self.metrics_served_by_host = False
 
     def resource(self) -> Resource:
         attrs = {"service.name": self.config.service_name} if self.config.service_name else {}
@@ -174,10 +177,19 @@ class Telemetry:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import start_http_server
 
-            readers.append(PrometheusMetricReader())
-            start_http_server(self.config.prometheus_port, self.config.prometheus_host)
-            logger.info("llmtrace: Prometheus metrics on %s:%d/metrics",
-                        self.config.prometheus_host, self.config.prometheus_port)
+            readers.append(PrometheusMetricReader())  # joins prometheus_client's REGISTRY
+            if self.metrics_served_by_host:
+                logger.info("llmtrace: Prometheus metrics on the host's own /metrics")
+                return readers
+            try:
+                start_http_server(self.config.prometheus_port, self.config.prometheus_host)
+            except OSError as exc:
+                logger.warning("llmtrace: cannot serve Prometheus metrics on %s:%d (%s); "
+                               "they stay in this process's registry only",
+                               self.config.prometheus_host, self.config.prometheus_port, exc)
+            else:
+                logger.info("llmtrace: Prometheus metrics on %s:%d/metrics",
+                            self.config.prometheus_host, self.config.prometheus_port)
         return readers
 
     def _otlp_reader(self):

@@ -389,6 +389,9 @@ class FrontendTracer:
             self.served_model = names[0] if isinstance(names, (list, tuple)) else str(names)
             # Build providers and exporters now, not on the first request's path.
             _ = self.telemetry.tracer
+            # vLLM's API server serves prometheus_client's default registry on /metrics;
+            # the engine core, another process, opens OTEL_EXPORTER_PROMETHEUS_PORT.
+            self.telemetry.metrics_served_by_host = True
             if self.config.metrics_enabled:
                 _ = self.telemetry.instruments
         return result
