@@ -300,7 +300,8 @@ METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.idle_accel
 METRIC_LLMTRACE_COST_USD: Final = 'llmtrace.cost.usd'
 METRIC_LLMTRACE_DRIFT_KL_DIVERGENCE: Final = 'llmtrace.drift.kl_divergence'
 METRIC_LLMTRACE_DRIFT_PSI: Final = 'llmtrace.drift.psi'
-METRIC_LLMTRACE_ENGINE_STEP_DURATION: Final = 'llmtrace.engine.step.duration'
+METRIC_LLMTRACE_ENGINE_BUSY: Final = 'llmtrace.engine.busy'
+METRIC_LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
 METRIC_LLMTRACE_OUTPUT_ENTROPY: Final = 'llmtrace.output.entropy'
 METRIC_LLMTRACE_PIPELINE_DROPPED_SPANS: Final = 'llmtrace.pipeline.dropped_spans'
 METRIC_LLMTRACE_PIPELINE_OPEN_TRACES: Final = 'llmtrace.pipeline.open_traces'
@@ -608,7 +609,8 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'counter',
     'llmtrace.drift.kl_divergence': 'gauge',
     'llmtrace.drift.psi': 'gauge',
-    'llmtrace.engine.step.duration': 'histogram',
+    'llmtrace.engine.busy': 'counter',
+    'llmtrace.engine.steps': 'counter',
     'llmtrace.output.entropy': 'histogram',
     'llmtrace.pipeline.dropped_spans': 'counter',
     'llmtrace.pipeline.open_traces': 'gauge',
@@ -646,7 +648,8 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': '{USD}',
     'llmtrace.drift.kl_divergence': '{nat}',
     'llmtrace.drift.psi': '{psi}',
-    'llmtrace.engine.step.duration': 's',
+    'llmtrace.engine.busy': 's',
+    'llmtrace.engine.steps': '{step}',
     'llmtrace.output.entropy': '{nat}',
     'llmtrace.pipeline.dropped_spans': '{span}',
     'llmtrace.pipeline.open_traces': '{trace}',
@@ -684,7 +687,8 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'Attributed cost in US dollars.',
     'llmtrace.drift.kl_divergence': "KL divergence of a feature's distribution from the baseline.",
     'llmtrace.drift.psi': 'Population stability index of a feature versus the baseline.',
-    'llmtrace.engine.step.duration': "Engine step time, from scheduling to the model's output, split among the batch.",
+    'llmtrace.engine.busy': 'Engine time with a batch running: the time split among requests by batch share.',
+    'llmtrace.engine.steps': 'Engine steps that ran a batch; busy time over steps is the mean step time.',
     'llmtrace.output.entropy': 'Mean per-token entropy of the output distribution.',
     'llmtrace.pipeline.dropped_spans': 'Spans lost by the pipeline, by reason; never silent.',
     'llmtrace.pipeline.open_traces': 'Traces held by the assembler waiting for their request span.',
@@ -757,7 +761,11 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.deployment.version',
         'llmtrace.drift.feature',
     }),
-    'llmtrace.engine.step.duration': frozenset({
+    'llmtrace.engine.busy': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+    }),
+    'llmtrace.engine.steps': frozenset({
         'gen_ai.request.model',
         'llmtrace.deployment.version',
     }),
@@ -891,7 +899,8 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'llmtrace_cost_usd_total',
     'llmtrace.drift.kl_divergence': 'llmtrace_drift_kl_divergence',
     'llmtrace.drift.psi': 'llmtrace_drift_psi',
-    'llmtrace.engine.step.duration': 'llmtrace_engine_step_duration_seconds',
+    'llmtrace.engine.busy': 'llmtrace_engine_busy_seconds_total',
+    'llmtrace.engine.steps': 'llmtrace_engine_steps_total',
     'llmtrace.output.entropy': 'llmtrace_output_entropy',
     'llmtrace.pipeline.dropped_spans': 'llmtrace_pipeline_dropped_spans_total',
     'llmtrace.pipeline.open_traces': 'llmtrace_pipeline_open_traces',

@@ -260,7 +260,7 @@ def test_batch_shares_sum_to_engine_step_time(instrumented_servers, otlp_receive
     """Conservation: all requests' accelerator-seconds equal the measured busy time.
 
     Shares are counted when a request is freed, so compare once the engine is
-    idle: two exports in a row with the same step-time sum.
+    idle: two exports in a row with the same busy time.
     """
     server = instrumented_servers["dense"]
     bodies = [chat(f"share {i}: " + "tokens " * (5 + 40 * i), 20 + 10 * i) for i in range(6)]
@@ -268,14 +268,14 @@ def test_batch_shares_sum_to_engine_step_time(instrumented_servers, otlp_receive
     mine = {"service.name": "llmtrace-dense"}
 
     def exports(rx: OTLPReceiver) -> list[tuple[int, float, float, float | None]]:
-        """(time, step-time sum, accelerator-seconds sum, idle) per export, oldest first."""
+        """(time, busy seconds, accelerator-seconds sum, idle) per export, oldest first."""
         by_time: dict[int, list] = {}
         for p in rx.points():
             if all(p.resource.get(k) == v for k, v in mine.items()):
                 by_time.setdefault(p.time_ns, []).append(p)
         out = []
         for t, pts in sorted(by_time.items()):
-            steps = [p.sum for p in pts if p.metric == sc.METRIC_LLMTRACE_ENGINE_STEP_DURATION]
+            steps = [p.value for p in pts if p.metric == sc.METRIC_LLMTRACE_ENGINE_BUSY]
             shares = [p.value for p in pts
                       if p.metric == sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS]
             idle = [p.value for p in pts

@@ -35,9 +35,6 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 # GenAI advice for request duration (x2 steps), with 0.2 s added.
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.32, 0.64, 1.28, 2.56,
                     5.12, 10.24, 20.48, 40.96, 81.92)
-# Engine steps: sub-millisecond decode steps up to multi-second long prefills.
-STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                5.0)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 
 #: Bucket boundaries per histogram, shared by the SDK's instruments and the pipeline's.
@@ -51,12 +48,11 @@ HISTOGRAM_BUCKETS: dict[str, tuple[float, ...]] = {
     sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION: DURATION_BUCKETS,
     sc.METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS: TOKEN_BUCKETS,
     sc.METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS: TOKEN_BUCKETS,
-    sc.METRIC_LLMTRACE_ENGINE_STEP_DURATION: STEP_BUCKETS,
 }
 
 
 # Passing an explicit empty context skips a context-variable lookup per record.
-_NO_CONTEXT = Context()
+_NO_CONTEXT = NO_CONTEXT = Context()
 _BULK_FIELDS = ("_lock", "_value", "_sum", "_min", "_max", "_get_empty_bucket_counts")
 
 
@@ -179,10 +175,10 @@ class Instruments:
         self.requests = counter(sc.METRIC_LLMTRACE_SERVER_REQUESTS)
         self.preemptions = counter(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
         # engine core: batch-share cost attribution
-        self.step_duration = hist(sc.METRIC_LLMTRACE_ENGINE_STEP_DURATION)
         self.accelerator_seconds = counter(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
-        #: returns cumulative idle engine seconds; set by the engine-core tracer
-        self.idle_seconds: Callable[[], float] | None = None
+        #: the engine-core tracer's running totals, read at collection (no per-step
+        #: SDK call): () -> (busy seconds, steps, idle seconds, model/version labels)
+        self.engine_totals: Callable[[], tuple[float, int, float, dict]] | None = None
 
     def record_engine_usage(self, model: str, tenant: str, version: str,
                             seconds: float) -> None:
@@ -270,12 +266,21 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
         return [Observation(total, {sc.LLMTRACE_TELEMETRY_REASON: "cardinality_cap"})] \
             if total else []
 
-    def idle(_: CallbackOptions):
-        source = instruments.idle_seconds
-        return [Observation(source(), {sc.LLMTRACE_COST_INSTANCE_TYPE: config.instance_type})] \
-            if source is not None else []
+    def engine(index: int):
+        def observe(_: CallbackOptions):
+            totals = instruments.engine_totals
+            if totals is None:
+                return []
+            busy, steps, idle, labels = totals()
+            if index == 2:
+                return [Observation(idle, {sc.LLMTRACE_COST_INSTANCE_TYPE:
+                                           config.instance_type})]
+            return [Observation((busy, steps)[index], labels)]
+        return observe
 
-    for name, callback in ((sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS, idle),
+    for name, callback in ((sc.METRIC_LLMTRACE_ENGINE_BUSY, engine(0)),
+                           (sc.METRIC_LLMTRACE_ENGINE_STEPS, engine(1)),
+                           (sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS, engine(2)),
                            (sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, hook_errors),
                            (sc.METRIC_LLMTRACE_TELEMETRY_DROPPED, dropped),
                            (sc.METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS, overflows)):

@@ -87,6 +87,7 @@ class EngineTracer:
         self._decode_w = config.cost_decode_weight
         # busy/idle bookkeeping (engine-loop thread; read by the metric reader)
         self.busy_s = 0.0
+        self.steps = 0
         self._idle_s = 0.0
         self._last_end_ns = time.time_ns()
         self._continuing = False  # requests were left when the last step ended
@@ -98,6 +99,10 @@ class EngineTracer:
         if not self._continuing:
             idle += max(0.0, (time.time_ns() - self._last_end_ns) / 1e9)
         return idle
+
+    def totals(self) -> tuple[float, int, float, dict[str, str]]:
+        """Busy seconds, steps, idle seconds and labels, for the observable counters."""
+        return self.busy_s, self.steps, self.idle_seconds(), self._step_labels
 
     # -- lifecycle ---------------------------------------------------------------
     def on_add(self, request: Any) -> None:
@@ -136,6 +141,8 @@ class EngineTracer:
                 w = pw * prefill + dw * (n - prefill)
                 shares.append((u, w))
                 step.weight += w
+            if not records:
+                continue
             rec = records.get(rid)
             if rec is None:
                 continue
@@ -191,8 +198,7 @@ class EngineTracer:
             for u, _ in step.shares:
                 u.seconds += even
                 u.steps += 1
-        if self.config.metrics_enabled:
-            self.telemetry.instruments.step_duration.record(seconds, self._step_labels)
+        self.steps += 1
         for rec, n, computed_before, last in step.chunks:
             if rec.prefill_span is None:
                 continue
@@ -283,7 +289,7 @@ class EngineTracer:
             self._last_end_ns = time.time_ns()
             _ = self.telemetry.tracer  # exporter set up at start-up, not on a busy step
             if self.config.metrics_enabled:
-                self.telemetry.instruments.idle_seconds = self.idle_seconds
+                self.telemetry.instruments.engine_totals = self.totals
         return result
 
     def wrap_add_request(self, wrapped, instance, args, kwargs):

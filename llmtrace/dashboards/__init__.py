@@ -1,0 +1,1 @@
+"""Dashboards and SLO rules generated as code."""
