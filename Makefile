@@ -42,6 +42,12 @@ semconv: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) semconv/codegen/generate.py --check
+	$(PY) -m llmtrace.dashboards.generate --check
+	$(PY) -m llmtrace.dashboards.slo --check
+
+dashboards: $(STAMP)
+	$(PY) -m llmtrace.dashboards.generate
+	$(PY) -m llmtrace.dashboards.slo
 
 test: $(STAMP) system lint
 	$(PY) -m pytest

@@ -151,6 +151,20 @@ def print_waterfall(receiver: OTLPReceiver, trace_id: str, width: int = 48,
         print(f"... {len(lines) - max_lines} more spans")
 
 
+def write_dashboards() -> None:
+    """Regenerate the Grafana dashboards and SLO rules (deterministic: same bytes as committed)."""
+    from llmtrace.dashboards import generate, slo
+
+    generate.main([])
+    slo.main([])
+    rules = sorted((REPO / "dashboards" / "slo" / "rules").glob("*.yml"))
+    print("Grafana dashboards (import the JSON):  dashboards/llmtrace-*.json")
+    print(f"SLO burn-rate rules (Prometheus rule_files): {len(rules)} files in "
+          "dashboards/slo/rules/")
+    print("Prometheus scrape config for vLLM, engine core and collector: "
+          "dashboards/prometheus/scrape-vllm.yml")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=50)
@@ -161,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(x) for x in args.levels.split(",")]
 
     t0 = time.monotonic()
+    write_dashboards()
     models = ensure_models(REPO / ".cache" / "models", verbose=True)
     print(f"models ready in {time.monotonic() - t0:.1f} s: {models.dense}")
 

@@ -1,0 +1,305 @@
+"""L1 on-call: is the service up, fast and within its SLOs, and if not, where does it hurt.
+
+Latency and errors come from llmtrace's per-request series recorded at the
+source (TTFT has a 0.2 s bucket edge, so the 200 ms SLO is an exact count);
+saturation comes from vLLM's own gauges; SLO panels read the Sloth recording
+rules built from dashboards/slo/llmtrace.sloth.yaml.
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import dashboard as db
+
+from llmtrace import semconv as sc
+from llmtrace.dashboards import common as c
+from llmtrace.dashboards.common import Spec
+
+UID = "llmtrace-l1-oncall"
+FILENAME = "llmtrace-l1-oncall.json"
+
+REQUESTS = c.prom(sc.METRIC_LLMTRACE_SERVER_REQUESTS)
+TTFT = c.prom(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN)
+ITL = c.prom(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY)
+E2E = c.prom(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION)
+QUEUE = c.prom(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION)
+PREEMPTIONS = c.prom(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
+BUSY = c.prom(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
+IDLE = c.prom(sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS)
+
+SLO_VARIABLE = c.Variable(
+    "slo", "SLO",
+    f'label_values(slo:error_budget:ratio{{sloth_service="{c.SLO_SERVICE}"}}, sloth_slo)',
+    "SLOs of dashboards/slo/llmtrace.sloth.yaml (Sloth's sloth_slo label).")
+#: Sloth rule selector: the service, the chosen SLOs and models (rules are per model)
+SLO = c.sel(f'sloth_service="{c.SLO_SERVICE}"', 'sloth_slo=~"$slo"', c.M_MODEL)
+#: Sloth's meta rules (objective, budget) carry no per-model label
+SLO_META = c.sel(f'sloth_service="{c.SLO_SERVICE}"', 'sloth_slo=~"$slo"')
+SLO_JOIN = "on (sloth_id, sloth_service, sloth_slo) group_left"
+SLO_LEGEND = "{{sloth_slo}} {{gen_ai_request_model}}"
+
+BURN_UNIT = "suffix:x"  # Grafana custom unit: a multiple of the budget rate
+BURN = c.thresholds("green", (1, "yellow"), (6, "orange"), (14.4, "red"))
+PAGE_BURN = c.thresholds("green", (6, "orange"), (14.4, "red"))
+TICKET_BURN = c.thresholds("green", (1, "yellow"), (3, "orange"))
+BUDGET_LEFT = c.thresholds("red", (0, "orange"), (0.25, "green"))
+SERVER_ERRORS = c.higher_is_worse(0.001, 0.01)  # availability SLO: 99.9 %
+TTFT_LINE = c.thresholds("green", (c.TTFT_SLO_S, "red"))
+ITL_LINE = c.thresholds("green", (c.ITL_SLO_S, "red"))
+
+QUANTILES = ((0.5, "p50"), (0.95, "p95"), (0.99, "p99"))
+SLO_SOURCE = "Recording rules from dashboards/slo/ (Sloth)"
+
+
+def error_ratio(by: tuple[str, ...]) -> str:
+    total = c.sum_rate(REQUESTS, c.req(), by)
+    return c.ratio(c.sum_rate(REQUESTS, c.req(c.M_SERVER_ERROR), by), total, zero_fill=total)
+
+
+def attainment(histogram: str, edge: float) -> str:
+    """Share of events at or under a bucket edge (the SLI the SLO counts, not an estimate)."""
+    good = c.sum_rate(f"{histogram}_bucket", c.req(f'le="{edge}"'))
+    return f"{good}\n/\n({c.sum_rate(f'{histogram}_count', c.req())} > 0)"
+
+
+def percentiles(histogram: str, by: tuple[str, ...] = ()) -> list[c.Query]:
+    suffix = "".join(f" {{{{{b}}}}}" for b in by)
+    return [(c.quantile(q, histogram, c.req(), by), f"{name}{suffix}") for q, name in QUANTILES]
+
+
+def overview() -> list:
+    return [
+        c.stat_panel(Spec(
+            101, "Request rate", "Finished requests per second over the selection "
+            "(llmtrace_server_requests_total, every request whatever the trace sampling).",
+            "reqps", c.informational(), [(c.sum_rate(REQUESTS, c.req()), "req/s")], w=4, h=5)),
+        c.stat_panel(Spec(
+            102, "Server error ratio", "Share of finished requests that failed on the server "
+            "side (error_type set, except client aborts and disconnects): the availability "
+            "SLI. Orange at 0.1 % (the 99.9 % objective's budget), red at 1 %.",
+            "percentunit", SERVER_ERRORS, [(error_ratio(()), "errors")], w=4, h=5)),
+        c.stat_panel(Spec(
+            103, "TTFT within 200 ms", "Share of requests whose first token arrived within "
+            "200 ms (the TTFT SLO, 99 %). 0.2 s is a bucket edge of "
+            "gen_ai_server_time_to_first_token_seconds, so this is an exact count.",
+            "percentunit", c.lower_is_worse(0.95, 0.99),
+            [(attainment(TTFT, c.TTFT_SLO_S), "TTFT <= 200 ms")], w=4, h=5), max_val=1),
+        c.stat_panel(Spec(
+            104, "ITL within 100 ms", "Share of inter-token gaps of at most 100 ms (the ITL "
+            "SLO, 99 %), from llmtrace_server_inter_token_latency_seconds (0.1 s is a bucket "
+            "edge).", "percentunit", c.lower_is_worse(0.95, 0.99),
+            [(attainment(ITL, c.ITL_SLO_S), "ITL <= 100 ms")], w=4, h=5), max_val=1),
+        c.stat_panel(Spec(
+            105, "Error budget left (worst SLO)", "Lowest remaining error budget over the "
+            f"selected SLOs and models for the 30-day period. {SLO_SOURCE}: "
+            "slo:period_error_budget_remaining:ratio. Red once the budget is spent.",
+            "percentunit", BUDGET_LEFT,
+            [(f"min(slo:period_error_budget_remaining:ratio{SLO})", "budget left")],
+            w=4, h=5)),
+        c.stat_panel(Spec(
+            106, "Burn rate (worst SLO)", "Highest current burn rate (5-minute error ratio "
+            "divided by the error budget) over the selected SLOs and models. 1 spends the "
+            "budget exactly over the period; 6 and 14.4 are the ticket and page levels of "
+            f"the multiwindow alerts. {SLO_SOURCE}: slo:current_burn_rate:ratio.",
+            BURN_UNIT, BURN, [(f"max(slo:current_burn_rate:ratio{SLO})", "burn rate")], w=4, h=5)),
+    ]
+
+
+def traffic() -> list:
+    by_model, by_instance = (c.MODEL,), ("instance",)
+    has_error = f'{c.ERROR_TYPE}!=""'
+    return [
+        c.timeseries_panel(Spec(
+            201, "Request rate by model", "Finished requests per second per served model "
+            "(llmtrace_server_requests_total).", "reqps", c.informational(),
+            [(c.sum_rate(REQUESTS, c.req(), by_model), "{{gen_ai_request_model}}")])),
+        c.timeseries_panel(Spec(
+            202, "Request rate by instance", "Finished requests per second per serving host. "
+            "A host that drops to zero while others carry on is down or drained.", "reqps",
+            c.informational(), [(c.sum_rate(REQUESTS, c.req(), by_instance), "{{instance}}")])),
+        c.timeseries_panel(Spec(
+            203, "Server error ratio by model", "Server-side failures / finished requests "
+            "per model (client aborts and disconnects excluded, as in the availability "
+            "SLO). Dashed lines: 0.1 % (the SLO budget) and 1 %.", "percentunit",
+            SERVER_ERRORS, [(error_ratio(by_model), "{{gen_ai_request_model}}")])),
+        c.timeseries_panel(Spec(
+            204, "Server error ratio by instance", "Server-side failures / finished requests "
+            "per serving host: one bad host stands out here.", "percentunit", SERVER_ERRORS,
+            [(error_ratio(by_instance), "{{instance}}")])),
+        c.timeseries_panel(Spec(
+            205, "Failed and aborted requests by error type", "Requests per second that "
+            "ended with an error.type: engine_error, timeout or an exception name (server "
+            "side) and aborted / client_disconnected (client side). Zero when none failed.",
+            "reqps", c.informational(),
+            [(f"{c.sum_rate(REQUESTS, c.req(has_error), (c.ERROR_TYPE,))}\nor on ()\n"
+              f"0 * {c.sum_rate(REQUESTS, c.req())}", "{{error_type}}")], w=24), stack=True),
+    ]
+
+
+def latency() -> list:
+    return [
+        c.heatmap_panel(Spec(
+            301, "TTFT distribution", "Time to first token: requests per second in each "
+            "bucket of gen_ai_server_time_to_first_token_seconds (darker = more). The 200 ms "
+            "SLO is the 0.2 bucket edge; the red 'TTFT p99 over 200 ms' annotation marks "
+            "where the p99 crossed it.", "s", TTFT_LINE,
+            [(c.sum_rate(f"{TTFT}_bucket", c.req(), ("le",)), "{{le}}")], h=9)),
+        c.timeseries_panel(Spec(
+            302, "TTFT p50 / p95 / p99", "Time to first token percentiles per model, "
+            "interpolated inside histogram buckets. Red dashed line: the 200 ms SLO.", "s",
+            TTFT_LINE, percentiles(TTFT, (c.MODEL,)), h=9)),
+        c.timeseries_panel(Spec(
+            303, "ITL p50 / p95 / p99", "Inter-token latency percentiles per model "
+            "(llmtrace_server_inter_token_latency_seconds, one observation per token gap). "
+            "Red dashed line: the 100 ms ITL SLO.", "s", ITL_LINE,
+            percentiles(ITL, (c.MODEL,)))),
+        c.timeseries_panel(Spec(
+            304, "E2E latency p50 / p95 / p99", "Arrival to last token per model "
+            "(gen_ai_server_request_duration_seconds). Grows with output length, so it has "
+            "no SLO; lines at 10 s and 30 s flag outliers for a chat workload.", "s",
+            c.higher_is_worse(10, 30), percentiles(E2E, (c.MODEL,)))),
+    ]
+
+
+def saturation() -> list:
+    return [
+        c.timeseries_panel(Spec(
+            401, "Running requests", "Requests in the engine's running batch per host "
+            "(vLLM gauge vllm:num_requests_running).", "short", c.informational(),
+            [(f"sum by (instance) ({c.VLLM_RUNNING}{c.vllm()})", "{{instance}}")], w=8)),
+        c.timeseries_panel(Spec(
+            402, "Queue depth (waiting requests)", "Requests waiting to be scheduled per "
+            "host (vLLM gauge vllm:num_requests_waiting). A queue that keeps growing means "
+            "demand exceeds capacity; TTFT follows.", "short", c.higher_is_worse(5, 20),
+            [(f"sum by (instance) ({c.VLLM_WAITING}{c.vllm()})", "{{instance}}")], w=8)),
+        c.timeseries_panel(Spec(
+            403, "Waiting requests by reason", "Why requests wait (vLLM gauge "
+            "vllm:num_requests_waiting_by_reason): 'capacity' is waiting for batch or KV "
+            "space, 'deferred' is blocked by LoRA budget or KV transfer.", "short",
+            c.higher_is_worse(5, 20),
+            [(f"sum by (reason) ({c.VLLM_WAITING_BY_REASON}{c.vllm()})", "{{reason}}")],
+            w=8), stack=True),
+        c.timeseries_panel(Spec(
+            404, "Queue time p95", "95th percentile of time spent waiting to be scheduled, "
+            "including after preemptions (llmtrace_server_queue_duration_seconds). It is "
+            "part of TTFT: orange at 100 ms, red at the 200 ms TTFT SLO.", "s",
+            c.higher_is_worse(0.1, c.TTFT_SLO_S),
+            [(c.quantile(0.95, QUEUE, c.req(), (c.MODEL,)), "{{gen_ai_request_model}}")],
+            w=8)),
+        c.timeseries_panel(Spec(
+            405, "Preemption rate", "Preemptions per second: vLLM's engine counter "
+            "(vllm:num_preemptions_total) per host and llmtrace's per model. Preempted "
+            "requests are re-queued and recomputed, which costs TTFT and ITL; sustained "
+            "preemption means the KV cache is too small for the load.", "ops",
+            c.higher_is_worse(0.1, 1),
+            [(f"sum by (instance) (rate({c.VLLM_PREEMPTIONS}{c.vllm()}[$__rate_interval]))",
+              "vLLM {{instance}}"),
+             (f"{c.sum_rate(PREEMPTIONS, c.req(), (c.MODEL,))}\nor\n"
+              f"0 * {c.sum_rate(REQUESTS, c.req(), (c.MODEL,))}",
+              "llmtrace {{gen_ai_request_model}}")], w=8)),
+        c.timeseries_panel(Spec(
+            406, "KV-cache usage", "Fraction of KV-cache blocks in use per host and engine "
+            "(vLLM gauge vllm:kv_cache_usage_perc, 1 = full). Near full, new requests wait "
+            "and running ones get preempted.", "percentunit", c.higher_is_worse(0.8, 0.95),
+            [(f"max by (instance, engine) ({c.VLLM_KV_USAGE}{c.vllm()})",
+              "{{instance}} engine {{engine}}")], w=8), max_val=1),
+    ]
+
+
+def accelerators() -> list:
+    return [
+        c.timeseries_panel(Spec(
+            501, "Accelerator utilisation", "Busy share of accelerator time per host: "
+            "llmtrace_cost_accelerator_seconds_total / (that + "
+            "llmtrace_cost_idle_accelerator_seconds_total), both measured in the engine "
+            "core from engine-step time. Orange at 85 %, red at 95 %: no headroom for "
+            "bursts.", "percentunit", c.higher_is_worse(0.85, 0.95),
+            [(c.busy_share(("instance",)), "{{instance}}")], w=8), max_val=1),
+        c.timeseries_panel(Spec(
+            502, "Busy vs idle accelerators", "Accelerator-seconds per second per host, "
+            "split into busy (a batch was scheduled) and idle (nothing to run). Stacked, "
+            "the total is the number of accelerators the engines hold.", "short",
+            c.informational(),
+            [(c.sum_rate(BUSY, c.sel(c.M_INSTANCE), ("instance",)), "busy {{instance}}"),
+             (c.sum_rate(IDLE, c.sel(c.M_INSTANCE), ("instance",)), "idle {{instance}}")],
+            w=8), stack=True),
+        c.timeseries_panel(Spec(
+            503, "vLLM estimated FLOP/s per GPU", "vLLM's analytic estimate of floating-point "
+            "work per GPU (vllm:estimated_flops_per_gpu_total). Counted only when vLLM runs "
+            "with --enable-mfu-metrics (flat zero otherwise); divide by the accelerator's "
+            "peak for model FLOPs utilisation.", "flops", c.informational(),
+            [(f"sum by (instance, engine) (rate({c.VLLM_FLOPS}{c.vllm()}[$__rate_interval]))",
+              "{{instance}} engine {{engine}}")], w=8)),
+    ]
+
+
+def canary() -> list:
+    by_version = (c.VERSION,)
+    return [
+        c.timeseries_panel(Spec(
+            601, "Request rate by version", "Finished requests per second per deployment "
+            "version (llmtrace_deployment_version): the traffic split between canary and "
+            "stable.", "reqps", c.informational(),
+            [(c.sum_rate(REQUESTS, c.req(), by_version), "{{llmtrace_deployment_version}}")]),
+            stack=True),
+        c.timeseries_panel(Spec(
+            602, "Server error ratio by version", "Server-side failure ratio per deployment "
+            "version. A canary above stable is the rollback signal.", "percentunit",
+            SERVER_ERRORS, [(error_ratio(by_version), "{{llmtrace_deployment_version}}")])),
+        c.timeseries_panel(Spec(
+            603, "TTFT p99 by version", "Time-to-first-token p99 per deployment version. "
+            "Red dashed line: the 200 ms SLO.", "s", TTFT_LINE,
+            [(c.quantile(0.99, TTFT, c.req(), by_version), "{{llmtrace_deployment_version}}")])),
+        c.timeseries_panel(Spec(
+            604, "ITL p99 by version", "Inter-token latency p99 per deployment version. Red "
+            "dashed line: the 100 ms SLO.", "s", ITL_LINE,
+            [(c.quantile(0.99, ITL, c.req(), by_version), "{{llmtrace_deployment_version}}")])),
+    ]
+
+
+def slo_budget() -> list:
+    def windowed(window: str) -> c.Query:
+        return (f"slo:sli_error:ratio_rate{window}{SLO}\n/ {SLO_JOIN}\n"
+                f"slo:error_budget:ratio{SLO_META}", f"{window} {SLO_LEGEND}")
+
+    return [
+        c.timeseries_panel(Spec(
+            701, "Error budget remaining", "Share of the 30-day error budget left per SLO "
+            f"and model. {SLO_SOURCE}: slo:period_error_budget_remaining:ratio. Below zero "
+            "the objective is already missed for this period.", "percentunit", BUDGET_LEFT,
+            [(f"slo:period_error_budget_remaining:ratio{SLO}", SLO_LEGEND)]), min_val=None),
+        c.timeseries_panel(Spec(
+            702, "Burn rate (5 m)", "How fast each SLO spends its budget now: the 5-minute "
+            "error ratio over the error budget. 1 spends it exactly over 30 days. "
+            f"{SLO_SOURCE}: slo:current_burn_rate:ratio.", BURN_UNIT, BURN,
+            [(f"slo:current_burn_rate:ratio{SLO}", SLO_LEGEND)])),
+        c.timeseries_panel(Spec(
+            703, "Burn rate, page windows (1 h, 6 h)", "Burn rate over the long windows of "
+            "the page alerts: 14.4 over 1 h (with 5 m) or 6 over 6 h (with 30 m) pages. "
+            f"{SLO_SOURCE}: slo:sli_error:ratio_rate1h and _rate6h over "
+            "slo:error_budget:ratio.", BURN_UNIT, PAGE_BURN,
+            [windowed("1h"), windowed("6h")])),
+        c.timeseries_panel(Spec(
+            704, "Burn rate, ticket windows (1 d, 3 d)", "Burn rate over the long windows of "
+            "the ticket alerts: 3 over 1 d (with 2 h) or 1 over 3 d (with 6 h) opens a "
+            f"ticket. {SLO_SOURCE}: slo:sli_error:ratio_rate1d and _rate3d over "
+            "slo:error_budget:ratio.", BURN_UNIT, TICKET_BURN,
+            [windowed("1d"), windowed("3d")])),
+    ]
+
+
+def build() -> db.Dashboard:
+    ttft_p99 = c.quantile(0.99, TTFT, c.req())
+    return c.dashboard(
+        UID, "llmtrace / L1 on-call",
+        "Is the LLM service up, fast and within its SLOs; if not, which model, host or "
+        "version, and is it saturation.",
+        [*c.standard_variables(), c.multi_variable(SLO_VARIABLE)],
+        [(c.row("Overview", 100), overview()),
+         (c.row("Traffic and errors", 200), traffic()),
+         (c.row("Latency", 300), latency()),
+         (c.row("Saturation", 400), saturation()),
+         (c.row("Accelerators", 500), accelerators()),
+         (c.row("Canary vs stable", 600), canary()),
+         (c.row("SLO error budget", 700), slo_budget())],
+        annotations=[c.annotation("TTFT p99 over 200 ms", f"{ttft_p99} > {c.TTFT_SLO_S}",
+                                  "red")])
