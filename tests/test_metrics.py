@@ -26,8 +26,10 @@ def test_bulk_itl_histogram_equals_per_value_recording():
     rng = random.Random(7)
     requests = [[rng.choice([0.0005, 0.001, 0.0025, 0.004, 0.2, 3.0]) * rng.uniform(0.5, 1.5)
                  for _ in range(rng.randint(0, 40))] for _ in range(25)]
-    reader = InMemoryMetricReader()
-    _, instruments = build_instruments(load_config(), Resource.create({}), "t", [reader])
+    # two readers, as with OTLP and Prometheus both on: each holds its own state
+    reader, second = InMemoryMetricReader(), InMemoryMetricReader()
+    _, instruments = build_instruments(load_config(), Resource.create({}), "t",
+                                       [reader, second])
     reference = InMemoryMetricReader()
     ref_hist = MeterProvider(metric_readers=[reference]).get_meter("r").create_histogram(
         "ref", explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
@@ -39,16 +41,17 @@ def test_bulk_itl_histogram_equals_per_value_recording():
             itls=itls))
         for v in itls:
             ref_hist.record(v, {"tenant": f"t{i % 2}"})
-    got = {p.attributes[sc.LLMTRACE_TENANT]: p
-           for p in _points(reader)[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]}
     want = {p.attributes["tenant"]: p for p in _points(reference)["ref"]}
-    assert got.keys() == want.keys() == {"t0", "t1"}
-    for tenant, p in got.items():
-        w = want[tenant]
-        assert tuple(p.bucket_counts) == tuple(w.bucket_counts)
-        assert p.count == w.count and abs(p.sum - w.sum) < 1e-9
-        assert (p.min, p.max) == (w.min, w.max)
-        assert tuple(p.explicit_bounds) == TPOT_BUCKETS
+    for r in (reader, second):
+        got = {p.attributes[sc.LLMTRACE_TENANT]: p
+               for p in _points(r)[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]}
+        assert got.keys() == want.keys() == {"t0", "t1"}
+        for tenant, p in got.items():
+            w = want[tenant]
+            assert tuple(p.bucket_counts) == tuple(w.bucket_counts)
+            assert p.count == w.count and abs(p.sum - w.sum) < 1e-9
+            assert (p.min, p.max) == (w.min, w.max)
+            assert tuple(p.explicit_bounds) == TPOT_BUCKETS
 
 
 def test_request_metrics_carry_fleet_labels_and_slo_bucket():

@@ -69,33 +69,40 @@ class BulkHistogramAggregation(ExplicitBucketHistogramAggregation):
     def __init__(self, boundaries: Sequence[float]) -> None:
         super().__init__(boundaries)
         self.boundaries = tuple(boundaries)
-        self.states: dict[frozenset, object] = {}
+        #: attribute set -> its state in every metric reader (OTLP and Prometheus each
+        #: hold their own)
+        self.states: dict[frozenset, list] = {}
 
     def _create_aggregation(self, instrument, attributes, reservoir_factory,
                             start_time_unix_nano):
         state = super()._create_aggregation(instrument, attributes, reservoir_factory,
                                             start_time_unix_nano)
-        self.states[frozenset((attributes or {}).items())] = state
+        self.states.setdefault(frozenset((attributes or {}).items()), []).append(state)
         return state
 
     def merge(self, attributes: dict, values: Sequence[float]) -> bool:
-        """Add ``values`` to the state of ``attributes``; False if that is not possible."""
-        state = self.states.get(frozenset(attributes.items()))
-        if state is None or not all(hasattr(state, f) for f in _BULK_FIELDS):
+        """Add ``values`` to every reader's state of ``attributes``; False if not possible.
+
+        Called after one value went through the API, which created the states.
+        """
+        states = self.states.get(frozenset(attributes.items()))
+        if not states or not all(hasattr(st, f) for st in states for f in _BULK_FIELDS):
             return False
         counts = [0] * (len(self.boundaries) + 1)
         for v in values:
             counts[bisect_left(self.boundaries, v)] += 1
-        with state._lock:
-            if state._value is None:
-                state._value = state._get_empty_bucket_counts()
-            bucket = state._value
-            for i, c in enumerate(counts):
-                if c:
-                    bucket[i] += c
-            state._sum += sum(values)
-            state._min = min(state._min, min(values))
-            state._max = max(state._max, max(values))
+        total, low, high = sum(values), min(values), max(values)
+        for state in states:
+            with state._lock:
+                if state._value is None:
+                    state._value = state._get_empty_bucket_counts()
+                bucket = state._value
+                for i, c in enumerate(counts):
+                    if c:
+                        bucket[i] += c
+                state._sum += total
+                state._min = min(state._min, low)
+                state._max = max(state._max, high)
         return True
 
 
