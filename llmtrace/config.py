@@ -58,6 +58,8 @@ class Config(BaseModel):
     cost_decode_weight: float = Field(default=1.0, ge=0.0)
     #: Instance type whose $/accelerator-hour prices this engine's time (price tables).
     instance_type: str = "unknown"
+    #: Price table (YAML, see examples/prices.yaml): USD cost at the source, every request.
+    prices: str | None = None
     #: Benchmark mode: measure llmtrace's own CPU time per hook with thread CPU clocks.
     measure_overhead: bool = False
 
@@ -113,6 +115,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "cost_prefill_weight": ("LLMTRACE_COST_PREFILL_WEIGHT",),
     "cost_decode_weight": ("LLMTRACE_COST_DECODE_WEIGHT",),
     "instance_type": ("LLMTRACE_INSTANCE_TYPE",),
+    "prices": ("LLMTRACE_PRICES",),
 }
 
 

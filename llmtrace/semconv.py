@@ -112,7 +112,7 @@ LLMTRACE_COST_BASIS: Final = 'llmtrace.cost.basis'
 LLMTRACE_COST_INSTANCE_TYPE: Final = 'llmtrace.cost.instance_type'
 """Accelerator instance type whose hourly price applies."""
 LLMTRACE_COST_USD: Final = 'llmtrace.cost.usd'
-"""Attributed cost in US dollars."""
+"""Attributed cost in US dollars: token prices on the request span, accelerator-hour price of the batch share on the engine-core span."""
 LLMTRACE_DECODE_CHUNK_INDEX: Final = 'llmtrace.decode.chunk.index'
 """Zero-based index of a decode chunk within the request."""
 LLMTRACE_DECODE_CHUNK_ITL_MAX: Final = 'llmtrace.decode.chunk.itl_max'
@@ -496,6 +496,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
     }),
     'llmtrace.engine.request': frozenset({
         'llmtrace.cost.accelerator_seconds',
+        'llmtrace.cost.usd',
         'llmtrace.engine.steps',
         'gen_ai.request.model',
         'llmtrace.tenant',

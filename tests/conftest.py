@@ -142,6 +142,8 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
             traces_to=f"http://127.0.0.1:{collector.ports['grpc']}",
             # metrics also for Prometheus: the API server's join vLLM's /metrics,
             # the engine core's get their own port
+            LLMTRACE_PRICES=str(REPO / "examples" / "prices.yaml"),
+            LLMTRACE_INSTANCE_TYPE="cpu",
             LLMTRACE_METRICS_EXPORTER="otlp,prometheus",
             OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
             OTEL_EXPORTER_PROMETHEUS_PORT=str(engine_metrics_port)))

@@ -323,9 +323,10 @@ def test_scrape_config_renames_vllm_metrics_back_to_colon_names():
     (drop,) = jobs["llmtrace-collector"]["metric_relabel_configs"]
     assert drop["action"] == "drop" and drop["source_labels"] == ["__name__"]
     for name in ("gen_ai_server_time_to_first_token_seconds_bucket",
-                 "llmtrace_server_requests_total", "llmtrace_cost_accelerator_seconds_total"):
+                 "llmtrace_server_requests_total", "llmtrace_cost_accelerator_seconds_total",
+                 "llmtrace_cost_usd_total", "llmtrace_pipeline_unpriced_requests_total"):
         assert re.fullmatch(drop["regex"], name), name
-    for name in ("llmtrace_cost_usd_total", "llmtrace_pipeline_dropped_spans_total",
+    for name in ("llmtrace_pipeline_dropped_spans_total",
                  "llmtrace_quality_score_bucket", "llmtrace_drift_psi"):
         assert not re.fullmatch(drop["regex"], name), name
 

@@ -2,10 +2,10 @@
 
 Prometheus (Debian's 2.42) scrapes vLLM's own /metrics (vLLM's ``vllm:*``
 series plus the API server's llmtrace metrics, which join vLLM's registry),
-the engine core's llmtrace port (cost, step time, idle time) and the llmtrace
-collector (USD cost and pipeline health only: the SDK already exports the
-latency series at the source, so the collector's copies are dropped, as the
-shipped scrape config does). The SLO rules are loaded, so the SLO panels'
+the engine core's llmtrace port (accelerator-seconds, busy and idle time, USD)
+and the llmtrace collector (pipeline health only: the SDK already exports the
+latency and cost series at the source, for every request, so the collector's
+copies are dropped, as the shipped scrape config does). The SLO rules are loaded, so the SLO panels'
 recording rules exist. Every panel query of every dashboard must parse, and
 every panel whose producer exists must return data.
 """

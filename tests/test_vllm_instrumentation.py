@@ -8,17 +8,20 @@ import secrets
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import httpx
 import pytest
 
 from llmtrace import semconv as sc
+from llmtrace.pipeline.pricing import PriceTable
 from llmtrace.testing.models import DENSE, MOE
 from llmtrace.testing.otlp_receiver import OTLPReceiver, ReceivedSpan
 from llmtrace.testing.registry import assert_in_registry
 from llmtrace.testing.stream_client import StreamTiming, run_load
 
 pytestmark = pytest.mark.vllm
+PRICES = Path(__file__).resolve().parents[1] / "examples" / "prices.yaml"
 
 LONG_TEXT = " ".join(f"Topic {i} concerns the scheduler and the prefix cache." for i in range(24))
 
@@ -146,6 +149,12 @@ def test_every_request_has_the_complete_tree(instrumented_servers, otlp_receiver
             (engine.end_ns - engine.start_ns) / 1e9
         assert (e[sc.LLMTRACE_TENANT], e[sc.GEN_AI_REQUEST_MODEL]) == ("tenant-a", DENSE)
         assert e[sc.LLMTRACE_REQUEST_FINISH_REASON] == "length"
+        table = PriceTable.load(PRICES)
+        assert e[sc.LLMTRACE_COST_USD] == pytest.approx(
+            table.accelerator_cost(e[sc.LLMTRACE_COST_ACCELERATOR_SECONDS], "cpu"))
+        assert a[sc.LLMTRACE_COST_USD] == pytest.approx(table.token_cost(
+            DENSE, a[sc.GEN_AI_USAGE_INPUT_TOKENS], a[sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS],
+            a[sc.GEN_AI_USAGE_OUTPUT_TOKENS]))
         # phases in order: queue, then prefill, then decode
         assert queue.end_ns <= prefill.start_ns and prefill.end_ns <= decode.start_ns
         assert [e.name for e in root.events] == [sc.EVENT_LLMTRACE_FIRST_TOKEN]
@@ -336,6 +345,23 @@ def test_metrics_at_the_source_count_every_request(instrumented_servers, otlp_re
                  sc.METRIC_LLMTRACE_SERVER_DECODE_DURATION,
                  sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION):
         assert _latest(points, name, **labels).count == 6
+    # USD at the source, for every request (the unsampled one too): token prices for the
+    # API server, the batch share times the instance's hourly price for the engine core
+    table = PriceTable.load(PRICES)
+    cached = _latest(points, sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS, **labels)
+    usd = _latest(points, sc.METRIC_LLMTRACE_COST_USD, **labels,
+                  **{sc.LLMTRACE_COST_BASIS: "price_table"})
+    assert usd.value == pytest.approx(table.token_cost(
+        DENSE, prompt.value, cached.value if cached else 0, tokens.value))
+
+    def engine_costed(rx: OTLPReceiver) -> bool:
+        seconds = _latest(rx.points(), sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS, **labels)
+        cost = _latest(rx.points(), sc.METRIC_LLMTRACE_COST_USD, **labels,
+                       **{sc.LLMTRACE_COST_BASIS: "batch_share"})
+        return bool(seconds and cost and cost.value == pytest.approx(
+            table.accelerator_cost(seconds.value, "cpu")))
+
+    assert otlp_receiver.wait_for(engine_costed, 20)
     # the unsampled request left no spans
     assert not [s for s in otlp_receiver.spans() if s.trace_id == trace_id]
 

@@ -123,6 +123,7 @@ class Telemetry:
         #: the host already serves prometheus_client's REGISTRY (vLLM's API server
         #: /metrics): the Prometheus reader joins it and no extra port is opened
         self.metrics_served_by_host = False
+        self._prices = False  # not loaded yet
 
     def resource(self) -> Resource:
         attrs = {"service.name": self.config.service_name} if self.config.service_name else {}
@@ -147,6 +148,20 @@ class Telemetry:
                     self._tracer = provider.get_tracer(self.scope, __version__,
                                                        schema_url=None)
         return self._tracer
+
+    @property
+    def prices(self):
+        """The configured price table, loaded once; None without one or if it is bad."""
+        if self._prices is False:
+            self._prices = None
+            if self.config.prices:
+                from llmtrace.pipeline.pricing import PriceTable, PriceTableError
+
+                try:
+                    self._prices = PriceTable.load(self.config.prices)
+                except PriceTableError as exc:  # never break the host: no USD, one warning
+                    logger.warning("llmtrace: price table not used: %s", exc)
+        return self._prices
 
     def child_span(self, name: str, parent: Context | Span, start_ns: int,
                    attributes: dict[str, Any] | None = None) -> Span:

@@ -183,18 +183,33 @@ class Instruments:
         self.preemptions = counter(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
         # engine core: batch-share cost attribution
         self.accelerator_seconds = counter(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
+        self.cost_usd = counter(sc.METRIC_LLMTRACE_COST_USD)
+        self.unpriced = counter(sc.METRIC_LLMTRACE_PIPELINE_UNPRICED_REQUESTS)
         #: the engine-core tracer's running totals, read at collection (no per-step
         #: SDK call): () -> (busy seconds, steps, idle seconds, model/version labels)
         self.engine_totals: Callable[[], tuple[float, int, float, dict]] | None = None
 
-    def record_engine_usage(self, model: str, tenant: str, version: str,
-                            seconds: float) -> None:
-        """One finished request's batch share, at the engine core (every request)."""
-        self.accelerator_seconds.add(seconds, {
+    def _cost_labels(self, model: str, tenant: str, version: str, basis: str) -> dict:
+        return {
             sc.GEN_AI_REQUEST_MODEL: self.labels(sc.GEN_AI_REQUEST_MODEL, model),
             sc.LLMTRACE_TENANT: self.labels(sc.LLMTRACE_TENANT, tenant),
             sc.LLMTRACE_DEPLOYMENT_VERSION: self.labels(sc.LLMTRACE_DEPLOYMENT_VERSION, version),
-            sc.LLMTRACE_COST_BASIS: "batch_share"}, _NO_CONTEXT)
+            sc.LLMTRACE_COST_BASIS: basis}
+
+    def record_engine_usage(self, model: str, tenant: str, version: str,
+                            seconds: float) -> None:
+        """One finished request's batch share, at the engine core (every request)."""
+        self.accelerator_seconds.add(
+            seconds, self._cost_labels(model, tenant, version, "batch_share"), _NO_CONTEXT)
+
+    def record_cost(self, model: str, tenant: str, version: str, basis: str,
+                    usd: float | None) -> None:
+        """One request's USD on ``basis``; None (no price) is counted as unpriced."""
+        labels = self._cost_labels(model, tenant, version, basis)
+        if usd is None:
+            self.unpriced.add(1, labels, _NO_CONTEXT)
+        else:
+            self.cost_usd.add(usd, labels, _NO_CONTEXT)
 
     def record(self, m: RequestMetrics) -> None:
         base = {

@@ -259,15 +259,24 @@ class EngineTracer:
 
     def _count_usage(self, u: Usage, rec: EngineRecord | None, status: Any, now: int) -> None:
         version = self.config.deployment_version
+        prices = self.telemetry.prices
+        usd = None
+        if prices is not None:
+            instance = self.config.instance_type
+            usd = prices.accelerator_cost(u.seconds, None if instance == "unknown" else instance)
         if self.config.metrics_enabled:
-            self.telemetry.instruments.record_engine_usage(self.model, u.tenant, version,
-                                                           u.seconds)
+            instruments = self.telemetry.instruments
+            instruments.record_engine_usage(self.model, u.tenant, version, u.seconds)
+            if prices is not None:
+                instruments.record_cost(self.model, u.tenant, version, "batch_share", usd)
         if rec is None:
             return
         attrs: dict[str, Any] = {
             sc.LLMTRACE_COST_ACCELERATOR_SECONDS: u.seconds, sc.LLMTRACE_ENGINE_STEPS: u.steps,
             sc.GEN_AI_REQUEST_MODEL: self.model, sc.LLMTRACE_TENANT: u.tenant,
             sc.LLMTRACE_DEPLOYMENT_VERSION: version}
+        if usd is not None:
+            attrs[sc.LLMTRACE_COST_USD] = usd
         name = getattr(status, "name", "")
         if name.startswith("FINISHED_"):
             reason = name.removeprefix("FINISHED_").lower()
@@ -288,6 +297,7 @@ class EngineTracer:
                                  sc.LLMTRACE_DEPLOYMENT_VERSION: self.config.deployment_version}
             self._last_end_ns = time.time_ns()
             _ = self.telemetry.tracer  # exporter set up at start-up, not on a busy step
+            _ = self.telemetry.prices  # a bad price table warns at start-up
             if self.config.metrics_enabled:
                 self.telemetry.instruments.engine_totals = self.totals
         return result

@@ -300,6 +300,9 @@ class FrontendTracer:
             preemptions = stats.num_preemptions
         cached = int(getattr(rec.req_state, "num_cached_tokens", 0) or 0)
         e2e = (end - rec.arrival_ns) / 1e9
+        prices = self.telemetry.prices
+        usd = prices.token_cost(rec.model, rec.prompt_tokens, cached, rec.output_tokens) \
+            if prices is not None else None
         if rec.sampled:
             self._close_chunk(rec, end)
             if rec.decode_span is not None:
@@ -323,6 +326,8 @@ class FrontendTracer:
             if decode is not None and rec.output_tokens > 1:
                 attrs[sc.LLMTRACE_LATENCY_TIME_PER_OUTPUT_TOKEN] = decode / (
                     rec.output_tokens - 1)
+            if usd is not None:
+                attrs[sc.LLMTRACE_COST_USD] = usd
             if gone:
                 attrs[sc.LLMTRACE_REQUEST_CLIENT_DISCONNECTED] = True
             if error_type:
@@ -337,6 +342,9 @@ class FrontendTracer:
             rec.span.set_attributes(attrs)
             rec.span.end(end_time=end)
         if self.config.metrics_enabled:
+            if prices is not None:
+                self.telemetry.instruments.record_cost(
+                    rec.model, rec.tenant, self.config.deployment_version, "price_table", usd)
             self.telemetry.instruments.record(RequestMetrics(
                 model=rec.model, tenant=rec.tenant, version=self.config.deployment_version,
                 finish_reason=reason, error_type=error_type, ttft=ttft, e2e=e2e, queue=queue,
@@ -392,6 +400,7 @@ class FrontendTracer:
             # vLLM's API server serves prometheus_client's default registry on /metrics;
             # the engine core, another process, opens OTEL_EXPORTER_PROMETHEUS_PORT.
             self.telemetry.metrics_served_by_host = True
+            _ = self.telemetry.prices  # a bad price table warns at start-up
             if self.config.metrics_enabled:
                 _ = self.telemetry.instruments
         return result
