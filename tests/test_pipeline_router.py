@@ -294,3 +294,32 @@ def test_otlp_protobuf_filtered_with_router_wanted_keeps_what_routing_needs():
     assert "llm_d.epp.scorer.score.avg" not in str([s.attributes for s in kept])
     assert routing_of(kept) == routing_of(_views(_pd_request(split=True)))
     assert routing_of(kept)[sc.LLMTRACE_ROUTER_ENDPOINT] == "llm-d/decode-1"
+
+
+def test_assembler_joins_router_spans_that_came_before_the_request():
+    """Through the real TraceAssembler: the EPP's spans wait with the trace for its root."""
+    from llmtrace.pipeline.assembler import TraceAssembler
+    from llmtrace.pipeline.spans import wanted_keys
+
+    records = []
+    clock = [0.0]
+    assembler = TraceAssembler(records.append, window_s=10, clock=lambda: clock[0])
+    router = [v for v in _views(_pd_request(split=True)) if wanted_keys(v.name) is not None]
+    assert router and len(router) < len(_pd_request(split=True))  # EPP-internal spans skipped
+    assembler.add(router)
+    assert len(assembler) == 1  # held, waiting for the request
+    assembler.add([_engine_root()])
+    [record] = records
+    assert record.routing == routing_of(router)
+    assert record.routing[sc.LLMTRACE_ROUTER_ENDPOINT] == "llm-d/decode-1"
+    assert len(assembler) == 0 and not assembler.dropped
+
+    # router spans after their request are not joined: they expire, counted
+    late = [v for v in _views(_pd_request(split=False), trace=OTHER_TRACE)
+            if wanted_keys(v.name) is not None]
+    assembler.add([_engine_root(OTHER_TRACE)])
+    assembler.add(late)
+    assert records[-1].routing == {}
+    clock[0] = 11.0
+    assembler.expire()
+    assert assembler.dropped["window"] == len(late)
