@@ -323,3 +323,36 @@ def test_assembler_joins_router_spans_that_came_before_the_request():
     clock[0] = 11.0
     assembler.expire()
     assert assembler.dropped["window"] == len(late)
+
+
+def test_request_is_held_for_router_spans_that_come_later():
+    """router_wait_s: the router exports on its own schedule, often after the engine."""
+    from llmtrace.pipeline.assembler import TraceAssembler
+    from llmtrace.pipeline.spans import wanted_keys
+
+    records = []
+    clock = [0.0]
+    assembler = TraceAssembler(records.append, window_s=30, router_wait_s=5,
+                               clock=lambda: clock[0])
+    router = [v for v in _views(_pd_request(split=False)) if wanted_keys(v.name) is not None]
+    assembler.add([_engine_root()])
+    assert records == []  # held
+    clock[0] = 2.0
+    assembler.add(router)
+    [record] = records  # derived as soon as the router pass arrived
+    assert record.routing == routing_of(router)
+    assert len(assembler) == 0 and not assembler.dropped
+
+    # no router spans at all: derived without routing at the deadline, nothing lost
+    assembler.add([_engine_root(OTHER_TRACE)])
+    clock[0] = 6.9
+    assembler.expire()
+    assert len(records) == 1
+    clock[0] = 7.1
+    assembler.expire()
+    assert len(records) == 2 and records[-1].routing == {}
+    # shutdown derives whatever is still held
+    third = b"\x33" * 16
+    assembler.add([_engine_root(third)])
+    assembler.flush()
+    assert len(records) == 3 and records[-1].trace_id == third.hex()

@@ -36,6 +36,8 @@ class CollectorConfig(BaseModel):
     #: how long spans wait for their request span, and how many traces may wait
     window_s: float = Field(default=60.0, gt=0)
     max_traces: int = Field(default=50_000, ge=1)
+    #: hold a request's derivation this long for its router (llm-d) spans; 0: no wait
+    router_wait_s: float = Field(default=0.0, ge=0)
     #: require ``Authorization: Bearer <token>`` on ingest (env LLMTRACE_COLLECTOR_TOKEN)
     bearer_token: str | None = None
     #: price table (YAML) for USD cost; without it only accelerator-seconds are counted

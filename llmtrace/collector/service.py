@@ -81,7 +81,8 @@ class CollectorService:
         self.metrics = DerivedMetrics(max_label_values=config.max_label_values, prices=prices)
         self._on_record, self._on_usage = on_record, on_usage
         self.assembler = TraceAssembler(self._record, on_usage=self._usage,
-                                        window_s=config.window_s, max_traces=config.max_traces)
+                                        window_s=config.window_s, max_traces=config.max_traces,
+                                        router_wait_s=config.router_wait_s)
         reg = self.metrics.registry
 
         def counter(metric: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -185,6 +186,7 @@ class CollectorService:
                 self._tick()
                 continue
             if batch is None:
+                self.assembler.flush()  # roots held for router spans are derived, not lost
                 self._tick()
                 return
             try:

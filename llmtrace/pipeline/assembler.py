@@ -7,9 +7,12 @@ several calls under one ``traceparent``), so decode chunks are matched to their
 own root through the decode span, not by trace id alone.
 
 Router (llm-d) spans of a trace wait with it and go to the first request root
-that arrives after them; router spans arriving after the root are not joined
-(they expire, counted). Engine-core usage spans carry their own labels and are
-aggregated at once, never held.
+that arrives after them. The router exports on its own schedule, often after
+the engine: with ``router_wait_s`` > 0 a root whose trace has no router spans
+yet is held that long (bounded, never lost) and derived as soon as they come,
+or without them at the deadline. Router spans that arrive later still are not
+joined (they expire, counted). Engine-core usage spans carry their own labels
+and are aggregated at once, never held.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class TraceAssembler:
     def __init__(self, on_record: Callable[[RequestRecord], None], *,
                  on_usage: Callable[[UsageRecord], None] | None = None,
                  window_s: float = 60.0, max_traces: int = 50_000,
+                 router_wait_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.on_record = on_record
         self.on_usage = on_usage
@@ -40,16 +44,25 @@ class TraceAssembler:
         self._open: OrderedDict[bytes, tuple[float, list[SpanView]]] = OrderedDict()
         self.dropped: Counter[str] = Counter()
         self.derived = 0
+        self.router_wait_s = router_wait_s
+        #: roots held for their router spans: trace id -> [(deadline, root)], oldest first
+        self._held: OrderedDict[bytes, list[tuple[float, SpanView]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._open)
 
     def add(self, spans: Iterable[SpanView]) -> None:
         now = self.clock()
+        routed: set[bytes] = set()
         for span in spans:
             if span.name in ROOTS:
-                self._derive(span)
+                if self.router_wait_s > 0 and not self._has_router(span.trace_id):
+                    self._hold(span, now)
+                else:
+                    self._derive(span)
                 continue
+            if span.name not in _REQUEST_SIDE:
+                routed.add(span.trace_id)
             if span.name in USAGE:
                 if self.on_usage is not None:
                     self.on_usage(derive_usage(span))
@@ -62,7 +75,27 @@ class TraceAssembler:
                 entry = (now, [])
                 self._open[span.trace_id] = entry
             entry[1].append(span)
+        for trace_id in routed & self._held.keys():  # the router pass came: derive now
+            for _, root in self._held.pop(trace_id):
+                self._derive(root)
         self.expire(now)
+
+    def _has_router(self, trace_id: bytes) -> bool:
+        entry = self._open.get(trace_id)
+        return entry is not None and any(s.name not in _REQUEST_SIDE for s in entry[1])
+
+    def _hold(self, root: SpanView, now: float) -> None:
+        if sum(len(v) for v in self._held.values()) >= self.max_traces:
+            _, oldest = self._held.popitem(last=False)  # full: derive without routing
+            for _, r in oldest:
+                self._derive(r)
+        self._held.setdefault(root.trace_id, []).append((now + self.router_wait_s, root))
+
+    def flush(self) -> None:
+        """Derive every held root now (shutdown)."""
+        while self._held:
+            for _, root in self._held.popitem(last=False)[1]:
+                self._derive(root)
 
     def _derive(self, root: SpanView) -> None:
         entry = self._open.get(root.trace_id)
@@ -89,8 +122,15 @@ class TraceAssembler:
         self.on_record(record)
 
     def expire(self, now: float | None = None) -> None:
-        """Evict traces whose root never came within the window (counted)."""
+        """Derive held roots past their deadline; evict traces whose root never came."""
         now = self.clock() if now is None else now
+        while self._held:
+            trace_id, roots = next(iter(self._held.items()))
+            if roots[0][0] > now:
+                break
+            del self._held[trace_id]
+            for _, root in roots:
+                self._derive(root)
         while self._open:
             tid, (first_seen, spans) = next(iter(self._open.items()))
             if now - first_seen < self.window_s:
