@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from llmtrace.collector import CollectorConfig, CollectorService
 from llmtrace.testing.models import DENSE, MOE, TinyModels, ensure_models
 from llmtrace.testing.otlp_receiver import OTLPReceiver
+from llmtrace.testing.ports import free_port
 from llmtrace.testing.vllm_server import ServerConfig, ServerPool, VLLMServer, chat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,9 +119,7 @@ def instrumented_env(receiver: OTLPReceiver, service: str, traces_to: str | None
 @pytest.fixture(scope="session")
 def engine_metrics_port() -> int:
     """Where the instrumented dense engine core serves its Prometheus metrics."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from opentelemetry.sdk.resources import Resource
 from llmtrace import semconv as sc
 from llmtrace.config import load_config
 from llmtrace.telemetry.metrics import TPOT_BUCKETS, TTFT_BUCKETS, RequestMetrics, build_instruments
+from llmtrace.testing.ports import free_port
 
 
 def _points(reader: InMemoryMetricReader) -> dict[str, list]:
@@ -76,16 +77,12 @@ def test_request_metrics_carry_fleet_labels_and_slo_bucket():
 
 
 def test_prometheus_endpoint_exposes_registry_names(monkeypatch):
-    import socket
-
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     from llmtrace.telemetry import Telemetry
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = load_config(metrics_exporter="prometheus", prometheus_host="127.0.0.1",
                       prometheus_port=port)
     telemetry = Telemetry(cfg)

@@ -89,11 +89,9 @@ def spans_from_request(request: ExportTraceServiceRequest) -> Iterator[SpanView]
         resource = None
         for ss in rs.scope_spans:
             for span in ss.spans:
-                keys = WANTED.get(span.name)
+                keys = wanted_keys(span.name)
                 if keys is None:
-                    keys = router_keys(span.name)  # custom scorer plugins
-                    if keys is None:
-                        continue
+                    continue
                 if resource is None:
                     resource = _pick(rs.resource.attributes, RESOURCE_KEYS)
                 yield SpanView(span.name, span.trace_id, span.span_id, span.parent_span_id,

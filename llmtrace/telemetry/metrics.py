@@ -288,21 +288,30 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
         return [Observation(total, {sc.LLMTRACE_TELEMETRY_REASON: "cardinality_cap"})] \
             if total else []
 
-    def engine(index: int):
-        def observe(_: CallbackOptions):
-            totals = instruments.engine_totals
-            if totals is None:
-                return []
-            busy, steps, idle, labels = totals()
-            if index == 2:
-                return [Observation(idle, {sc.LLMTRACE_COST_INSTANCE_TYPE:
-                                           config.instance_type})]
-            return [Observation((busy, steps)[index], labels)]
-        return observe
+    def busy(_: CallbackOptions):
+        totals = instruments.engine_totals
+        if totals is None:
+            return []
+        seconds, _steps, _idle, labels = totals()
+        return [Observation(seconds, labels)]
 
-    for name, callback in ((sc.METRIC_LLMTRACE_ENGINE_BUSY, engine(0)),
-                           (sc.METRIC_LLMTRACE_ENGINE_STEPS, engine(1)),
-                           (sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS, engine(2)),
+    def steps(_: CallbackOptions):
+        totals = instruments.engine_totals
+        if totals is None:
+            return []
+        _busy, count, _idle, labels = totals()
+        return [Observation(count, labels)]
+
+    def idle(_: CallbackOptions):
+        totals = instruments.engine_totals
+        if totals is None:
+            return []
+        _busy, _steps, seconds, _labels = totals()
+        return [Observation(seconds, {sc.LLMTRACE_COST_INSTANCE_TYPE: config.instance_type})]
+
+    for name, callback in ((sc.METRIC_LLMTRACE_ENGINE_BUSY, busy),
+                           (sc.METRIC_LLMTRACE_ENGINE_STEPS, steps),
+                           (sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS, idle),
                            (sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, hook_errors),
                            (sc.METRIC_LLMTRACE_TELEMETRY_DROPPED, dropped),
                            (sc.METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS, overflows)):

@@ -7,7 +7,6 @@ would see it. It is deliberately small: decode, flatten, store, and wait.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from llmtrace.collector.otlp import OTLPError, decode
+from llmtrace.testing.ports import free_port
 
 
 def any_value(value: AnyValue) -> Any:
@@ -235,12 +235,6 @@ def _make_handler(store: _Store) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class OTLPReceiver:
     """OTLP/gRPC and OTLP/HTTP receiver on loopback; use as a context manager."""
 
@@ -266,7 +260,7 @@ class OTLPReceiver:
             _TraceServicer(self._store), self._grpc)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
             _MetricsServicer(self._store), self._grpc)
-        self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{_free_port()}")
+        self.grpc_port = self._grpc.add_insecure_port(f"{self.host}:{free_port()}")
         self._grpc.start()
         self._http = ThreadingHTTPServer((self.host, 0), _make_handler(self._store))
         self._http.daemon_threads = True

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,28 +21,18 @@ from typing import Any
 
 import yaml
 
-#: vLLM names its metrics ``vllm:*``; prometheus_client >= 0.22 writes them as
-#: ``vllm_*`` when Prometheus 2.x negotiates OpenMetrics. Map them back so
-#: queries use vLLM's documented names (dashboards/prometheus/scrape-vllm.yml).
-VLLM_COLON_RELABEL = {"source_labels": ["__name__"], "regex": "vllm_(.+)",
-                      "target_label": "__name__", "replacement": "vllm:$1"}
+from llmtrace.testing.ports import free_port
 
 
 class PrometheusError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrometheusServer:
     def __init__(self, workdir: Path, scrape_configs: list[dict[str, Any]],
                  rule_files: list[Path] = (), interval: str = "1s") -> None:
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port()
         self.config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
             "scrape_configs": scrape_configs,

@@ -37,6 +37,9 @@ from llmtrace.telemetry.guard import HookGuard
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 QUEUED, PREFILL, RUNNING, PREEMPTED = range(4)
+#: vLLM's RequestStatus.FINISHED_<X> (lower-cased) -> llmtrace.request.finish_reason
+_STATUS_REASONS = {"stopped": "stop", "length_capped": "length", "aborted": "abort",
+                   "ignored": "error"}
 
 
 @dataclass(eq=False)
@@ -280,9 +283,7 @@ class EngineTracer:
         name = getattr(status, "name", "")
         if name.startswith("FINISHED_"):
             reason = name.removeprefix("FINISHED_").lower()
-            attrs[sc.LLMTRACE_REQUEST_FINISH_REASON] = {"stopped": "stop", "length_capped":
-                                                        "length", "aborted": "abort",
-                                                        "ignored": "error"}.get(reason, reason)
+            attrs[sc.LLMTRACE_REQUEST_FINISH_REASON] = _STATUS_REASONS.get(reason, reason)
         span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, rec.parent,
                                          u.added_ns, attrs)
         span.end(end_time=now)
