@@ -115,12 +115,16 @@ LLMTRACE_COST_USD: Final = 'llmtrace.cost.usd'
 """Attributed cost in US dollars: token prices on the request span, accelerator-hour price of the batch share on the engine-core span."""
 LLMTRACE_DECODE_CHUNK_INDEX: Final = 'llmtrace.decode.chunk.index'
 """Zero-based index of a decode chunk within the request."""
+LLMTRACE_DECODE_CHUNK_ITL_BUCKET_COUNTS: Final = 'llmtrace.decode.chunk.itl_bucket_counts'
+"""The chunk's inter-token latencies counted in the ITL histogram's buckets."""
 LLMTRACE_DECODE_CHUNK_ITL_MAX: Final = 'llmtrace.decode.chunk.itl_max'
 """Largest inter-token latency inside the chunk, seconds."""
 LLMTRACE_DECODE_CHUNK_ITL_MEAN: Final = 'llmtrace.decode.chunk.itl_mean'
 """Mean inter-token latency inside the chunk, seconds."""
 LLMTRACE_DECODE_CHUNK_ITL_MIN: Final = 'llmtrace.decode.chunk.itl_min'
 """Smallest inter-token latency inside the chunk, seconds."""
+LLMTRACE_DECODE_CHUNK_ITL_SUM: Final = 'llmtrace.decode.chunk.itl_sum'
+"""Sum of the inter-token latencies inside the chunk, seconds."""
 LLMTRACE_DECODE_CHUNK_TOKENS: Final = 'llmtrace.decode.chunk.tokens'
 """Output tokens produced inside the decode chunk."""
 LLMTRACE_DEPLOYMENT_VERSION: Final = 'llmtrace.deployment.version'
@@ -142,17 +146,21 @@ LLMTRACE_KV_TRANSFER_REMOTE_ENGINE: Final = 'llmtrace.kv_transfer.remote_engine'
 LLMTRACE_KV_TRANSFER_TOKENS: Final = 'llmtrace.kv_transfer.tokens'
 """Tokens whose KV blocks were transferred."""
 LLMTRACE_LATENCY_DECODE: Final = 'llmtrace.latency.decode'
-"""First token to last token, seconds."""
+"""First token written to last output token, seconds (includes decode-time preemptions)."""
 LLMTRACE_LATENCY_E2E: Final = 'llmtrace.latency.e2e'
-"""Arrival to final output token, seconds."""
+"""Request read to final output token (or the failure), seconds."""
+LLMTRACE_LATENCY_FIRST_TOKEN_DELIVERY: Final = 'llmtrace.latency.first_token_delivery'
+"""Prompt done to the first response byte written, seconds."""
 LLMTRACE_LATENCY_PREFILL: Final = 'llmtrace.latency.prefill'
-"""First scheduled to first token, seconds."""
+"""First scheduled to prompt done (the engine output carrying the first token), less re-queue waits, seconds."""
+LLMTRACE_LATENCY_PREPROCESS: Final = 'llmtrace.latency.preprocess'
+"""Request read to engine arrival (handed to the engine client), seconds."""
 LLMTRACE_LATENCY_QUEUE: Final = 'llmtrace.latency.queue'
-"""Total time waiting to be scheduled (including after preemptions), seconds."""
+"""Engine arrival to first scheduled, plus re-queue waits after preemptions before the first token, seconds."""
 LLMTRACE_LATENCY_TIME_PER_OUTPUT_TOKEN: Final = 'llmtrace.latency.time_per_output_token'
-"""Mean decode time per output token after the first, seconds."""
+"""Decode time divided by output tokens after the first, seconds."""
 LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN: Final = 'llmtrace.latency.time_to_first_token'
-"""Arrival to first output token, seconds."""
+"""Request bytes read by the HTTP server to the first response byte written, seconds."""
 LLMTRACE_MOE_LAYER: Final = 'llmtrace.moe.layer'
 """MoE layer index."""
 LLMTRACE_MOE_LOAD_IMBALANCE: Final = 'llmtrace.moe.load_imbalance'
@@ -179,6 +187,8 @@ LLMTRACE_QUALITY_DIMENSION: Final = 'llmtrace.quality.dimension'
 """Quality dimension a score refers to."""
 LLMTRACE_QUEUE_REASON: Final = 'llmtrace.queue.reason'
 """Why the request was waiting."""
+LLMTRACE_RECORD_SOURCE: Final = 'llmtrace.record.source'
+"""Which request record, and so which definitions, a derived series carries."""
 LLMTRACE_REQUEST_CLIENT_DISCONNECTED: Final = 'llmtrace.request.client_disconnected'
 """The client closed the connection before the response ended. vLLM may abort the request or, when the stream is not closed promptly, run it to completion for nobody (wasted accelerator time)."""
 LLMTRACE_REQUEST_FINISH_REASON: Final = 'llmtrace.request.finish_reason'
@@ -260,6 +270,13 @@ class LlmtraceQueueReasonValues(StrEnum):
     PREEMPTION = 'preemption'
 
 
+class LlmtraceRecordSourceValues(StrEnum):
+    """Values of ``llmtrace.record.source``."""
+
+    LLMTRACE = 'llmtrace'
+    VLLM_BUILTIN = 'vllm_builtin'
+
+
 class LlmtraceRequestFinishReasonValues(StrEnum):
     """Values of ``llmtrace.request.finish_reason``."""
 
@@ -276,11 +293,13 @@ SPAN_LLMTRACE_DECODE: Final = 'llmtrace.decode'
 SPAN_LLMTRACE_DECODE_CHUNK: Final = 'llmtrace.decode.chunk'
 SPAN_LLMTRACE_ENGINE_REQUEST: Final = 'llmtrace.engine.request'
 SPAN_LLMTRACE_ENGINE_STEP: Final = 'llmtrace.engine.step'
+SPAN_LLMTRACE_FIRST_TOKEN_DELIVERY: Final = 'llmtrace.first_token_delivery'
 SPAN_LLMTRACE_KV_TRANSFER: Final = 'llmtrace.kv_transfer'
 SPAN_LLMTRACE_MOE_DISPATCH: Final = 'llmtrace.moe.dispatch'
 SPAN_LLMTRACE_PREEMPTION: Final = 'llmtrace.preemption'
 SPAN_LLMTRACE_PREFILL: Final = 'llmtrace.prefill'
 SPAN_LLMTRACE_PREFILL_CHUNK: Final = 'llmtrace.prefill.chunk'
+SPAN_LLMTRACE_PREPROCESS: Final = 'llmtrace.preprocess'
 SPAN_LLMTRACE_PROFILER_REGION: Final = 'llmtrace.profiler.region'
 SPAN_LLMTRACE_QUEUE: Final = 'llmtrace.queue'
 SPAN_LLMTRACE_REQUEST: Final = 'llmtrace.request'
@@ -315,10 +334,12 @@ METRIC_LLMTRACE_QUALITY_HALLUCINATIONS: Final = 'llmtrace.quality.hallucinations
 METRIC_LLMTRACE_QUALITY_SCORE: Final = 'llmtrace.quality.score'
 METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS: Final = 'llmtrace.server.cached_prompt_tokens'
 METRIC_LLMTRACE_SERVER_DECODE_DURATION: Final = 'llmtrace.server.decode.duration'
+METRIC_LLMTRACE_SERVER_FIRST_TOKEN_DELIVERY_DURATION: Final = 'llmtrace.server.first_token_delivery.duration'
 METRIC_LLMTRACE_SERVER_GENERATION_TOKENS: Final = 'llmtrace.server.generation_tokens'
 METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY: Final = 'llmtrace.server.inter_token_latency'
 METRIC_LLMTRACE_SERVER_PREEMPTIONS: Final = 'llmtrace.server.preemptions'
 METRIC_LLMTRACE_SERVER_PREFILL_DURATION: Final = 'llmtrace.server.prefill.duration'
+METRIC_LLMTRACE_SERVER_PREPROCESS_DURATION: Final = 'llmtrace.server.preprocess.duration'
 METRIC_LLMTRACE_SERVER_PROMPT_TOKENS: Final = 'llmtrace.server.prompt_tokens'
 METRIC_LLMTRACE_SERVER_QUEUE_DURATION: Final = 'llmtrace.server.queue.duration'
 METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS: Final = 'llmtrace.server.request.generation_tokens'
@@ -361,9 +382,11 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.cost.instance_type',
     'llmtrace.cost.usd',
     'llmtrace.decode.chunk.index',
+    'llmtrace.decode.chunk.itl_bucket_counts',
     'llmtrace.decode.chunk.itl_max',
     'llmtrace.decode.chunk.itl_mean',
     'llmtrace.decode.chunk.itl_min',
+    'llmtrace.decode.chunk.itl_sum',
     'llmtrace.decode.chunk.tokens',
     'llmtrace.deployment.version',
     'llmtrace.drift.feature',
@@ -376,7 +399,9 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.kv_transfer.tokens',
     'llmtrace.latency.decode',
     'llmtrace.latency.e2e',
+    'llmtrace.latency.first_token_delivery',
     'llmtrace.latency.prefill',
+    'llmtrace.latency.preprocess',
     'llmtrace.latency.queue',
     'llmtrace.latency.time_per_output_token',
     'llmtrace.latency.time_to_first_token',
@@ -393,6 +418,7 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.profiler.region',
     'llmtrace.quality.dimension',
     'llmtrace.queue.reason',
+    'llmtrace.record.source',
     'llmtrace.request.client_disconnected',
     'llmtrace.request.finish_reason',
     'llmtrace.request.id',
@@ -450,11 +476,13 @@ SPAN_KINDS: Final[dict[str, str]] = {
     'llmtrace.decode.chunk': 'internal',
     'llmtrace.engine.request': 'internal',
     'llmtrace.engine.step': 'internal',
+    'llmtrace.first_token_delivery': 'internal',
     'llmtrace.kv_transfer': 'internal',
     'llmtrace.moe.dispatch': 'internal',
     'llmtrace.preemption': 'internal',
     'llmtrace.prefill': 'internal',
     'llmtrace.prefill.chunk': 'internal',
+    'llmtrace.preprocess': 'internal',
     'llmtrace.profiler.region': 'internal',
     'llmtrace.queue': 'internal',
     'llmtrace.request': 'server',
@@ -493,6 +521,8 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.decode.chunk.itl_min',
         'llmtrace.decode.chunk.itl_mean',
         'llmtrace.decode.chunk.itl_max',
+        'llmtrace.decode.chunk.itl_sum',
+        'llmtrace.decode.chunk.itl_bucket_counts',
     }),
     'llmtrace.engine.request': frozenset({
         'llmtrace.cost.accelerator_seconds',
@@ -508,6 +538,8 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.step.batch_size',
         'llmtrace.step.scheduled_tokens',
         'llmtrace.engine.index',
+    }),
+    'llmtrace.first_token_delivery': frozenset({
     }),
     'llmtrace.kv_transfer': frozenset({
         'llmtrace.kv_transfer.connector',
@@ -538,6 +570,8 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.step.batch_size',
         'llmtrace.step.scheduled_tokens',
         'llmtrace.step.index',
+    }),
+    'llmtrace.preprocess': frozenset({
     }),
     'llmtrace.profiler.region': frozenset({
         'llmtrace.profiler.region',
@@ -579,8 +613,10 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.request.client_disconnected',
         'llmtrace.latency.time_to_first_token',
         'llmtrace.latency.e2e',
+        'llmtrace.latency.preprocess',
         'llmtrace.latency.queue',
         'llmtrace.latency.prefill',
+        'llmtrace.latency.first_token_delivery',
         'llmtrace.latency.decode',
         'llmtrace.latency.time_per_output_token',
         'llmtrace.cost.accelerator_seconds',
@@ -625,10 +661,12 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.quality.score': 'histogram',
     'llmtrace.server.cached_prompt_tokens': 'counter',
     'llmtrace.server.decode.duration': 'histogram',
+    'llmtrace.server.first_token_delivery.duration': 'histogram',
     'llmtrace.server.generation_tokens': 'counter',
     'llmtrace.server.inter_token_latency': 'histogram',
     'llmtrace.server.preemptions': 'counter',
     'llmtrace.server.prefill.duration': 'histogram',
+    'llmtrace.server.preprocess.duration': 'histogram',
     'llmtrace.server.prompt_tokens': 'counter',
     'llmtrace.server.queue.duration': 'histogram',
     'llmtrace.server.request.generation_tokens': 'histogram',
@@ -664,10 +702,12 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.quality.score': '1',
     'llmtrace.server.cached_prompt_tokens': '{token}',
     'llmtrace.server.decode.duration': 's',
+    'llmtrace.server.first_token_delivery.duration': 's',
     'llmtrace.server.generation_tokens': '{token}',
     'llmtrace.server.inter_token_latency': 's',
     'llmtrace.server.preemptions': '{preemption}',
     'llmtrace.server.prefill.duration': 's',
+    'llmtrace.server.preprocess.duration': 's',
     'llmtrace.server.prompt_tokens': '{token}',
     'llmtrace.server.queue.duration': 's',
     'llmtrace.server.request.generation_tokens': '{token}',
@@ -680,9 +720,9 @@ METRIC_UNITS: Final[dict[str, str]] = {
 }
 
 METRIC_BRIEFS: Final[dict[str, str]] = {
-    'gen_ai.server.request.duration': 'Time from arrival to the last output token (upstream GenAI metric).',
-    'gen_ai.server.time_per_output_token': 'Mean time per output token after the first, per request (upstream GenAI metric).',
-    'gen_ai.server.time_to_first_token': 'Time from arrival to the first output token (upstream GenAI metric).',
+    'gen_ai.server.request.duration': 'Request read to the last output token or the failure (upstream GenAI metric).',
+    'gen_ai.server.time_per_output_token': 'Decode time over output tokens after the first, per request (upstream GenAI metric).',
+    'gen_ai.server.time_to_first_token': 'Request read to the first response byte written (upstream GenAI metric; definition per llmtrace.record.source).',
     'llmtrace.cost.accelerator_seconds': 'Accelerator-seconds attributed to requests by batch share.',
     'llmtrace.cost.idle_accelerator_seconds': 'Accelerator-seconds with no request scheduled.',
     'llmtrace.cost.usd': 'Attributed cost in US dollars.',
@@ -702,16 +742,18 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.quality.hallucinations': 'Responses flagged as hallucinated by an evaluation.',
     'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
     'llmtrace.server.cached_prompt_tokens': 'Prompt tokens served from a prefix or external KV cache.',
-    'llmtrace.server.decode.duration': 'Time from first token to last token.',
-    'llmtrace.server.generation_tokens': 'Output tokens generated.',
+    'llmtrace.server.decode.duration': 'First token to last token (llmtrace.latency.decode).',
+    'llmtrace.server.first_token_delivery.duration': 'Prompt done to the first response byte written (llmtrace.latency.first_token_delivery).',
+    'llmtrace.server.generation_tokens': 'Output tokens of finished requests.',
     'llmtrace.server.inter_token_latency': 'Gap between consecutive output tokens of a request.',
     'llmtrace.server.preemptions': 'Times requests were preempted.',
-    'llmtrace.server.prefill.duration': 'Time from first scheduled to first token.',
+    'llmtrace.server.prefill.duration': 'First scheduled to prompt done, less re-queues (llmtrace.latency.prefill).',
+    'llmtrace.server.preprocess.duration': 'Request read to engine arrival (llmtrace.latency.preprocess).',
     'llmtrace.server.prompt_tokens': 'Prompt tokens of finished requests.',
-    'llmtrace.server.queue.duration': 'Time a request spent waiting to be scheduled.',
+    'llmtrace.server.queue.duration': 'Engine arrival to first scheduled, plus re-queues before the first token (llmtrace.latency.queue).',
     'llmtrace.server.request.generation_tokens': 'Output length per request.',
     'llmtrace.server.request.prompt_tokens': 'Prompt length per request.',
-    'llmtrace.server.requests': 'Finished requests by finish reason.',
+    'llmtrace.server.requests': 'Finished requests by finish reason and server-side error type.',
     'llmtrace.telemetry.dropped': 'Spans or records dropped because a queue was full or export failed.',
     'llmtrace.telemetry.hook_errors': 'Exceptions caught inside instrumentation hooks (never raised into the host).',
     'llmtrace.telemetry.label_overflows': 'Label values replaced by `__overflow__` by the cardinality cap.',
@@ -723,17 +765,20 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
         'error.type',
     }),
     'gen_ai.server.time_per_output_token': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'gen_ai.server.time_to_first_token': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.cost.accelerator_seconds': frozenset({
         'gen_ai.request.model',
@@ -791,6 +836,7 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.pipeline.unpriced_requests': frozenset({
         'gen_ai.request.model',
@@ -821,57 +867,80 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.decode.duration': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
+    }),
+    'llmtrace.server.first_token_delivery.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.tenant',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.generation_tokens': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.inter_token_latency': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.preemptions': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.prefill.duration': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
+    }),
+    'llmtrace.server.preprocess.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.tenant',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.prompt_tokens': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.queue.duration': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.request.generation_tokens': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
         'llmtrace.request.finish_reason',
     }),
     'llmtrace.server.request.prompt_tokens': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.server.requests': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
         'llmtrace.request.finish_reason',
         'error.type',
     }),
@@ -915,10 +984,12 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.quality.score': 'llmtrace_quality_score',
     'llmtrace.server.cached_prompt_tokens': 'llmtrace_server_cached_prompt_tokens_total',
     'llmtrace.server.decode.duration': 'llmtrace_server_decode_duration_seconds',
+    'llmtrace.server.first_token_delivery.duration': 'llmtrace_server_first_token_delivery_duration_seconds',
     'llmtrace.server.generation_tokens': 'llmtrace_server_generation_tokens_total',
     'llmtrace.server.inter_token_latency': 'llmtrace_server_inter_token_latency_seconds',
     'llmtrace.server.preemptions': 'llmtrace_server_preemptions_total',
     'llmtrace.server.prefill.duration': 'llmtrace_server_prefill_duration_seconds',
+    'llmtrace.server.preprocess.duration': 'llmtrace_server_preprocess_duration_seconds',
     'llmtrace.server.prompt_tokens': 'llmtrace_server_prompt_tokens_total',
     'llmtrace.server.queue.duration': 'llmtrace_server_queue_duration_seconds',
     'llmtrace.server.request.generation_tokens': 'llmtrace_server_request_generation_tokens',

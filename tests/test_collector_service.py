@@ -65,7 +65,7 @@ from llmtrace import semconv as sc
 from llmtrace.collector import CollectorConfig, CollectorService, Refused, load_collector_config
 from llmtrace.collector.service import EXPORT_PATH, TRACE_SERVICE
 from llmtrace.config import ConfigError
-from llmtrace.pipeline.derive import RequestRecord, UsageRecord
+from llmtrace.record import RequestRecord, UsageRecord
 from llmtrace.testing.otlp_receiver import OTLPReceiver
 from llmtrace.testing.synthetic import ACCELERATOR_S, TTFT_S, make_payload, make_spans
 
@@ -392,7 +392,8 @@ def test_forwarding_delivers_every_span_unchanged(start_collector):
         parent = original.parent.span_id if original.parent else None
         assert arrived.parent_span_id == (hex_id(parent, 8) if parent else "")
         assert (arrived.start_ns, arrived.end_ns) == (original.start_time, original.end_time)
-        assert arrived.attributes == dict(original.attributes)
+        assert arrived.attributes == {k: list(v) if isinstance(v, tuple) else v
+                                      for k, v in original.attributes.items()}
         assert arrived.resource == dict(original.resource.attributes)
     samples = run.scrape()
     assert total(samples, DROPPED) == 0

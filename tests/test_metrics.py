@@ -1,4 +1,4 @@
-"""Request metrics: the bulk inter-token-latency path equals per-value recording."""
+"""Request metrics from records: bulk ITL merging equals per-value recording; labels; SLO edge."""
 
 from __future__ import annotations
 
@@ -8,10 +8,31 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 
+from llmtrace import schema
 from llmtrace import semconv as sc
 from llmtrace.config import load_config
-from llmtrace.telemetry.metrics import TPOT_BUCKETS, TTFT_BUCKETS, RequestMetrics, build_instruments
+from llmtrace.record import Histogram, RequestRecord
+from llmtrace.telemetry.metrics import build_instruments
 from llmtrace.testing.ports import free_port
+
+TTFT_BUCKETS = schema.BY_NAME[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN].buckets
+ITL_BUCKETS = schema.BY_NAME[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY].buckets
+
+
+def record(itls=(), **kw) -> RequestRecord:
+    """A finished request's record, with ``itls`` as its inter-token gaps."""
+    hist = None
+    if itls:
+        hist = Histogram()
+        for gap in itls:
+            hist.add(gap)
+    fields = dict(source="llmtrace", trace_id="", request_id="r", model="m", tenant="acme",
+                  version="v", finish_reason="length", error_type=None, start_ns=0,
+                  end_ns=0, e2e_s=1.0, ttft_s=0.05, preprocess_s=0.001, queue_s=0.01,
+                  prefill_s=0.02, first_token_delivery_s=0.019, decode_s=0.9,
+                  prompt_tokens=10, output_tokens=len(itls) + 1, itl=hist)
+    fields.update(kw)
+    return RequestRecord(**fields)
 
 
 def _points(reader: InMemoryMetricReader) -> dict[str, list]:
@@ -33,13 +54,9 @@ def test_bulk_itl_histogram_equals_per_value_recording():
                                        [reader, second])
     reference = InMemoryMetricReader()
     ref_hist = MeterProvider(metric_readers=[reference]).get_meter("r").create_histogram(
-        "ref", explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
+        "ref", explicit_bucket_boundaries_advisory=ITL_BUCKETS)
     for i, itls in enumerate(requests):
-        instruments.record(RequestMetrics(
-            model="m", tenant=f"t{i % 2}", version="v", finish_reason="length",
-            error_type=None, ttft=0.05, e2e=1.0, queue=0.01, prefill=0.02, decode=0.9,
-            prompt_tokens=10, cached_tokens=0, output_tokens=len(itls) + 1, preemptions=0,
-            itls=itls))
+        instruments.record_request(record(itls, tenant=f"t{i % 2}"))
         for v in itls:
             ref_hist.record(v, {"tenant": f"t{i % 2}"})
     want = {p.attributes["tenant"]: p for p in _points(reference)["ref"]}
@@ -52,22 +69,24 @@ def test_bulk_itl_histogram_equals_per_value_recording():
             assert tuple(p.bucket_counts) == tuple(w.bucket_counts)
             assert p.count == w.count and abs(p.sum - w.sum) < 1e-9
             assert (p.min, p.max) == (w.min, w.max)
-            assert tuple(p.explicit_bounds) == TPOT_BUCKETS
+            assert tuple(p.explicit_bounds) == ITL_BUCKETS
 
 
 def test_request_metrics_carry_fleet_labels_and_slo_bucket():
     reader = InMemoryMetricReader()
     _, instruments = build_instruments(load_config(deployment_version="v9"),
                                        Resource.create({}), "t", [reader])
-    instruments.record(RequestMetrics(
-        model="m", tenant="acme", version="v9", finish_reason="abort", error_type="aborted",
-        ttft=0.15, e2e=0.5, queue=None, prefill=None, decode=None, prompt_tokens=7,
-        cached_tokens=3, output_tokens=2, preemptions=1, itls=[0.01]))
+    instruments.record_request(record(
+        [0.01], version="v9", finish_reason="abort", error_type="aborted", ttft_s=0.15,
+        e2e_s=0.5, preprocess_s=0.01, queue_s=None, prefill_s=None,
+        first_token_delivery_s=None, decode_s=None, prompt_tokens=7, cached_tokens=3,
+        preemptions=1))
     points = _points(reader)
     [ttft] = points[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
     assert 0.2 in ttft.explicit_bounds and tuple(ttft.explicit_bounds) == TTFT_BUCKETS
     assert dict(ttft.attributes) == {sc.GEN_AI_REQUEST_MODEL: "m", sc.LLMTRACE_TENANT: "acme",
-                                     sc.LLMTRACE_DEPLOYMENT_VERSION: "v9"}
+                                     sc.LLMTRACE_DEPLOYMENT_VERSION: "v9",
+                                     sc.LLMTRACE_RECORD_SOURCE: "llmtrace"}
     [requests] = points[sc.METRIC_LLMTRACE_SERVER_REQUESTS]
     assert requests.attributes[sc.LLMTRACE_REQUEST_FINISH_REASON] == "abort"
     assert requests.attributes[sc.ERROR_TYPE] == "aborted"
@@ -86,10 +105,7 @@ def test_prometheus_endpoint_exposes_registry_names(monkeypatch):
     cfg = load_config(metrics_exporter="prometheus", prometheus_host="127.0.0.1",
                       prometheus_port=port)
     telemetry = Telemetry(cfg)
-    telemetry.instruments.record(RequestMetrics(
-        model="m", tenant="acme", version="v", finish_reason="length", error_type=None,
-        ttft=0.1, e2e=0.5, queue=0.01, prefill=0.05, decode=0.4, prompt_tokens=7,
-        cached_tokens=2, output_tokens=5, preemptions=0, itls=[0.1] * 4))
+    telemetry.instruments.record_request(record([0.1] * 4, ttft_s=0.1, cached_tokens=2))
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     samples = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     for otel_name in (sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,

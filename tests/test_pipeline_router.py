@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from llmtrace import semconv as sc
-from llmtrace.pipeline.router import ROUTER_WANTED, router_keys, routing_of
+from llmtrace.pipeline.inputs.llm_d import ROUTER_WANTED, router_keys, routing_of
 from llmtrace.pipeline.spans import SpanView, spans_from_request
 
 MS = 1_000_000

@@ -122,11 +122,11 @@ def test_spec_queries_use_each_metrics_own_labels() -> None:
 
 
 def test_latency_thresholds_are_bucket_edges() -> None:
-    from llmtrace.telemetry.metrics import HISTOGRAM_BUCKETS
+    from llmtrace import schema
     edges = {"gen_ai_server_time_to_first_token_seconds_bucket":
-             HISTOGRAM_BUCKETS[semconv.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN],
+             schema.BY_NAME[semconv.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN].buckets,
              "llmtrace_server_inter_token_latency_seconds_bucket":
-             HISTOGRAM_BUCKETS[semconv.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]}
+             schema.BY_NAME[semconv.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY].buckets}
     for query in spec_queries():
         for name, le in re.findall(r'(\w+_bucket)\{[^}]*le="([^"]+)"', query):
             assert float(le) in edges[name], f"{name} le={le} is not a bucket edge"

@@ -22,8 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from llmtrace.collector import CollectorConfig, CollectorService
-from llmtrace.pipeline.derive import RequestRecord, UsageRecord
 from llmtrace.pipeline.pricing import PriceTable
+from llmtrace.record import Histogram, RequestRecord, UsageRecord
 from llmtrace.testing.models import DENSE, ensure_models
 from llmtrace.testing.otlp_receiver import OTLPReceiver
 from llmtrace.testing.stream_client import (
@@ -81,12 +81,13 @@ def print_tenant_table(records: list[RequestRecord], usage: list[UsageRecord],
     """The pipeline's view: one row per tenant and model, from derived records."""
     rows: dict[tuple[str, str], dict] = {}
     for r in records:
-        row = rows.setdefault((r.tenant, r.model), {"ttft": [], "itl": [], "in": 0, "out": 0,
-                                                     "acc": 0.0, "usd": 0.0, "n": 0})
+        row = rows.setdefault((r.tenant, r.model), {"ttft": [], "itl": Histogram(), "in": 0,
+                                                     "out": 0, "acc": 0.0, "usd": 0.0, "n": 0})
         row["n"] += 1
         if r.ttft_s is not None:
             row["ttft"].append(r.ttft_s)
-        row["itl"].extend(r.itl_samples())
+        if r.itl is not None:
+            row["itl"].merge(r.itl)
         row["in"] += r.prompt_tokens
         row["out"] += r.output_tokens
         usd = prices.token_cost(r.model, r.prompt_tokens, r.cached_tokens, r.output_tokens) \
@@ -105,7 +106,7 @@ def print_tenant_table(records: list[RequestRecord], usage: list[UsageRecord],
         tokens = row["in"] + row["out"]
         per_1k = row["usd"] / tokens * 1000 if tokens else 0.0
         ttft = [percentile(row["ttft"], q) * 1e3 for q in (50, 99)]
-        itl = [percentile(row["itl"], q) * 1e3 for q in (50, 99)]
+        itl = [(row["itl"].quantile(q) or 0.0) * 1e3 for q in (0.5, 0.99)]
         print(f"{tenant:<9} {model:<11} {row['n']:>4} {ttft[0]:>8.1f} {ttft[1]:>8.1f} "
               f"{itl[0]:>7.1f} {itl[1]:>7.1f} "
               f"{row['in']:>6} {row['out']:>7} {row['acc']:>6.2f} {per_1k:>10.6f} "

@@ -39,10 +39,10 @@ from llmtrace import semconv as sc
 from llmtrace.collector.config import CollectorConfig
 from llmtrace.collector.otlp import OTLPError, decode_traces
 from llmtrace.pipeline.assembler import TraceAssembler
-from llmtrace.pipeline.derive import RequestRecord, UsageRecord
 from llmtrace.pipeline.metrics import DerivedMetrics
 from llmtrace.pipeline.pricing import PriceTable
 from llmtrace.pipeline.spans import spans_from_request
+from llmtrace.record import RequestRecord, UsageRecord
 
 log = logging.getLogger("llmtrace.collector")
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"

@@ -27,6 +27,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from llmtrace.dashboards import slo_spec
+
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "dashboards" / "slo" / "llmtrace.sloth.yaml"
 RULES_DIR = ROOT / "dashboards" / "slo" / "rules"
@@ -391,14 +393,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="write nothing; exit 1 if the rules files are stale")
     args = parser.parse_args(argv)
     try:
+        spec_changed = args.spec == SPEC and slo_spec.sync(SPEC, args.check)
         changed = stale(args.spec, args.out) if args.check else write(args.spec, args.out)
+        if spec_changed:
+            print(f"{'stale' if args.check else 'wrote'}: {SPEC}")
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     verb = "stale" if args.check else "wrote"
     for name in changed:
         print(f"{verb}: {args.out / name}")
-    if args.check and changed:
+    if args.check and (changed or spec_changed):
         print("run `python -m llmtrace.dashboards.slo` to regenerate", file=sys.stderr)
         return 1
     return 0

@@ -1,20 +1,20 @@
-"""Derivation pipeline: spans in, one record per request out.
+"""Derivation pipeline: spans in, one record per request out, metrics out.
 
-The same code runs in three places: as an in-process span processor (the
-embedded default), inside the standalone ``llmtrace collector`` service, and in
+The same code runs inside the standalone ``llmtrace collector`` service and in
 tests. It reads OTLP protobuf directly and only the attributes it needs, so it
 can keep up with a fleet's spans on one core.
 
-Pieces: span views (:mod:`spans` for OTLP protobuf, :mod:`processor` for SDK
-spans), trace assembly (:mod:`assembler`), per-request records and usage
-records (:mod:`derive`), llm-d router decisions (:mod:`router`), price tables
-(:mod:`pricing`) and the Prometheus output (:mod:`metrics`).
+Pieces, in data-path order: span views (:mod:`spans`), trace assembly
+(:mod:`assembler`), one input module per span source (:mod:`inputs`: llmtrace's
+spans, vLLM's built-in span, llm-d router spans) producing the records of
+``llmtrace.record``, and the Prometheus output (:mod:`metrics`) iterating the
+generated metric schema, as the SDK's instruments do.
 """
 
 from llmtrace.pipeline.assembler import TraceAssembler
-from llmtrace.pipeline.derive import RequestRecord, derive_request
-from llmtrace.pipeline.processor import DerivingSpanProcessor, view_of
+from llmtrace.pipeline.inputs import request_record, usage_record
 from llmtrace.pipeline.spans import SpanView, spans_from_request
+from llmtrace.record import RequestRecord, UsageRecord
 
-__all__ = ["DerivingSpanProcessor", "RequestRecord", "SpanView", "TraceAssembler",
-           "derive_request", "spans_from_request", "view_of"]
+__all__ = ["RequestRecord", "SpanView", "TraceAssembler", "UsageRecord", "request_record",
+           "spans_from_request", "usage_record"]

@@ -22,9 +22,10 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
 from llmtrace import semconv as sc
-from llmtrace.pipeline.derive import RequestRecord, UsageRecord, derive_request, derive_usage
-from llmtrace.pipeline.router import routing_of
-from llmtrace.pipeline.spans import ROOTS, USAGE, SpanView
+from llmtrace.pipeline.inputs import ROOTS, USAGE, request_record, usage_record
+from llmtrace.pipeline.inputs.llm_d import routing_of
+from llmtrace.pipeline.view import SpanView
+from llmtrace.record import RequestRecord, UsageRecord
 
 _REQUEST_SIDE = frozenset({sc.SPAN_LLMTRACE_DECODE, sc.SPAN_LLMTRACE_DECODE_CHUNK})
 
@@ -65,7 +66,7 @@ class TraceAssembler:
                 routed.add(span.trace_id)
             if span.name in USAGE:
                 if self.on_usage is not None:
-                    self.on_usage(derive_usage(span))
+                    self.on_usage(usage_record(span))
                 continue
             entry = self._open.get(span.trace_id)
             if entry is None:
@@ -115,7 +116,7 @@ class TraceAssembler:
                     self._open[root.trace_id] = (entry[0], rest)
                 else:
                     del self._open[root.trace_id]
-        record = derive_request(root, children)
+        record = request_record(root, children)
         if router:
             record.routing = routing_of(router, trace_id=root.trace_id)
         self.derived += 1

@@ -198,6 +198,23 @@ class PriceTable(BaseModel):
         return max(seconds, 0.0) * instance.per_accelerator_hour / 3600
 
 
+def price_request(record: Any, table: PriceTable) -> None:
+    """Set a request record's token-basis ``usd``, or mark it ``unpriced``.
+
+    The one place a request is priced: the SDK (at the source) and the
+    collector (from spans) both call it, so their USD series agree.
+    """
+    usd = table.token_cost(record.model, record.prompt_tokens, record.cached_tokens,
+                           record.output_tokens)
+    record.usd, record.unpriced = usd, (1 if usd is None else None)
+
+
+def price_usage(record: Any, table: PriceTable) -> None:
+    """Set a usage record's batch-share ``usd`` (by its instance type), or mark it unpriced."""
+    usd = table.accelerator_cost(record.accelerator_s, record.instance_type)
+    record.usd, record.unpriced = usd, (1 if usd is None else None)
+
+
 def _count(tokens: int | None) -> int:
     return max(tokens or 0, 0)
 

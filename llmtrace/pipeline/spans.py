@@ -13,54 +13,12 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from llmtrace import semconv as sc
-from llmtrace.pipeline.router import ROUTER_WANTED, router_keys
+from llmtrace.pipeline.inputs import wanted_keys
 from llmtrace.pipeline.view import SpanView
 
-#: span name -> attribute keys the derivation reads from it
-WANTED: dict[str, frozenset[str]] = {
-    sc.SPAN_LLMTRACE_REQUEST: frozenset({
-        sc.GEN_AI_REQUEST_MODEL, sc.GEN_AI_RESPONSE_MODEL, sc.LLMTRACE_TENANT,
-        sc.LLMTRACE_DEPLOYMENT_VERSION, sc.LLMTRACE_REQUEST_ID,
-        sc.LLMTRACE_REQUEST_FINISH_REASON, sc.ERROR_TYPE, sc.GEN_AI_USAGE_INPUT_TOKENS,
-        sc.GEN_AI_USAGE_OUTPUT_TOKENS, sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS,
-        sc.LLMTRACE_REQUEST_PREEMPTIONS, sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN,
-        sc.LLMTRACE_LATENCY_E2E, sc.LLMTRACE_LATENCY_QUEUE, sc.LLMTRACE_LATENCY_PREFILL,
-        sc.LLMTRACE_LATENCY_DECODE, sc.LLMTRACE_LATENCY_TIME_PER_OUTPUT_TOKEN,
-        sc.LLMTRACE_COST_ACCELERATOR_SECONDS,
-    }),
-    sc.SPAN_LLMTRACE_DECODE_CHUNK: frozenset({
-        sc.LLMTRACE_DECODE_CHUNK_INDEX, sc.LLMTRACE_DECODE_CHUNK_TOKENS,
-        sc.LLMTRACE_DECODE_CHUNK_ITL_MIN, sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN,
-        sc.LLMTRACE_DECODE_CHUNK_ITL_MAX,
-    }),
-    sc.SPAN_LLMTRACE_DECODE: frozenset(),  # links decode chunks to their request
-    sc.SPAN_LLMTRACE_ENGINE_REQUEST: frozenset({
-        sc.LLMTRACE_COST_ACCELERATOR_SECONDS, sc.LLMTRACE_ENGINE_STEPS,
-        sc.GEN_AI_REQUEST_MODEL, sc.LLMTRACE_TENANT, sc.LLMTRACE_DEPLOYMENT_VERSION,
-    }),
-    sc.SPAN_LLM_REQUEST: frozenset({
-        sc.GEN_AI_LATENCY_TIME_TO_FIRST_TOKEN, sc.GEN_AI_LATENCY_E2E,
-        sc.GEN_AI_LATENCY_TIME_IN_QUEUE, sc.GEN_AI_LATENCY_TIME_IN_MODEL_PREFILL,
-        sc.GEN_AI_LATENCY_TIME_IN_MODEL_DECODE, sc.GEN_AI_USAGE_PROMPT_TOKENS,
-        sc.GEN_AI_USAGE_COMPLETION_TOKENS, sc.GEN_AI_REQUEST_ID, sc.GEN_AI_RESPONSE_MODEL,
-        sc.GEN_AI_REQUEST_MODEL,
-        sc.GEN_AI_RESPONSE_FINISH_REASONS,
-    }),
-}
-WANTED.update(ROUTER_WANTED)  # llm-d router / endpoint-picker spans
-#: root spans: one per request; their arrival makes a trace derivable
-ROOTS = frozenset({sc.SPAN_LLMTRACE_REQUEST, sc.SPAN_LLM_REQUEST})
-#: spans that carry a request's cost on their own: aggregated, never held
-USAGE = frozenset({sc.SPAN_LLMTRACE_ENGINE_REQUEST})
 #: resource attributes read for every wanted span
 RESOURCE_KEYS = frozenset({"service.name", "service.version", sc.LLMTRACE_COST_INSTANCE_TYPE,
                            sc.GEN_AI_REQUEST_MODEL})
-
-
-def wanted_keys(name: str) -> frozenset[str] | None:
-    """Attribute keys read from a span named ``name``; None: the span is skipped."""
-    keys = WANTED.get(name)
-    return keys if keys is not None else router_keys(name)
 
 
 def _value(v) -> Any:

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, set_span_in_context
 
 from llmtrace import semconv as sc
+from llmtrace.record import Histogram
 
 TTFT_S = 0.05
 ACCELERATOR_S = 0.25
@@ -50,13 +51,19 @@ def make_spans(requests: int, model: str = "m", tenants: int = 7,
             sc.GEN_AI_REQUEST_MODEL: model, sc.LLMTRACE_TENANT: tenant,
             sc.LLMTRACE_DEPLOYMENT_VERSION: version}).end()
         decode = tracer.start_span(sc.SPAN_LLMTRACE_DECODE, context=ctx)
+        gaps = Histogram()
+        for g in range(32):
+            gaps.add(0.004 + 0.016 * g / 31)
         for c in range(4):
             tracer.start_span(sc.SPAN_LLMTRACE_DECODE_CHUNK, context=set_span_in_context(decode),
                               attributes={sc.LLMTRACE_DECODE_CHUNK_INDEX: c,
                                           sc.LLMTRACE_DECODE_CHUNK_TOKENS: 32,
                                           sc.LLMTRACE_DECODE_CHUNK_ITL_MIN: 0.004,
                                           sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN: 0.007,
-                                          sc.LLMTRACE_DECODE_CHUNK_ITL_MAX: 0.02}).end()
+                                          sc.LLMTRACE_DECODE_CHUNK_ITL_MAX: 0.02,
+                                          sc.LLMTRACE_DECODE_CHUNK_ITL_SUM: gaps.total,
+                                          sc.LLMTRACE_DECODE_CHUNK_ITL_BUCKET_COUNTS:
+                                              gaps.counts}).end()
         decode.end()
         root.end()
     return list(exporter.get_finished_spans())

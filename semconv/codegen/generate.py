@@ -6,6 +6,12 @@ this project may use, so this small Jinja2 generator stands in for
 ``weaver registry generate``: it validates the registry (unique ids, every
 ``ref`` resolves, metrics have instrument and unit) and renders two templates.
 
+It also renders the metric schema (``llmtrace/schema.py``): for every metric
+its instrument, unit, label set, buckets, SLO threshold and the record field
+that feeds it, from each metric group's ``annotations.llmtrace``. Both metric
+outputs (the SDK's instruments and the collector's Prometheus registry)
+iterate that one table.
+
     python semconv/codegen/generate.py           # write the generated files
     python semconv/codegen/generate.py --check   # exit 1 if they are stale
 """
@@ -26,6 +32,10 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_REGISTRY = ROOT / "semconv" / "registry"
 DEFAULT_PYTHON = ROOT / "llmtrace" / "semconv.py"
 DEFAULT_MARKDOWN = ROOT / "semconv" / "REGISTRY.md"
+DEFAULT_SCHEMA = ROOT / "llmtrace" / "schema.py"
+#: records a metric may be fed by (``llmtrace/record/``) and the outputs that publish it
+RECORDS = ("request", "usage")
+OUTPUTS = ("sdk", "collector")
 
 GROUP_TYPES = {"attribute_group", "span", "event", "metric"}
 INSTRUMENTS = {"counter", "updowncounter", "gauge", "histogram"}
@@ -63,6 +73,11 @@ class Signal:
     unit: str = ""
     prometheus: str = ""
     input_only: bool = False
+    #: metric schema (``annotations.llmtrace``): record -> field, buckets, SLO, outputs
+    feeds: dict[str, str] = field(default_factory=dict)
+    buckets: list[float] = field(default_factory=list)
+    slo: dict = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
 
 
 @dataclass
@@ -71,6 +86,8 @@ class Registry:
     spans: list[Signal]
     events: list[Signal]
     metrics: list[Signal]
+    #: attribute -> record field giving a fed metric's label its value
+    record_labels: dict[str, str] = field(default_factory=dict)
 
 
 def constant(name: str) -> str:
@@ -108,6 +125,7 @@ def load_registry(path: Path) -> Registry:
     if not files:
         raise RegistryError(f"{path}: no registry YAML files")
     groups: list[tuple[Path, dict]] = []
+    record_labels: dict[str, str] = {}
     for f in files:
         try:
             doc = yaml.safe_load(f.read_text())
@@ -116,6 +134,7 @@ def load_registry(path: Path) -> Registry:
         if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
             raise RegistryError(f"{f.name}: top level must be a mapping with a `groups` list")
         groups.extend((f, g) for g in doc["groups"])
+        record_labels.update(doc.get("x-record-labels") or {})
 
     attrs: dict[str, Attribute] = {}
     seen_ids: set[str] = set()
@@ -181,14 +200,43 @@ def load_registry(path: Path) -> Registry:
                     f"{where}: metric needs `metric_name`, `unit` and `instrument` in "
                     f"{sorted(INSTRUMENTS)}")
             metrics.append(Signal("metric", name, instrument=inst, unit=str(unit),
-                                  prometheus=prometheus_name(name, str(unit), inst), **common))
+                                  prometheus=prometheus_name(name, str(unit), inst),
+                                  **_schema(where, g, inst, refs, record_labels), **common))
     for kind, items in (("span", spans), ("event", events), ("metric", metrics)):
         names = [s.name for s in items]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise RegistryError(f"duplicate {kind} names: {dupes}")
     return Registry(dict(sorted(attrs.items())), sorted(spans, key=lambda s: s.name),
-                    sorted(events, key=lambda s: s.name), sorted(metrics, key=lambda s: s.name))
+                    sorted(events, key=lambda s: s.name), sorted(metrics, key=lambda s: s.name),
+                    record_labels)
+
+
+def _schema(where: str, group: dict, instrument: str, labels: list[str],
+            record_labels: dict[str, str]) -> dict:
+    """Validate one metric's ``annotations.llmtrace`` (its row of the metric schema)."""
+    ann = ((group.get("annotations") or {}).get("llmtrace")) or {}
+    feeds = dict(ann.get("feeds") or {})
+    buckets = list(ann.get("buckets") or [])
+    if not all(type(b) in (int, float) for b in buckets):
+        raise RegistryError(f"{where}: buckets are numbers")
+    slo = dict(ann.get("slo") or {})
+    outputs = list(ann.get("outputs") or OUTPUTS)
+    if not set(feeds) <= set(RECORDS) or not set(outputs) <= set(OUTPUTS):
+        raise RegistryError(f"{where}: feeds records {RECORDS}, outputs {OUTPUTS}")
+    if feeds:
+        missing = [a for a in labels if a not in record_labels]
+        if missing:
+            raise RegistryError(f"{where}: no record field for label(s) {missing} "
+                                "(x-record-labels)")
+        if instrument == "histogram" and not buckets:
+            raise RegistryError(f"{where}: a fed histogram needs `buckets`")
+    if buckets != sorted(set(buckets)):
+        raise RegistryError(f"{where}: buckets must increase strictly")
+    if slo and float(slo.get("threshold", -1)) not in buckets:
+        raise RegistryError(f"{where}: the SLO threshold must be a bucket edge, so the "
+                            "SLI is an exact bucket count")
+    return dict(feeds=feeds, buckets=buckets, slo=slo, outputs=outputs)
 
 
 def render(registry: Registry) -> dict[str, str]:
@@ -204,6 +252,7 @@ def render(registry: Registry) -> dict[str, str]:
     return {
         "python": env.get_template("semconv.py.j2").render(ctx),
         "markdown": env.get_template("registry.md.j2").render(ctx),
+        "schema": env.get_template("schema.py.j2").render(ctx),
     }
 
 
@@ -213,13 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, default=DEFAULT_REGISTRY)
     parser.add_argument("--python", type=Path, default=DEFAULT_PYTHON)
     parser.add_argument("--markdown", type=Path, default=DEFAULT_MARKDOWN)
+    parser.add_argument("--schema", type=Path, default=DEFAULT_SCHEMA)
     args = parser.parse_args(argv)
     try:
         outputs = render(load_registry(args.registry))
     except RegistryError as exc:
         print(f"semconv registry error: {exc}", file=sys.stderr)
         return 2
-    targets = {"python": args.python, "markdown": args.markdown}
+    targets = {"python": args.python, "markdown": args.markdown, "schema": args.schema}
     stale = [p for key, p in targets.items()
              if not p.exists() or p.read_text() != outputs[key]]
     if args.check:

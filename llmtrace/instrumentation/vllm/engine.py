@@ -1,10 +1,16 @@
-"""Engine-core side of the vLLM instrumentation: queue, prefill chunks, preemption.
+"""Engine-core side of the vLLM instrumentation: the engine's view of a request.
 
-Only the engine core knows when a request is scheduled, how its prompt is cut
-into chunks and when it is preempted; partial prefill chunks produce no output
-that reaches the API server. So these spans are made here, live, as children
-of the request's root span, whose context arrives in ``trace_headers`` under
-:data:`~llmtrace.instrumentation.vllm.frontend.CONTEXT_HEADER`.
+The request's phases (queue, prefill, preemptions) are rendered by the API
+server from its request record, from the scheduler events vLLM sends with
+each output, so spans and metrics share one computation. What only the
+engine core knows is made here: how a prompt is cut into per-step chunks
+(partial prefill chunks produce no output that reaches the API server) and
+each request's batch-share cost. ``llmtrace.engine.request`` spans the
+request's life in the engine core (added to freed) as a child of the request's
+root span, whose context arrives in ``trace_headers`` under
+:data:`~llmtrace.instrumentation.vllm.frontend.CONTEXT_HEADER`; the prefill
+chunks are its children. A chunk runs from its step's schedule call (never
+before the request reached the engine) to the step's output.
 
 Requests without that header (not sampled, or not seen by an instrumented
 API server) get no spans.
@@ -25,18 +31,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.instrumentation.vllm.frontend import CONTEXT_HEADER, TENANT_HEADER
+from llmtrace.pipeline.pricing import price_usage
+from llmtrace.record import UsageRecord
 from llmtrace.telemetry import Telemetry
 from llmtrace.telemetry.guard import HookGuard
 
 _PROPAGATOR = TraceContextTextMapPropagator()
-QUEUED, PREFILL, RUNNING, PREEMPTED = range(4)
 #: vLLM's RequestStatus.FINISHED_<X> (lower-cased) -> llmtrace.request.finish_reason
 _STATUS_REASONS = {"stopped": "stop", "length_capped": "length", "aborted": "abort",
                    "ignored": "error"}
@@ -44,11 +50,9 @@ _STATUS_REASONS = {"stopped": "stop", "length_capped": "length", "aborted": "abo
 
 @dataclass(eq=False)
 class EngineRecord:
-    parent: Context
-    wait_start_ns: int
-    state: int = QUEUED
-    wait_span: Span | None = None  # preemption span while preempted
-    prefill_span: Span | None = None
+    """A sampled request's engine span, open from added to freed."""
+
+    span: Span
     chunk_index: int = 0
 
 
@@ -64,11 +68,13 @@ class Usage:
 
 @dataclass
 class StepPending:
-    start_ns: int
+    start_ns: int  # cost: backdated to the previous step's end while the batch continues
+    sched_ns: int  # the schedule call's start: where this step's prefill chunks begin
     index: int
     batch_size: int
     scheduled_tokens: int
-    chunks: list[tuple[EngineRecord, int, int, bool]] = field(default_factory=list)
+    #: (record, tokens computed, tokens computed before the step) per prefill chunk
+    chunks: list[tuple[EngineRecord, int, int]] = field(default_factory=list)
     #: (usage, weight) of every request scheduled in the step, and their weight sum
     shares: list[tuple[Usage, float]] = field(default_factory=list)
     weight: float = 0.0
@@ -109,25 +115,27 @@ class EngineTracer:
 
     # -- lifecycle ---------------------------------------------------------------
     def on_add(self, request: Any) -> None:
+        now = time.time_ns()
         headers = request.trace_headers
         tenant = headers.get(TENANT_HEADER, "unknown") if headers else "unknown"
-        self.usage[request.request_id] = Usage(tenant, time.time_ns())
+        self.usage[request.request_id] = Usage(tenant, now)
         if not headers or CONTEXT_HEADER not in headers:
             return
         parent = _PROPAGATOR.extract({"traceparent": headers[CONTEXT_HEADER]})
-        self.records[request.request_id] = EngineRecord(
-            parent=parent, wait_start_ns=int(request.arrival_time * 1e9))
+        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, parent, now)
+        self.records[request.request_id] = EngineRecord(span)
 
     def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> None:
         num_scheduled = out.num_scheduled_tokens
         if not num_scheduled:
             return  # nothing ran: the time goes to the next step or to idle
         self.step_index += 1
+        sched_ns = start_ns
         if self._continuing:
             start_ns = self._last_end_ns  # the batch went on: bookkeeping is busy time
         else:
             self._idle_s += max(0.0, (start_ns - self._last_end_ns) / 1e9)
-        step = StepPending(start_ns, self.step_index, len(num_scheduled),
+        step = StepPending(start_ns, sched_ns, self.step_index, len(num_scheduled),
                            out.total_num_scheduled_tokens)
         requests = scheduler.requests
         usage = self.usage
@@ -136,51 +144,24 @@ class EngineTracer:
         shares = step.shares
         for rid, n in num_scheduled.items():
             request = requests.get(rid)
+            if request is None:
+                continue
+            # tokens of the prompt still uncomputed before this step are prefill
+            before = request.num_computed_tokens - n
+            prefill = request.num_prompt_tokens - before
+            prefill = 0 if prefill < 0 else (n if prefill > n else prefill)
             u = usage.get(rid)
-            if u is not None and request is not None:
-                # tokens of the prompt still uncomputed before this step are prefill
-                prefill = request.num_prompt_tokens - (request.num_computed_tokens - n)
-                prefill = 0 if prefill < 0 else (n if prefill > n else prefill)
+            if u is not None:
                 w = pw * prefill + dw * (n - prefill)
                 shares.append((u, w))
                 step.weight += w
-            if not records:
-                continue
-            rec = records.get(rid)
-            if rec is None:
-                continue
-            if rec.state in (QUEUED, PREEMPTED):
-                self._end_wait(rec, start_ns)
-            if rec.state != PREFILL or request is None:
-                continue
-            if rec.prefill_span is None:
-                cached = request.num_computed_tokens - n
-                attrs = {sc.GEN_AI_USAGE_INPUT_TOKENS: request.num_prompt_tokens,
-                         sc.LLMTRACE_PREFILL_CACHED_TOKENS: cached}
-                stats = getattr(request, "prefill_stats", None)
-                if stats is not None and stats.num_external_cached_tokens:
-                    attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = \
-                        stats.num_external_cached_tokens
-                rec.prefill_span = self.telemetry.child_span(
-                    sc.SPAN_LLMTRACE_PREFILL, rec.parent, start_ns, attrs)
-                rec.chunk_index = 0
-            last = not getattr(request, "is_prefill_chunk", False)
-            step.chunks.append((rec, n, request.num_computed_tokens - n, last))
+            if prefill and records:
+                rec = records.get(rid)
+                if rec is not None:
+                    step.chunks.append((rec, n, before))
         if len(self.pending) > 64:  # a step that never completed must not leak
             self.pending.pop(next(iter(self.pending)))
         self.pending[id(out)] = step
-
-    def _end_wait(self, rec: EngineRecord, now: int) -> None:
-        """Scheduled (again): the queue wait ends, and so does a preemption."""
-        reason = "preemption" if rec.state == PREEMPTED else "arrival"
-        parent = rec.wait_span if rec.wait_span is not None else rec.parent
-        queue = self.telemetry.child_span(sc.SPAN_LLMTRACE_QUEUE, parent, rec.wait_start_ns,
-                                          {sc.LLMTRACE_QUEUE_REASON: reason})
-        queue.end(end_time=now)
-        if rec.wait_span is not None:
-            rec.wait_span.end(end_time=now)
-            rec.wait_span = None
-        rec.state = PREFILL
 
     def on_step_done(self, out: Any, end_ns: int) -> None:
         step = self.pending.pop(id(out), None)
@@ -202,9 +183,7 @@ class EngineTracer:
                 u.seconds += even
                 u.steps += 1
         self.steps += 1
-        for rec, n, computed_before, last in step.chunks:
-            if rec.prefill_span is None:
-                continue
+        for rec, n, computed_before in step.chunks:
             attrs = {
                 sc.LLMTRACE_PREFILL_CHUNK_INDEX: rec.chunk_index,
                 sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS: n,
@@ -215,27 +194,16 @@ class EngineTracer:
             if rec.chunk_index == 0:
                 attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
             chunk = self.telemetry.child_span(
-                sc.SPAN_LLMTRACE_PREFILL_CHUNK, rec.prefill_span, step.start_ns, attrs)
+                sc.SPAN_LLMTRACE_PREFILL_CHUNK, rec.span, step.sched_ns, attrs)
             chunk.end(end_time=end_ns)
             rec.chunk_index += 1
-            if last:
-                rec.prefill_span.end(end_time=end_ns)
-                rec.prefill_span = None
-                rec.state = RUNNING
 
     def on_preempt(self, request: Any) -> None:
         rec = self.records.get(request.request_id)
-        if rec is None:
-            return
-        now = time.time_ns()
-        if rec.prefill_span is not None:
-            rec.prefill_span.end(end_time=now)
-            rec.prefill_span = None
-        rec.wait_span = self.telemetry.child_span(
-            sc.SPAN_LLMTRACE_PREEMPTION, rec.parent, now,
-            {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"})
-        rec.wait_start_ns = now
-        rec.state = PREEMPTED
+        if rec is not None:
+            rec.span.add_event(sc.EVENT_LLMTRACE_PREEMPTED,
+                               {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"},
+                               timestamp=time.time_ns())
 
     def on_free(self, request: Any) -> None:
         now = time.time_ns()
@@ -244,49 +212,38 @@ class EngineTracer:
         status = getattr(request, "status", None)
         if u is not None:
             self._count_usage(u, rec, status, now)
-        if rec is None:
-            return
-        aborted = status is not None and "ABORTED" in getattr(status, "name", "")
-        for span in (rec.prefill_span, rec.wait_span):
-            if span is not None:
-                if aborted:
-                    span.set_status(Status(StatusCode.ERROR, "aborted"))
-                    span.set_attribute(sc.ERROR_TYPE, "aborted")
-                span.end(end_time=now)
-        if rec.state == QUEUED and aborted:
-            queue = self.telemetry.child_span(
-                sc.SPAN_LLMTRACE_QUEUE, rec.parent, rec.wait_start_ns,
-                {sc.LLMTRACE_QUEUE_REASON: "arrival", sc.ERROR_TYPE: "aborted"})
-            queue.set_status(Status(StatusCode.ERROR, "aborted"))
-            queue.end(end_time=now)
+        elif rec is not None:
+            rec.span.end(end_time=now)
 
     def _count_usage(self, u: Usage, rec: EngineRecord | None, status: Any, now: int) -> None:
-        version = self.config.deployment_version
+        instance = self.config.instance_type
+        usage = UsageRecord(
+            trace_id="", model=self.model, tenant=u.tenant,
+            version=self.config.deployment_version,
+            instance_type=None if instance == "unknown" else instance,
+            accelerator_s=u.seconds, steps=u.steps)
         prices = self.telemetry.prices
-        usd = None
         if prices is not None:
-            instance = self.config.instance_type
-            usd = prices.accelerator_cost(u.seconds, None if instance == "unknown" else instance)
+            price_usage(usage, prices)
         if self.config.metrics_enabled:
-            instruments = self.telemetry.instruments
-            instruments.record_engine_usage(self.model, u.tenant, version, u.seconds)
-            if prices is not None:
-                instruments.record_cost(self.model, u.tenant, version, "batch_share", usd)
+            self.telemetry.instruments.record_usage(usage)
         if rec is None:
             return
         attrs: dict[str, Any] = {
             sc.LLMTRACE_COST_ACCELERATOR_SECONDS: u.seconds, sc.LLMTRACE_ENGINE_STEPS: u.steps,
             sc.GEN_AI_REQUEST_MODEL: self.model, sc.LLMTRACE_TENANT: u.tenant,
-            sc.LLMTRACE_DEPLOYMENT_VERSION: version}
-        if usd is not None:
-            attrs[sc.LLMTRACE_COST_USD] = usd
+            sc.LLMTRACE_DEPLOYMENT_VERSION: usage.version}
+        if usage.usd is not None:
+            attrs[sc.LLMTRACE_COST_USD] = usage.usd
         name = getattr(status, "name", "")
         if name.startswith("FINISHED_"):
             reason = name.removeprefix("FINISHED_").lower()
             attrs[sc.LLMTRACE_REQUEST_FINISH_REASON] = _STATUS_REASONS.get(reason, reason)
-        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, rec.parent,
-                                         u.added_ns, attrs)
-        span.end(end_time=now)
+        if "ABORTED" in name:
+            rec.span.set_status(Status(StatusCode.ERROR, "aborted"))
+            attrs[sc.ERROR_TYPE] = "aborted"
+        rec.span.set_attributes(attrs)
+        rec.span.end(end_time=now)
 
     # -- wrapt wrappers ----------------------------------------------------------
     def wrap_scheduler_init(self, wrapped, instance, args, kwargs):

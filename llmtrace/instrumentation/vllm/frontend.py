@@ -5,19 +5,28 @@ Where the data comes from (cheapest source that keeps it true):
 - HTTP arrival, incoming ``traceparent`` and tenant: an ASGI middleware added
   to vLLM's app (earliest point a request exists);
 - request parameters and prompt length: ``OutputProcessor.add_request``;
+- engine arrival: ``OutputProcessor.add_request`` (the request is handed to
+  the engine client right after it);
 - token arrival, first token, finish: ``OutputProcessor.process_outputs``
   (one dict lookup and a few integer updates per output on the hot path);
-- queue / prefill / decode times for metrics: vLLM's own per-request stats;
+- the engine core's scheduler events (scheduled, preempted) and the output
+  batch's timestamp (prompt done): what vLLM sends with each output, on the
+  monotonic clock the two processes share;
 - aborts and engine death: ``abort_requests`` and ``propagate_error``;
 - client disconnects: the middleware sees ``http.disconnect``. vLLM aborts the
   request only once its stream generator is closed, which can be late or, if
   the generator is left to the garbage collector, never; a request that
   finishes after its client left is marked ``client_disconnected``.
 
+At finish the request's timestamps become one
+:class:`~llmtrace.record.RequestRecord` (durations computed once, by
+:func:`~llmtrace.record.phases`), which feeds the request span's attributes,
+its phase spans and the metrics alike.
+
 The root span's context rides to the engine core in ``trace_headers`` under
 :data:`CONTEXT_HEADER` (vLLM forwards its own ``traceparent`` only when its
-tracing flag is set); the engine core hangs queue, prefill and preemption
-spans under it.
+tracing flag is set); the engine core hangs its own view of the request
+(``llmtrace.engine.request`` and the prefill chunks) under it.
 """
 
 from __future__ import annotations
@@ -34,9 +43,19 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from llmtrace import semconv as sc
 from llmtrace.config import Config
+from llmtrace.pipeline.pricing import price_request
+from llmtrace.record import (
+    PREEMPTED,
+    SCHEDULED,
+    SOURCE_LLMTRACE,
+    Histogram,
+    RequestRecord,
+    Timeline,
+    phases,
+)
 from llmtrace.telemetry import Telemetry
 from llmtrace.telemetry.guard import HookGuard
-from llmtrace.telemetry.metrics import RequestMetrics
+from llmtrace.telemetry.phase_spans import record_attributes, render_phases
 
 CONTEXT_HEADER = "llmtrace-traceparent"
 #: trace_headers key carrying the tenant to the engine core (cost attribution)
@@ -51,6 +70,8 @@ _OPERATIONS = {
 }
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error",
            "repetition": "repetition"}
+#: vLLM's EngineCoreEventType values (an IntEnum) -> timeline event kinds; QUEUED is not used
+_EVENTS = {2: SCHEDULED, 3: PREEMPTED}
 
 
 @dataclass
@@ -72,31 +93,27 @@ _HTTP: contextvars.ContextVar[HttpInfo | None] = contextvars.ContextVar(
 
 
 @dataclass(eq=False)
-class RequestRecord:
-    """Hot-path state of one traced request: plain fields, no SDK calls per token."""
+class RequestState:
+    """Hot-path state of one request: plain fields, no SDK calls per token."""
 
     request_id: str
     span: Span
     sampled: bool
-    arrival_ns: int
     model: str
     tenant: str
     prompt_tokens: int
     http: HttpInfo | None
+    timeline: Timeline
     req_state: Any = None
-    first_ns: int = 0
-    last_ns: int = 0
+    last_ns: int = 0  # last output processed (the ITL clock)
     output_tokens: int = 0
-    itls: list[float] = field(default_factory=list)
-    # decode chunk being accumulated
+    itl: Histogram = field(default_factory=Histogram)
+    # decode chunk being accumulated (sampled requests)
     decode_span: Span | None = None
+    chunk: Histogram | None = None
     chunk_index: int = 0
     chunk_start_ns: int = 0
     chunk_tokens: int = 0
-    chunk_itl_min: float = 0.0
-    chunk_itl_max: float = 0.0
-    chunk_itl_sum: float = 0.0
-    chunk_gaps: int = 0
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -112,7 +129,7 @@ class FrontendTracer:
     def __init__(self, config: Config, telemetry: Telemetry) -> None:
         self.config = config
         self.telemetry = telemetry
-        self.records: dict[str, RequestRecord] = {}
+        self.records: dict[str, RequestState] = {}
         self.served_model = "unknown"
         self._measure = config.measure_overhead
         self._tenant_header = config.tenant_header.encode()
@@ -140,7 +157,7 @@ class FrontendTracer:
         return HttpInfo(now, operation, parent, tenant or "default")
 
     # -- request lifecycle -----------------------------------------------------
-    def begin(self, request: Any, prompt: str | None = None) -> RequestRecord | None:
+    def begin(self, request: Any, prompt: str | None = None) -> RequestState | None:
         rid = request.request_id
         if rid in self.records:
             return None  # a streaming-input update of a request we already follow
@@ -190,30 +207,44 @@ class FrontendTracer:
             headers[CONTEXT_HEADER] = \
                 f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
         request.trace_headers = headers
-        rec = RequestRecord(rid, span, sampled, arrival_ns, self.served_model,
-                            attrs[sc.LLMTRACE_TENANT], prompt_tokens, info)
+        # handed to the engine client right after this hook
+        timeline = Timeline(read_ns=arrival_ns, engine_arrival_ns=time.time_ns())
+        rec = RequestState(rid, span, sampled, self.served_model, attrs[sc.LLMTRACE_TENANT],
+                           prompt_tokens, info, timeline)
         self.records[rid] = rec
         return rec
 
-    def on_outputs(self, outputs: list[Any]) -> None:
+    def on_outputs(self, outputs: list[Any], engine_ts: float | None = None) -> None:
         """Per engine-output batch: the only per-token path, kept to plain arithmetic."""
         now = time.time_ns()
         records = self.records
+        offset = None  # wall - monotonic, for the engine's timestamps (one host, one clock)
         for out in outputs:
             rec = records.get(out.request_id)
             if rec is None:
                 continue
+            events = out.events
+            if events:
+                if offset is None:
+                    offset = time.time_ns() - time.monotonic_ns()
+                tl_events = rec.timeline.events
+                for ev in events:
+                    kind = _EVENTS.get(int(ev.type))
+                    if kind is not None:
+                        tl_events.append((kind, int(ev.timestamp * 1e9) + offset))
             n = len(out.new_token_ids)
             if n:
-                if rec.first_ns == 0:
-                    rec.first_ns = now
+                if rec.last_ns == 0:
+                    if offset is None:
+                        offset = time.time_ns() - time.monotonic_ns()
+                    rec.timeline.prompt_done_ns = \
+                        int(engine_ts * 1e9) + offset if engine_ts else now
+                    rec.timeline.first_token_ns = now
                     if rec.sampled:
                         self._start_decode(rec, now)
                 else:
                     gap = (now - rec.last_ns) / 1e9
-                    rec.itls.append(gap)
-                    if rec.sampled:
-                        self._chunk_gap(rec, gap)
+                    (rec.chunk if rec.chunk is not None else rec.itl).add(gap)
                 rec.last_ns = now
                 rec.output_tokens += n
                 if rec.sampled:
@@ -238,43 +269,40 @@ class FrontendTracer:
                         message=f"{type(exc).__name__}: {exc}")
 
     # -- decode chunks ---------------------------------------------------------
-    def _start_decode(self, rec: RequestRecord, now: int) -> None:
+    def _start_decode(self, rec: RequestState, now: int) -> None:
         rec.span.add_event(sc.EVENT_LLMTRACE_FIRST_TOKEN, timestamp=now)
         rec.decode_span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, rec.span, now)
+        rec.chunk = Histogram()
         rec.chunk_start_ns = now
 
-    @staticmethod
-    def _chunk_gap(rec: RequestRecord, gap: float) -> None:
-        if rec.chunk_gaps == 0:
-            rec.chunk_itl_min = rec.chunk_itl_max = gap
-        elif gap < rec.chunk_itl_min:
-            rec.chunk_itl_min = gap
-        elif gap > rec.chunk_itl_max:
-            rec.chunk_itl_max = gap
-        rec.chunk_itl_sum += gap
-        rec.chunk_gaps += 1
-
-    def _close_chunk(self, rec: RequestRecord, now: int) -> None:
-        if rec.decode_span is None or rec.chunk_tokens == 0:
+    def _close_chunk(self, rec: RequestState, now: int) -> None:
+        """End the decode chunk; its gaps join the request's ITL in chunk order, exactly as
+        the collector merges the chunk spans' bucket counts."""
+        chunk = rec.chunk
+        if rec.decode_span is None or chunk is None or rec.chunk_tokens == 0:
             return
         attrs: dict[str, Any] = {
             sc.LLMTRACE_DECODE_CHUNK_INDEX: rec.chunk_index,
             sc.LLMTRACE_DECODE_CHUNK_TOKENS: rec.chunk_tokens,
         }
-        if rec.chunk_gaps:
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MIN] = rec.chunk_itl_min
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN] = rec.chunk_itl_sum / rec.chunk_gaps
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MAX] = rec.chunk_itl_max
+        gaps = chunk.count
+        if gaps:
+            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MIN] = chunk.low
+            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN] = chunk.total / gaps
+            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MAX] = chunk.high
+            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_SUM] = chunk.total
+            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_BUCKET_COUNTS] = chunk.counts
+            rec.itl.merge(chunk)
         span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_CHUNK, rec.decode_span,
                                          rec.chunk_start_ns, attrs)
         span.end(end_time=now)
         rec.chunk_index += 1
         rec.chunk_start_ns = now
-        rec.chunk_tokens = rec.chunk_gaps = 0
-        rec.chunk_itl_sum = 0.0
+        rec.chunk_tokens = 0
+        rec.chunk = Histogram()
 
     # -- finish ----------------------------------------------------------------
-    def finish(self, rec: RequestRecord, finish_reason: str, now: int,
+    def finish(self, rec: RequestState, finish_reason: str, now: int,
                error_type: str | None = None, message: str | None = None) -> None:
         self.records.pop(rec.request_id, None)
         reason = _FINISH.get(finish_reason.lower(), finish_reason.lower())
@@ -283,74 +311,57 @@ class FrontendTracer:
         gone = rec.http is not None and rec.http.disconnected_ns != 0
         if gone and error_type is None:
             error_type = "client_disconnected"  # ran to completion for nobody
-        end = rec.last_ns if rec.last_ns and error_type is None else now
-        first = rec.first_ns
-        if first and rec.http is not None and rec.http.streaming and rec.http.first_body_ns:
+        tl = rec.timeline
+        tl.last_token_ns = rec.last_ns
+        tl.end_ns = rec.last_ns if rec.last_ns and error_type is None else now
+        if tl.first_token_ns and rec.http is not None and rec.http.streaming \
+                and rec.http.first_body_ns:
             # streaming: the first token leaves the server with the first body chunk
-            first = max(first, rec.http.first_body_ns)
-        ttft = (first - rec.arrival_ns) / 1e9 if first else None
-        stats = getattr(rec.req_state, "stats", None)
-        queue = prefill = decode = None
-        preemptions = 0
-        if stats is not None and stats.scheduled_ts:
-            queue = max(0.0, stats.scheduled_ts - stats.queued_ts)
-            if stats.first_token_ts:
-                prefill = max(0.0, stats.first_token_ts - stats.scheduled_ts)
-                decode = max(0.0, stats.last_token_ts - stats.first_token_ts)
-            preemptions = stats.num_preemptions
-        cached = int(getattr(rec.req_state, "num_cached_tokens", 0) or 0)
-        e2e = (end - rec.arrival_ns) / 1e9
-        prices = self.telemetry.prices
-        usd = prices.token_cost(rec.model, rec.prompt_tokens, cached, rec.output_tokens) \
-            if prices is not None else None
+            tl.first_token_ns = max(tl.first_token_ns, rec.http.first_body_ns)
         if rec.sampled:
-            self._close_chunk(rec, end)
-            if rec.decode_span is not None:
-                rec.decode_span.set_attribute(sc.GEN_AI_USAGE_OUTPUT_TOKENS, rec.output_tokens)
-                rec.decode_span.end(end_time=end)
-            attrs: dict[str, Any] = {
-                sc.GEN_AI_USAGE_OUTPUT_TOKENS: rec.output_tokens,
-                sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: cached,
-                sc.GEN_AI_RESPONSE_FINISH_REASONS: (reason,),
-                sc.GEN_AI_RESPONSE_MODEL: rec.model,
-                sc.LLMTRACE_REQUEST_FINISH_REASON: reason,
-                sc.LLMTRACE_LATENCY_E2E: e2e,
-                sc.LLMTRACE_REQUEST_PREEMPTIONS: preemptions,
-            }
-            for key, value in ((sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN, ttft),
-                               (sc.LLMTRACE_LATENCY_QUEUE, queue),
-                               (sc.LLMTRACE_LATENCY_PREFILL, prefill),
-                               (sc.LLMTRACE_LATENCY_DECODE, decode)):
-                if value is not None:
-                    attrs[key] = value
-            if decode is not None and rec.output_tokens > 1:
-                attrs[sc.LLMTRACE_LATENCY_TIME_PER_OUTPUT_TOKEN] = decode / (
-                    rec.output_tokens - 1)
-            if usd is not None:
-                attrs[sc.LLMTRACE_COST_USD] = usd
-            if gone:
-                attrs[sc.LLMTRACE_REQUEST_CLIENT_DISCONNECTED] = True
-            if error_type:
-                attrs[sc.ERROR_TYPE] = error_type
-                rec.span.set_status(Status(StatusCode.ERROR, message or error_type))
-            if self.config.capture_content:  # opt-in only
-                text = getattr(getattr(rec.req_state, "detokenizer", None), "output_text", None)
-                if text is not None:
-                    attrs[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([{
-                        "role": "assistant", "parts": [{"type": "text", "content": text}],
-                        "finish_reason": reason}])
-            rec.span.set_attributes(attrs)
-            rec.span.end(end_time=end)
+            self._close_chunk(rec, tl.end_ns)
+        elif rec.chunk is not None:
+            rec.itl.merge(rec.chunk)
+        ph = phases(tl)
+        record = RequestRecord(
+            source=SOURCE_LLMTRACE, trace_id=f"{rec.span.get_span_context().trace_id:032x}",
+            request_id=rec.request_id, model=rec.model, tenant=rec.tenant,
+            version=self.config.deployment_version, finish_reason=reason,
+            error_type=error_type, start_ns=tl.read_ns, end_ns=tl.end_ns, e2e_s=ph.e2e_s,
+            prompt_tokens=rec.prompt_tokens,
+            cached_tokens=int(getattr(rec.req_state, "num_cached_tokens", 0) or 0),
+            output_tokens=rec.output_tokens,
+            preemptions=sum(1 for kind, _ in tl.events if kind == PREEMPTED),
+            itl=rec.itl if rec.itl.count else None)
+        record.set_phases(ph)
+        prices = self.telemetry.prices
+        if prices is not None:
+            price_request(record, prices)
+        if rec.sampled:
+            self._end_span(rec, record, ph, gone, message)
         if self.config.metrics_enabled:
-            if prices is not None:
-                self.telemetry.instruments.record_cost(
-                    rec.model, rec.tenant, self.config.deployment_version, "price_table", usd)
-            self.telemetry.instruments.record(RequestMetrics(
-                model=rec.model, tenant=rec.tenant, version=self.config.deployment_version,
-                finish_reason=reason, error_type=error_type, ttft=ttft, e2e=e2e, queue=queue,
-                prefill=prefill, decode=decode, prompt_tokens=rec.prompt_tokens,
-                cached_tokens=cached, output_tokens=rec.output_tokens,
-                preemptions=preemptions, itls=rec.itls))
+            self.telemetry.instruments.record_request(record)
+
+    def _end_span(self, rec: RequestState, record: RequestRecord, ph, gone: bool,
+                  message: str | None) -> None:
+        end = record.end_ns
+        if rec.decode_span is not None:
+            rec.decode_span.set_attribute(sc.GEN_AI_USAGE_OUTPUT_TOKENS, rec.output_tokens)
+            rec.decode_span.end(end_time=end)
+        render_phases(self.telemetry, rec.span, ph)
+        attrs = record_attributes(record)
+        if gone:
+            attrs[sc.LLMTRACE_REQUEST_CLIENT_DISCONNECTED] = True
+        if record.error_type:
+            rec.span.set_status(Status(StatusCode.ERROR, message or record.error_type))
+        if self.config.capture_content:  # opt-in only
+            text = getattr(getattr(rec.req_state, "detokenizer", None), "output_text", None)
+            if text is not None:
+                attrs[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([{
+                    "role": "assistant", "parts": [{"type": "text", "content": text}],
+                    "finish_reason": record.finish_reason}])
+        rec.span.set_attributes(attrs)
+        rec.span.end(end_time=end)
 
     # -- wrapt wrappers ----------------------------------------------------------
     def wrap_add_request(self, wrapped, instance, args, kwargs):
@@ -372,7 +383,8 @@ class FrontendTracer:
             with HookGuard("vllm.output_processor.process_outputs", self._measure) as g:
                 if g.enabled:
                     outputs = args[0] if args else kwargs["engine_core_outputs"]
-                    self.on_outputs(outputs)
+                    ts = args[1] if len(args) > 1 else kwargs.get("engine_core_timestamp")
+                    self.on_outputs(outputs, ts)
         return result
 
     def wrap_abort_requests(self, wrapped, instance, args, kwargs):

@@ -1,0 +1,87 @@
+"""One record per finished request, and one per request's engine usage.
+
+These are the only inputs of the metric outputs: the SDK builds them at the
+source (``llmtrace.instrumentation``), the pipeline builds them from spans
+(``llmtrace.pipeline.inputs``), and both outputs feed them through the
+generated metric schema (``llmtrace.schema``). Field names are the schema's
+``feeds`` and ``x-record-labels`` values; a None field records nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmtrace.record.histogram import Histogram
+from llmtrace.record.timeline import Phases
+
+UNKNOWN = "unknown"
+#: ``llmtrace.record.source`` values
+SOURCE_LLMTRACE = "llmtrace"
+SOURCE_VLLM_BUILTIN = "vllm_builtin"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Identity, durations (seconds), token counts and ITL of one finished request."""
+
+    source: str
+    trace_id: str
+    request_id: str
+    model: str
+    tenant: str
+    version: str
+    finish_reason: str
+    error_type: str | None
+    start_ns: int
+    end_ns: int
+    e2e_s: float
+    ttft_s: float | None = None
+    preprocess_s: float | None = None
+    queue_s: float | None = None
+    prefill_s: float | None = None
+    first_token_delivery_s: float | None = None
+    decode_s: float | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+    preemptions: int = 0
+    itl: Histogram | None = None
+    #: token-basis USD, set by :func:`llmtrace.pricing.price_request` when a table is set
+    usd: float | None = None
+    #: 1 when a price table is set and has no price for this model, else None
+    unpriced: int | None = None
+    #: llm-d router decision (``llmtrace.router.*``), when its spans came first
+    routing: dict[str, Any] = field(default_factory=dict)
+
+    one = 1  # the value a per-request counter adds
+    basis = "price_table"  # ``llmtrace.cost.basis`` of this record's USD
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.decode_s is None or self.output_tokens < 2:
+            return None
+        return self.decode_s / (self.output_tokens - 1)
+
+    def set_phases(self, p: Phases) -> None:
+        """Copy the durations the timeline computed (the SDK's path)."""
+        self.ttft_s, self.e2e_s = p.ttft_s, p.e2e_s
+        self.preprocess_s, self.queue_s, self.prefill_s = p.preprocess_s, p.queue_s, p.prefill_s
+        self.first_token_delivery_s, self.decode_s = p.first_token_delivery_s, p.decode_s
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One request's batch-share accelerator time, from the engine core."""
+
+    trace_id: str
+    model: str
+    tenant: str
+    version: str
+    instance_type: str | None
+    accelerator_s: float
+    steps: int
+    usd: float | None = None
+    unpriced: int | None = None
+
+    basis = "batch_share"
