@@ -532,6 +532,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.request.finish_reason',
+        'error.type',
     }),
     'llmtrace.engine.step': frozenset({
         'llmtrace.step.index',

@@ -48,9 +48,31 @@ def send(server, model: str, requests: list[dict], concurrency: int = 1,
     return list(zip(ids, timings, strict=True))
 
 
-FULL_TREE = (sc.SPAN_LLMTRACE_REQUEST, sc.SPAN_LLMTRACE_QUEUE, sc.SPAN_LLMTRACE_PREFILL,
+FULL_TREE = (sc.SPAN_LLMTRACE_REQUEST, sc.SPAN_LLMTRACE_PREPROCESS, sc.SPAN_LLMTRACE_QUEUE,
+             sc.SPAN_LLMTRACE_PREFILL, sc.SPAN_LLMTRACE_FIRST_TOKEN_DELIVERY,
              sc.SPAN_LLMTRACE_PREFILL_CHUNK, sc.SPAN_LLMTRACE_DECODE,
              sc.SPAN_LLMTRACE_ENGINE_REQUEST)
+#: the phase spans that tile [request read, first token written], in order
+TILES = (sc.SPAN_LLMTRACE_PREPROCESS, sc.SPAN_LLMTRACE_QUEUE, sc.SPAN_LLMTRACE_PREFILL,
+         sc.SPAN_LLMTRACE_FIRST_TOKEN_DELIVERY)
+TILE_ATTRIBUTES = (sc.LLMTRACE_LATENCY_PREPROCESS, sc.LLMTRACE_LATENCY_QUEUE,
+                   sc.LLMTRACE_LATENCY_PREFILL, sc.LLMTRACE_LATENCY_FIRST_TOKEN_DELIVERY)
+
+
+def check_tiling(spans: list[ReceivedSpan], root: ReceivedSpan) -> None:
+    """The phase spans tile [read, first token] and show the attributes' intervals."""
+    a = root.attributes
+    tiles = sorted((s for s in spans if s.name in TILES and s.parent_span_id == root.span_id),
+                   key=lambda s: (s.start_ns, s.end_ns))
+    assert [t.name for t in tiles] == list(TILES)
+    assert tiles[0].start_ns == root.start_ns
+    for before, after in zip(tiles, tiles[1:], strict=False):
+        assert before.end_ns == after.start_ns, (before.name, after.name)
+    ttft = a[sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN]
+    assert abs((tiles[-1].end_ns - root.start_ns) / 1e9 - ttft) < 1e-6
+    assert sum(a[k] for k in TILE_ATTRIBUTES) == pytest.approx(ttft, abs=1e-9)
+    for tile, key in zip(tiles, TILE_ATTRIBUTES, strict=True):
+        assert abs((tile.end_ns - tile.start_ns) / 1e9 - a[key]) < 1e-6, key
 
 
 def trace_of(rx: OTLPReceiver, trace_id: str, expect: tuple[str, ...] = FULL_TREE,
@@ -121,11 +143,15 @@ def test_every_request_has_the_complete_tree(instrumented_servers, otlp_receiver
         # prompts and completions are never recorded unless the user opts in
         assert sc.GEN_AI_INPUT_MESSAGES not in a and sc.GEN_AI_OUTPUT_MESSAGES not in a
 
+        check_tiling(spans, root)
         [queue] = by_name(spans, sc.SPAN_LLMTRACE_QUEUE)
         assert queue.attributes[sc.LLMTRACE_QUEUE_REASON] == "arrival"
         [prefill] = by_name(spans, sc.SPAN_LLMTRACE_PREFILL)
+        [engine] = by_name(spans, sc.SPAN_LLMTRACE_ENGINE_REQUEST)
         chunks = by_name(spans, sc.SPAN_LLMTRACE_PREFILL_CHUNK)
-        assert chunks and {c.parent_span_id for c in chunks} == {prefill.span_id}
+        # the engine core's view: its per-step chunks start once the request reached it
+        assert chunks and {c.parent_span_id for c in chunks} == {engine.span_id}
+        assert all(c.start_ns >= engine.start_ns for c in chunks)
         computed = sum(c.attributes[sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS] for c in chunks)
         assert computed + prefill.attributes[sc.LLMTRACE_PREFILL_CACHED_TOKENS] == \
             timing.prompt_tokens
@@ -142,7 +168,6 @@ def test_every_request_has_the_complete_tree(instrumented_servers, otlp_receiver
                     c.attributes[sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN] <= \
                     c.attributes[sc.LLMTRACE_DECODE_CHUNK_ITL_MAX]
         # batch-share cost: one step per prefill chunk, then one per further token
-        [engine] = by_name(spans, sc.SPAN_LLMTRACE_ENGINE_REQUEST)
         e = engine.attributes
         assert e[sc.LLMTRACE_ENGINE_STEPS] == len(chunks) + timing.completion_tokens - 1
         assert 0 < e[sc.LLMTRACE_COST_ACCELERATOR_SECONDS] <= \

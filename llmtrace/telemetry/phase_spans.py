@@ -54,14 +54,16 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
     return attrs
 
 
-def render_phases(telemetry, root: Span, phases: Phases) -> None:
+def render_phases(telemetry, root: Span, phases: Phases,
+                  prefill_attributes: dict[str, Any] | None = None) -> None:
     """Emit the phase spans of one sampled request under its root span."""
     preemptions = {(p.start_ns, p.end_ns): None for p in phases.preemptions}
     for seg in phases.tiles:
         if seg.phase == "queue" and seg.reason == "preemption" and \
                 (seg.start_ns, seg.end_ns) in preemptions:
             continue  # drawn inside its preemption span below
-        attrs = {sc.LLMTRACE_QUEUE_REASON: seg.reason} if seg.phase == "queue" else None
+        attrs = {sc.LLMTRACE_QUEUE_REASON: seg.reason} if seg.phase == "queue" else \
+            prefill_attributes if seg.phase == "prefill" else None
         telemetry.child_span(_PHASE_SPANS[seg.phase], root, seg.start_ns,
                              attrs).end(end_time=seg.end_ns)
     for p in phases.preemptions:

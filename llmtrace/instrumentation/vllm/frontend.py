@@ -271,16 +271,28 @@ class FrontendTracer:
     # -- decode chunks ---------------------------------------------------------
     def _start_decode(self, rec: RequestState, now: int) -> None:
         rec.span.add_event(sc.EVENT_LLMTRACE_FIRST_TOKEN, timestamp=now)
-        rec.decode_span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, rec.span, now)
         rec.chunk = Histogram()
         rec.chunk_start_ns = now
+
+    def _decode_span(self, rec: RequestState) -> Span:
+        """The decode span, started when first needed: decode begins when the first token
+        was written (for a stream, its first body chunk), where TTFT ends."""
+        if rec.decode_span is None:
+            start = rec.timeline.first_token_ns
+            http = rec.http
+            if http is not None and http.streaming and http.first_body_ns > start:
+                start = http.first_body_ns
+            rec.decode_span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, rec.span, start)
+            rec.chunk_start_ns = max(rec.chunk_start_ns, start)
+        return rec.decode_span
 
     def _close_chunk(self, rec: RequestState, now: int) -> None:
         """End the decode chunk; its gaps join the request's ITL in chunk order, exactly as
         the collector merges the chunk spans' bucket counts."""
         chunk = rec.chunk
-        if rec.decode_span is None or chunk is None or rec.chunk_tokens == 0:
+        if chunk is None or rec.chunk_tokens == 0:
             return
+        decode = self._decode_span(rec)
         attrs: dict[str, Any] = {
             sc.LLMTRACE_DECODE_CHUNK_INDEX: rec.chunk_index,
             sc.LLMTRACE_DECODE_CHUNK_TOKENS: rec.chunk_tokens,
@@ -293,9 +305,9 @@ class FrontendTracer:
             attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_SUM] = chunk.total
             attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_BUCKET_COUNTS] = chunk.counts
             rec.itl.merge(chunk)
-        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_CHUNK, rec.decode_span,
+        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_CHUNK, decode,
                                          rec.chunk_start_ns, attrs)
-        span.end(end_time=now)
+        span.end(end_time=max(now, rec.chunk_start_ns))
         rec.chunk_index += 1
         rec.chunk_start_ns = now
         rec.chunk_tokens = 0
@@ -318,6 +330,7 @@ class FrontendTracer:
                 and rec.http.first_body_ns:
             # streaming: the first token leaves the server with the first body chunk
             tl.first_token_ns = max(tl.first_token_ns, rec.http.first_body_ns)
+        tl.end_ns = max(tl.end_ns, tl.first_token_ns)  # a request ends after its first token
         if rec.sampled:
             self._close_chunk(rec, tl.end_ns)
         elif rec.chunk is not None:
@@ -348,7 +361,9 @@ class FrontendTracer:
         if rec.decode_span is not None:
             rec.decode_span.set_attribute(sc.GEN_AI_USAGE_OUTPUT_TOKENS, rec.output_tokens)
             rec.decode_span.end(end_time=end)
-        render_phases(self.telemetry, rec.span, ph)
+        render_phases(self.telemetry, rec.span, ph, {
+            sc.GEN_AI_USAGE_INPUT_TOKENS: record.prompt_tokens,
+            sc.LLMTRACE_PREFILL_CACHED_TOKENS: record.cached_tokens})
         attrs = record_attributes(record)
         if gone:
             attrs[sc.LLMTRACE_REQUEST_CLIENT_DISCONNECTED] = True
