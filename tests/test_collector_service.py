@@ -66,8 +66,8 @@ from llmtrace.collector import CollectorConfig, CollectorService, Refused, load_
 from llmtrace.collector.service import EXPORT_PATH, TRACE_SERVICE
 from llmtrace.config import ConfigError
 from llmtrace.pipeline.derive import RequestRecord, UsageRecord
-from llmtrace.testing.otlp_receiver import OTLPReceiver
-from llmtrace.testing.synthetic import ACCELERATOR_S, TTFT_S, make_payload, make_spans
+from testbed.otlp_receiver import OTLPReceiver
+from testbed.synthetic import ACCELERATOR_S, TTFT_S, make_payload, make_spans
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -11,7 +11,7 @@ from opentelemetry.sdk.resources import Resource
 from llmtrace import semconv as sc
 from llmtrace.config import load_config
 from llmtrace.telemetry.metrics import TPOT_BUCKETS, TTFT_BUCKETS, RequestMetrics, build_instruments
-from llmtrace.testing.ports import free_port
+from testbed.ports import free_port
 
 
 def _points(reader: InMemoryMetricReader) -> dict[str, list]:

@@ -11,7 +11,7 @@ import pytest
 
 from llmtrace.pipeline import pricing
 from llmtrace.pipeline.pricing import ModelPrice, PriceTable, PriceTableError
-from llmtrace.testing.models import DENSE, MOE
+from testbed.models import DENSE, MOE
 
 REPO = Path(__file__).resolve().parents[1]
 
