@@ -22,7 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from llmtrace.pipeline import TraceAssembler, spans_from_request
 from llmtrace.pipeline.metrics import DerivedMetrics
-from llmtrace.pipeline.pricing import PriceTable
+from llmtrace.pricing import PriceTable
 from testbed.synthetic import make_payload
 
 REPO = Path(__file__).resolve().parents[1]

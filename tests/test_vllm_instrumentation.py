@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from llmtrace import semconv as sc
-from llmtrace.pipeline.pricing import PriceTable
+from llmtrace.pricing import PriceTable
 from testbed.models import DENSE, MOE
 from testbed.otlp_receiver import OTLPReceiver, ReceivedSpan
 from testbed.registry import assert_in_registry

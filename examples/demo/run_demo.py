@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from llmtrace.collector import CollectorConfig, CollectorService
 from llmtrace.pipeline.derive import RequestRecord, UsageRecord
-from llmtrace.pipeline.pricing import PriceTable
+from llmtrace.pricing import PriceTable
 from testbed.models import DENSE, ensure_models
 from testbed.otlp_receiver import OTLPReceiver
 from testbed.stream_client import (

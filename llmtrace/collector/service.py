@@ -41,8 +41,8 @@ from llmtrace.collector.otlp import OTLPError, decode_traces
 from llmtrace.pipeline.assembler import TraceAssembler
 from llmtrace.pipeline.derive import RequestRecord, UsageRecord
 from llmtrace.pipeline.metrics import DerivedMetrics
-from llmtrace.pipeline.pricing import PriceTable
 from llmtrace.pipeline.spans import spans_from_request
+from llmtrace.pricing import PriceTable
 
 log = logging.getLogger("llmtrace.collector")
 TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"

@@ -7,8 +7,9 @@ can keep up with a fleet's spans on one core.
 
 Pieces: span views (:mod:`spans` for OTLP protobuf, :mod:`processor` for SDK
 spans), trace assembly (:mod:`assembler`), per-request records and usage
-records (:mod:`derive`), llm-d router decisions (:mod:`router`), price tables
-(:mod:`pricing`) and the Prometheus output (:mod:`metrics`).
+records (:mod:`derive`), llm-d router decisions (:mod:`router`) and the
+Prometheus output (:mod:`metrics`). Price tables are :mod:`llmtrace.pricing`,
+outside this package, because the SDK reads them too.
 """
 
 from llmtrace.pipeline.assembler import TraceAssembler

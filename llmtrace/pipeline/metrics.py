@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from llmtrace import semconv as sc
 from llmtrace.pipeline.derive import RequestRecord, UsageRecord
-from llmtrace.pipeline.pricing import PriceTable
+from llmtrace.pricing import PriceTable
 from llmtrace.telemetry.metrics import HISTOGRAM_BUCKETS, OVERFLOW, LabelLimiter
 
 LABELS = (sc.GEN_AI_REQUEST_MODEL, sc.LLMTRACE_TENANT, sc.LLMTRACE_DEPLOYMENT_VERSION)

@@ -155,7 +155,7 @@ class Telemetry:
         if self._prices is False:
             self._prices = None
             if self.config.prices:
-                from llmtrace.pipeline.pricing import PriceTable, PriceTableError
+                from llmtrace.pricing import PriceTable, PriceTableError
 
                 try:
                     self._prices = PriceTable.load(self.config.prices)
