@@ -63,7 +63,7 @@ import llmtrace.collector.service as service_module
 from llmtrace import cli
 from llmtrace import semconv as sc
 from llmtrace.collector import CollectorConfig, CollectorService, Refused, load_collector_config
-from llmtrace.collector.service import EXPORT_PATH, TRACE_SERVICE
+from llmtrace.collector.otlp import EXPORT_PATH, TRACE_SERVICE
 from llmtrace.config import ConfigError
 from llmtrace.pipeline.derive import RequestRecord, UsageRecord
 from testbed.otlp_receiver import OTLPReceiver
