@@ -34,7 +34,7 @@ system:
 	    prometheus >/dev/null; }
 
 models: $(STAMP)
-	$(PY) -m llmtrace.testing.models --cache-dir $(LLMTRACE_MODEL_DIR)
+	$(PY) -m testbed.models --cache-dir $(LLMTRACE_MODEL_DIR)
 
 semconv: $(STAMP)
 	$(PY) semconv/codegen/generate.py

@@ -1,7 +1,7 @@
 """Derivation pipeline throughput: spans/s per core from OTLP bytes to records.
 
 Beside a parse-only baseline in the same run (``ParseFromString`` alone). The
-workload is realistic llmtrace traffic (:mod:`llmtrace.testing.synthetic`): per
+workload is realistic llmtrace traffic (:mod:`testbed.synthetic`): per
 request a root span, a decode span, four decode chunks and, from the engine
 core, a usage span plus queue, prefill and two prefill-chunk spans that the
 derivation skips after a name lookup.
@@ -16,12 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
+
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from llmtrace.pipeline import TraceAssembler, spans_from_request
 from llmtrace.pipeline.metrics import DerivedMetrics
-from llmtrace.pipeline.pricing import PriceTable
-from llmtrace.testing.synthetic import make_payload
+from llmtrace.pricing import PriceTable
+from testbed.synthetic import make_payload
 
 REPO = Path(__file__).resolve().parents[1]
 

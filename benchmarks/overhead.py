@@ -29,10 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmtrace.testing.models import DENSE, ensure_models
-from llmtrace.testing.otlp_receiver import OTLPReceiver
-from llmtrace.testing.stream_client import percentile, run_load, summarize
-from llmtrace.testing.vllm_server import ServerConfig, ServerPool, VLLMServer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
+
+from testbed.models import DENSE, ensure_models
+from testbed.otlp_receiver import OTLPReceiver
+from testbed.stream_client import percentile, run_load, summarize
+from testbed.vllm_server import ServerConfig, ServerPool, VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")

@@ -36,10 +36,12 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
+
 from llmtrace import semconv as sc
-from llmtrace.testing.models import DENSE, ensure_models
-from llmtrace.testing.otlp_receiver import OTLPReceiver, ReceivedSpan
-from llmtrace.testing.vllm_server import ServerConfig, VLLMServer
+from testbed.models import DENSE, ensure_models
+from testbed.otlp_receiver import OTLPReceiver, ReceivedSpan
+from testbed.vllm_server import ServerConfig, VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
 TILES = (sc.SPAN_LLMTRACE_PREPROCESS, sc.SPAN_LLMTRACE_QUEUE, sc.SPAN_LLMTRACE_PREFILL,
@@ -70,7 +72,7 @@ def queue_histogram(base_url: str, tenant: str) -> tuple[float, float]:
 
 def bench(server: VLLMServer, model_dir: Path, out: Path, prefix: str, tenant: str,
           requests: int, rate: str, concurrency: int | None) -> dict:
-    cmd = [sys.executable, "-m", "llmtrace.vllm_cli", "bench", "serve",
+    cmd = [sys.executable, "-m", "testbed.vllm_cli", "bench", "serve",
            "--backend", "vllm", "--base-url", server.base_url, "--model", DENSE,
            "--tokenizer", str(model_dir), "--dataset-name", "random",
            "--random-input-len", "128", "--random-output-len", "32",

@@ -28,7 +28,7 @@ def _collector_args(sub: argparse._SubParsersAction) -> None:
 
 def _run_collector(args: argparse.Namespace) -> int:
     from llmtrace.collector import CollectorService, load_collector_config
-    from llmtrace.pipeline.pricing import PriceTableError
+    from llmtrace.pricing import PriceTableError
 
     overrides = {k: getattr(args, k) for k in (
         "grpc_endpoint", "http_endpoint", "admin_endpoint", "forward_endpoint", "prices",

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from llmtrace.collector import CollectorConfig, CollectorService
-from llmtrace.testing.models import DENSE, MOE, TinyModels, ensure_models
-from llmtrace.testing.otlp_receiver import OTLPReceiver
-from llmtrace.testing.ports import free_port
-from llmtrace.testing.vllm_server import ServerConfig, ServerPool, VLLMServer, chat
+from testbed.models import DENSE, MOE, TinyModels, ensure_models
+from testbed.otlp_receiver import OTLPReceiver
+from testbed.ports import free_port
+from testbed.vllm_server import ServerConfig, ServerPool, VLLMServer, chat
 
 REPO = Path(__file__).resolve().parents[1]
 

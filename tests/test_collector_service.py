@@ -63,11 +63,11 @@ import llmtrace.collector.service as service_module
 from llmtrace import cli
 from llmtrace import semconv as sc
 from llmtrace.collector import CollectorConfig, CollectorService, Refused, load_collector_config
-from llmtrace.collector.service import EXPORT_PATH, TRACE_SERVICE
+from llmtrace.collector.otlp import EXPORT_PATH, TRACE_SERVICE
 from llmtrace.config import ConfigError
 from llmtrace.record import RequestRecord, UsageRecord
-from llmtrace.testing.otlp_receiver import OTLPReceiver
-from llmtrace.testing.synthetic import ACCELERATOR_S, TTFT_S, make_payload, make_spans
+from testbed.otlp_receiver import OTLPReceiver
+from testbed.synthetic import ACCELERATOR_S, TTFT_S, make_payload, make_spans
 
 pytestmark = pytest.mark.timeout(120)
 

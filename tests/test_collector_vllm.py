@@ -18,9 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmtrace import semconv as sc
 from llmtrace.collector import CollectorService
-from llmtrace.testing.models import DENSE
-from llmtrace.testing.otlp_receiver import OTLPReceiver
-from llmtrace.testing.stream_client import run_load
+from testbed.models import DENSE
+from testbed.otlp_receiver import OTLPReceiver
+from testbed.stream_client import run_load
 
 pytestmark = pytest.mark.vllm
 

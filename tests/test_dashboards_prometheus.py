@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from llmtrace.dashboards.generate import panel_queries, substitute
-from llmtrace.testing.models import DENSE
-from llmtrace.testing.prometheus import PrometheusError, PrometheusServer
-from llmtrace.testing.stream_client import run_load
+from testbed.models import DENSE
+from testbed.prometheus import PrometheusError, PrometheusServer
+from testbed.stream_client import run_load
 
 pytestmark = pytest.mark.vllm
 

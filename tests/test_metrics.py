@@ -13,7 +13,7 @@ from llmtrace import semconv as sc
 from llmtrace.config import load_config
 from llmtrace.record import Histogram, RequestRecord
 from llmtrace.telemetry.metrics import build_instruments
-from llmtrace.testing.ports import free_port
+from testbed.ports import free_port
 
 TTFT_BUCKETS = schema.BY_NAME[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN].buckets
 ITL_BUCKETS = schema.BY_NAME[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY].buckets

@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from llmtrace.testing import models as tm
+from testbed import models as tm
 
 
 def _digest(path: Path) -> str:

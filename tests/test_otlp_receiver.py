@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
 
 from llmtrace import semconv
-from llmtrace.testing.otlp_receiver import OTLPReceiver
+from testbed.otlp_receiver import OTLPReceiver
 
 
 def _emit_trace(provider: TracerProvider, marker: str) -> None:

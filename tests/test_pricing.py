@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llmtrace.pipeline import pricing
-from llmtrace.pipeline.pricing import ModelPrice, PriceTable, PriceTableError
-from llmtrace.testing.models import DENSE, MOE
+from llmtrace import pricing
+from llmtrace.pricing import ModelPrice, PriceTable, PriceTableError
+from testbed.models import DENSE, MOE
 
 REPO = Path(__file__).resolve().parents[1]
 

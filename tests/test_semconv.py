@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from llmtrace import semconv
-from llmtrace.testing.otlp_receiver import ReceivedEvent, ReceivedPoint, ReceivedSpan
-from llmtrace.testing.registry import registry_violations
+from testbed.otlp_receiver import ReceivedEvent, ReceivedPoint, ReceivedSpan
+from testbed.registry import registry_violations
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATOR = REPO / "semconv" / "codegen" / "generate.py"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import threading
+
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from llmtrace.config import load_config
 from llmtrace.telemetry import DROPPED, Telemetry
@@ -33,3 +36,39 @@ def test_collector_outage_is_bounded_and_counted(monkeypatch):
         telemetry.shutdown()  # gives up on the hung export after its timeout
         blackhole.close()
     assert DROPPED["export_failed"] > before_failed
+
+
+def test_queue_full_count_matches_the_spans_never_exported(monkeypatch):
+    """The drop count (public calls only) equals what the SDK's queue really lost."""
+
+    class Stuck(SpanExporter):
+        def __init__(self) -> None:
+            self.entered, self.release, self.received = threading.Event(), threading.Event(), 0
+
+        def export(self, spans) -> SpanExportResult:
+            self.received += len(spans)
+            self.entered.set()
+            self.release.wait(10)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "10")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")  # only a full batch wakes the worker
+    exporter = Stuck()
+    telemetry = Telemetry(load_config(sample_ratio=1.0), span_exporter=exporter)
+    before = DROPPED["queue_full"]
+    try:
+        tracer = telemetry.tracer
+        for i in range(5):
+            tracer.start_span(f"first-{i}").end()
+        assert exporter.entered.wait(10), "the first batch is being exported"
+        for i in range(25):  # the queue holds 10 while the export hangs: 15 lost
+            tracer.start_span(f"more-{i}").end()
+        assert DROPPED["queue_full"] - before == 15
+    finally:
+        exporter.release.set()
+        telemetry.shutdown()
+    assert exporter.received == 30 - 15

@@ -14,11 +14,11 @@ import httpx
 import pytest
 
 from llmtrace import semconv as sc
-from llmtrace.pipeline.pricing import PriceTable
-from llmtrace.testing.models import DENSE, MOE
-from llmtrace.testing.otlp_receiver import OTLPReceiver, ReceivedSpan
-from llmtrace.testing.registry import assert_in_registry
-from llmtrace.testing.stream_client import StreamTiming, run_load
+from llmtrace.pricing import PriceTable
+from testbed.models import DENSE, MOE
+from testbed.otlp_receiver import OTLPReceiver, ReceivedSpan
+from testbed.registry import assert_in_registry
+from testbed.stream_client import StreamTiming, run_load
 
 pytestmark = pytest.mark.vllm
 PRICES = Path(__file__).resolve().parents[1] / "examples" / "prices.yaml"

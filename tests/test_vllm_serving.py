@@ -6,8 +6,8 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
-from llmtrace.testing.models import DENSE, MOE
-from llmtrace.testing.stream_client import run_load, summarize
+from testbed.models import DENSE, MOE
+from testbed.stream_client import run_load, summarize
 
 pytestmark = pytest.mark.vllm
 

@@ -19,21 +19,23 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # testbed/ is not installed
+
 from tqdm import tqdm
 
 from llmtrace.collector import CollectorConfig, CollectorService
-from llmtrace.pipeline.pricing import PriceTable
+from llmtrace.pricing import PriceTable
 from llmtrace.record import Histogram, RequestRecord, UsageRecord
-from llmtrace.testing.models import DENSE, ensure_models
-from llmtrace.testing.otlp_receiver import OTLPReceiver
-from llmtrace.testing.stream_client import (
+from testbed.models import DENSE, ensure_models
+from testbed.otlp_receiver import OTLPReceiver
+from testbed.stream_client import (
     LoadSummary,
     StreamTiming,
     percentile,
     run_load,
     summarize,
 )
-from llmtrace.testing.vllm_server import ServerConfig, VLLMServer
+from testbed.vllm_server import ServerConfig, VLLMServer
 
 REPO = Path(__file__).resolve().parents[2]
 TENANTS = ("acme", "globex", "initech")

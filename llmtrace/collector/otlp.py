@@ -20,6 +20,9 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 M = TypeVar("M", bound=Message)
+#: the OTLP trace service: what the collector serves and what it forwards to
+TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+EXPORT_PATH = f"/{TRACE_SERVICE}/Export"
 _ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 #: largest decompressed payload accepted (a zip bomb must not exhaust memory)
 MAX_DECODED_BYTES = 64 * 1024 * 1024

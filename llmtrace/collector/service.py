@@ -1,10 +1,11 @@
 """``llmtrace collector``: OTLP in, derived Prometheus metrics out, spans forwarded.
 
-Data path: the gRPC (4317) and HTTP (4318) receivers decode and check each
-payload, then put it on a queue bounded in spans; one worker derives records
-through the same :class:`~llmtrace.pipeline.TraceAssembler` as the in-process
-processor and updates :class:`~llmtrace.pipeline.metrics.DerivedMetrics`. The
-original bytes go, unchanged, to a second bounded queue for the downstream
+Data path: the gRPC (4317) and HTTP (4318) receivers (:mod:`.receivers`) hand
+each payload to :meth:`CollectorService.accept`, which decodes and checks it,
+then puts it on a queue bounded in spans; one worker derives records through
+the same :class:`~llmtrace.pipeline.TraceAssembler` as the in-process processor
+and updates :class:`~llmtrace.pipeline.metrics.DerivedMetrics`. The original
+bytes go, unchanged, to the :class:`~.forwarder.Forwarder` for the downstream
 OTLP endpoint.
 
 Bounded memory: both queues are bounded in spans, the assembler in traces
@@ -13,51 +14,41 @@ and time. When the ingest queue is full the sender gets a retryable answer
 counted; when the forward queue is full or the downstream fails, the payload
 is dropped for the downstream only, counted. A malformed payload gets a 4xx
 naming the problem and nothing else is touched.
+
+This module is the wiring and the lifecycle: it owns the ingest queue, the
+derivation worker, start/stop/health and the admin endpoint (``/metrics``,
+``/healthz``); the transports and the forwarding leg live beside it.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import queue
 import threading
 import time
 from collections import Counter as Tally
-from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 
 from llmtrace import semconv as sc
 from llmtrace.collector.config import CollectorConfig
+from llmtrace.collector.forwarder import Forwarder
 from llmtrace.collector.otlp import OTLPError, decode_traces
+from llmtrace.collector.receivers import Refused, check_bearer, grpc_receiver, ingest_handler
 from llmtrace.pipeline.assembler import TraceAssembler
 from llmtrace.pipeline.metrics import DerivedMetrics
-from llmtrace.pipeline.pricing import PriceTable
 from llmtrace.pipeline.spans import spans_from_request
+from llmtrace.pricing import PriceTable
 from llmtrace.record import RequestRecord, UsageRecord
 
+__all__ = ["CollectorService", "Refused"]
+
 log = logging.getLogger("llmtrace.collector")
-TRACE_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
-EXPORT_PATH = f"/{TRACE_SERVICE}/Export"
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-              grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
-
-
-class Refused(Exception):
-    """An ingest refusal: ``retryable`` ones are backpressure, the rest the sender's fault."""
-
-    def __init__(self, reason: str, message: str, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retryable = retryable
 
 
 @dataclass(slots=True)
@@ -101,10 +92,10 @@ class CollectorService:
               registry=reg).set_function(lambda: self.queued_spans)
 
         self._queue: queue.Queue[_Batch | None] = queue.Queue()
-        self._lock = threading.Lock()  # guards queued_spans and forward_spans
+        self._lock = threading.Lock()  # guards queued_spans and draining
         self.queued_spans = 0
-        self._fwd_queue: queue.Queue[tuple[bytes, int] | None] = queue.Queue()
-        self.forward_spans = 0
+        self.forwarder = (Forwarder(config, self.dropped, lambda: self.draining)
+                          if config.forward_endpoint else None)
         self._assembler_dropped: Tally[str] = Tally()
         self.errors = 0
         self.draining = False
@@ -113,20 +104,17 @@ class CollectorService:
         self._http: list[ThreadingHTTPServer] = []
         self.ports: dict[str, int] = {}
 
-    # -- ingest ----------------------------------------------------------------
-    def check_auth(self, header: str | None) -> None:
-        token = self.config.bearer_token
-        if not token:
-            return
-        expected = f"Bearer {token}".encode()
-        if header is None or not hmac.compare_digest(header.encode(), expected):
-            raise Refused("unauthenticated", "missing or wrong bearer token")
+    @property
+    def forward_spans(self) -> int:
+        """Spans waiting for the downstream."""
+        return self.forwarder.queued_spans if self.forwarder is not None else 0
 
+    # -- ingest ----------------------------------------------------------------
     def accept(self, body: bytes, content_type: str | None = None,
                encoding: str | None = None, auth: str | None = None) -> int:
         """Decode, check and enqueue one payload; returns its span count or raises Refused."""
         try:
-            self.check_auth(auth)
+            check_bearer(self.config.bearer_token, auth)
             if self.draining:
                 raise Refused("shutdown", "collector is shutting down", retryable=True)
             if len(body) > self.config.max_payload_bytes:
@@ -137,7 +125,7 @@ class CollectorService:
             except OTLPError as exc:
                 raise Refused("malformed", str(exc)) from exc
             raw = None
-            if self.config.forward_endpoint and n:
+            if self.forwarder is not None and n:
                 raw = body if not encoding and (content_type or "").endswith(
                     "protobuf") else request.SerializeToString()
             # Checked again and enqueued under the lock that stop() sets ``draining``
@@ -152,20 +140,12 @@ class CollectorService:
                 self.queued_spans += n
                 self._queue.put(_Batch(request, n))
                 if raw is not None:
-                    self._enqueue_forward(raw, n)
+                    self.forwarder.offer(raw, n)
         except Refused as exc:
             self.rejected.labels(exc.reason).inc()
             raise
         self.received.inc(n)
         return n
-
-    def _enqueue_forward(self, raw: bytes, n: int) -> None:
-        """Caller holds ``self._lock``."""
-        if self.forward_spans + n > self.config.forward_queue_spans:
-            self.dropped.labels("forward_queue_full").inc(n)
-            return
-        self.forward_spans += n
-        self._fwd_queue.put((raw, n))
 
     # -- derivation worker -----------------------------------------------------
     def _record(self, record: RequestRecord) -> None:
@@ -207,69 +187,16 @@ class CollectorService:
                 self.dropped.labels(reason).inc(delta)
                 self._assembler_dropped[reason] = n
 
-    # -- forwarder -------------------------------------------------------------
-    def _forward(self) -> None:
-        cfg = self.config
-        scheme, _, target = cfg.forward_endpoint.rpartition("://")
-        secure = scheme == "https" or (not scheme and not cfg.forward_insecure)
-        channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials()) if secure
-                   else grpc.insecure_channel(target))
-        export = channel.unary_unary(EXPORT_PATH, request_serializer=None,
-                                     response_deserializer=None)
-        metadata = tuple((k.lower(), v) for k, v in cfg.forward_headers.items())
-        try:
-            while True:
-                item = self._fwd_queue.get()
-                if item is None:
-                    return
-                raw, n = item
-                try:
-                    for attempt in range(cfg.forward_retries + 1):
-                        try:
-                            export(raw, timeout=cfg.forward_timeout_s, metadata=metadata)
-                            break
-                        except grpc.RpcError as exc:
-                            code = exc.code() if hasattr(exc, "code") else None
-                            if code not in _RETRYABLE or attempt == cfg.forward_retries \
-                                    or self.draining:
-                                self.dropped.labels("forward_failed").inc(n)
-                                break
-                            time.sleep(min(0.2 * 2 ** attempt, 2.0))
-                finally:
-                    with self._lock:
-                        self.forward_spans -= n
-        finally:
-            channel.close()
-
-    # -- servers ---------------------------------------------------------------
-    def _grpc_export(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
-        meta = dict(context.invocation_metadata() or ())
-        try:
-            self.accept(raw, "application/x-protobuf", None, meta.get("authorization"))
-        except Refused as exc:
-            code = (grpc.StatusCode.UNAVAILABLE if exc.retryable else
-                    grpc.StatusCode.UNAUTHENTICATED if exc.reason == "unauthenticated" else
-                    grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(code, str(exc))
-        return ExportTraceServiceResponse().SerializeToString()
-
+    # -- lifecycle -------------------------------------------------------------
     def start(self) -> CollectorService:
         cfg = self.config
         self._spawn(self._work, "llmtrace-derive")
-        if cfg.forward_endpoint:
-            self._spawn(self._forward, "llmtrace-forward")
+        if self.forwarder is not None:
+            self._spawn(self.forwarder.run, "llmtrace-forward")
         if cfg.grpc_endpoint:
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[
-                ("grpc.max_receive_message_length", cfg.max_payload_bytes)])
-            handler = grpc.unary_unary_rpc_method_handler(
-                self._grpc_export, request_deserializer=None, response_serializer=None)
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-                TRACE_SERVICE, {"Export": handler}),))
-            self.ports["grpc"] = server.add_insecure_port(cfg.grpc_endpoint)
-            server.start()
-            self._grpc = server
+            self._grpc, self.ports["grpc"] = grpc_receiver(self, cfg.grpc_endpoint)
         if cfg.http_endpoint:
-            self._serve_http("http", cfg.http_endpoint, _ingest_handler(self))
+            self._serve_http("http", cfg.http_endpoint, ingest_handler(self))
         if cfg.admin_endpoint:
             self._serve_http("admin", cfg.admin_endpoint, _admin_handler(self))
         log.info("llmtrace collector listening: %s", self.ports)
@@ -297,7 +224,8 @@ class CollectorService:
             self._grpc.stop(grace).wait(grace + 1)
         deadline = time.monotonic() + grace
         self._queue.put(None)
-        self._fwd_queue.put(None)
+        if self.forwarder is not None:
+            self.forwarder.close()
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         # The HTTP receiver stays up while draining so senders get 503 + Retry-After
@@ -314,63 +242,9 @@ class CollectorService:
         return (503 if self.draining else 200), status
 
 
-def _ingest_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
-    class Ingest(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def _reply(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (extra or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:  # noqa: N802 - http.server API
-            path = self.path.split("?")[0]
-            declared = self.headers.get("Content-Length")
-            if declared is None:  # chunked uploads are not supported
-                service.rejected.labels("malformed").inc()
-                self.close_connection = True
-                self._reply(411, b"Content-Length is required", "text/plain")
-                return
-            try:
-                length = int(declared)
-            except ValueError:
-                length = -1
-            if length < 0 or length > service.config.max_payload_bytes:
-                service.rejected.labels("too_large").inc()
-                self.close_connection = True
-                self._reply(413, b"missing or too large Content-Length", "text/plain")
-                return
-            body = self.rfile.read(length)
-            if path != "/v1/traces":
-                self._reply(404, f"{path}: only /v1/traces is accepted".encode(), "text/plain")
-                return
-            ctype = self.headers.get("Content-Type") or "application/x-protobuf"
-            try:
-                service.accept(body, ctype, self.headers.get("Content-Encoding"),
-                               self.headers.get("Authorization"))
-            except Refused as exc:
-                code = 503 if exc.retryable else 401 if exc.reason == "unauthenticated" \
-                    else 413 if exc.reason == "too_large" else 400
-                extra = {"Retry-After": "1"} if exc.retryable else None
-                self._reply(code, f"{exc}\n".encode(), "text/plain", extra)
-                return
-            if ctype.split(";")[0].strip() == "application/json":
-                self._reply(200, b"{}", "application/json")
-            else:
-                self._reply(200, ExportTraceServiceResponse().SerializeToString(),
-                            "application/x-protobuf")
-
-    return Ingest
-
-
 def _admin_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
+    """``/metrics`` (the derived series and the collector's own) and ``/healthz``."""
+
     class Admin(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass

@@ -19,7 +19,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from llmtrace import schema
-from llmtrace.pipeline.pricing import PriceTable, price_request, price_usage
+from llmtrace.pricing import PriceTable, price_request, price_usage
 from llmtrace.record import Histogram as Distribution
 from llmtrace.record import RequestRecord, UsageRecord
 from llmtrace.record.labels import OVERFLOW, LabelLimiter, record_labels

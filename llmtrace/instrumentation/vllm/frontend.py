@@ -43,7 +43,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from llmtrace import semconv as sc
 from llmtrace.config import Config
-from llmtrace.pipeline.pricing import price_request
+from llmtrace.pricing import price_request
 from llmtrace.record import (
     PREEMPTED,
     SCHEDULED,

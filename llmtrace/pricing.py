@@ -5,6 +5,10 @@ A price table is a small YAML file an operator maintains (see
 price silently skews every cost figure after it; lookups afterwards never raise,
 because they run once per request on the hot path and an unpriced model is a
 reportable fact, not an error.
+
+It sits at the top of the package, not in :mod:`llmtrace.pipeline`, because
+both sides read it: the SDK (``LLMTRACE_PRICES``, costing at the source) and the
+derivation pipeline; the SDK should not import the collector side for it.
 """
 
 from __future__ import annotations

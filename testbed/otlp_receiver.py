@@ -22,7 +22,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from llmtrace.collector.otlp import OTLPError, decode
-from llmtrace.testing.ports import free_port
+from testbed.ports import free_port
 
 
 def any_value(value: AnyValue) -> Any:

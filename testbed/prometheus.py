@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from llmtrace.testing.ports import free_port
+from testbed.ports import free_port
 
 
 class PrometheusError(RuntimeError):

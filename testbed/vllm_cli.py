@@ -11,7 +11,7 @@ The patch sits at module level so it also runs in processes started with
 multiprocessing *spawn* (they re-import the main module); the CLI itself runs
 only under the ``__main__`` guard.
 
-Usage: ``python -m llmtrace.vllm_cli serve <model> [args...]``
+Usage: ``python -m testbed.vllm_cli serve <model> [args...]``
 """
 
 from __future__ import annotations

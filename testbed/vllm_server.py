@@ -1,9 +1,13 @@
 """Start and stop a real ``vllm serve`` process on loopback.
 
-The server runs the CPU build of vLLM through :mod:`llmtrace.vllm_cli`, with
+The server runs the CPU build of vLLM through :mod:`testbed.vllm_cli`, with
 every cache and temporary directory pointed at a scratch directory so a test
 run leaves nothing behind in ``$HOME`` or ``/tmp``. It is started in its own
 process group so stopping it also stops the engine-core and worker children.
+
+``testbed`` is not installed (the wheel ships only ``llmtrace``), so the server
+gets the repository root on ``PYTHONPATH``: ``-m testbed.vllm_cli`` runs from the
+scratch directory, and vLLM's *spawn* children re-import the main module.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from pathlib import Path
 
 import httpx
 
-from llmtrace.testing.ports import free_port
+from testbed.ports import free_port
+
+#: the checkout holding ``testbed/`` (and ``llmtrace/``)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class ServerConfig:
     max_model_len: int = 2048
     kv_cache_gib: int = 1
     #: how to start the CLI: the module or script given to ``python``
-    launcher: tuple[str, ...] = ("-m", "llmtrace.vllm_cli")
+    launcher: tuple[str, ...] = ("-m", "testbed.vllm_cli")
 
 
 @dataclass
@@ -72,6 +79,8 @@ class VLLMServer:
             TORCHINDUCTOR_CACHE_DIR=str(self.workdir / "inductor-cache"),
             TMPDIR=str(scratch),
             PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(
+                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p),
         )
         env.update(dict(self.config.env))
         return env

@@ -11,7 +11,7 @@ runs for real.
 Generation is deterministic (fixed seeds) and keyed by a hash of the recipe, so
 a changed recipe lands in a new directory instead of reusing a stale one.
 
-Usage: ``python -m llmtrace.testing.models [--cache-dir DIR]`` prints the paths.
+Usage: ``python -m testbed.models [--cache-dir DIR]`` prints the paths.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from llmtrace import semconv
-from llmtrace.testing.otlp_receiver import ReceivedPoint, ReceivedSpan
+from testbed.otlp_receiver import ReceivedPoint, ReceivedSpan
 
 
 def registry_violations(

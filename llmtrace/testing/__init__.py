@@ -1,2 +1,0 @@
-"""Test bed for llmtrace: tiny offline models, a real vLLM server, an OTLP
-receiver and a streaming client. Used by the test suite and by ``make demo``."""
