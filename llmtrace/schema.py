@@ -399,7 +399,7 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         prometheus='llmtrace_server_request_generation_tokens',
         labels=('gen_ai.request.model', 'llmtrace.tenant', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.request.finish_reason', ),
         feeds={'request': 'output_tokens'},
-        buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576,),
+        buckets=(1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,),
         outputs=frozenset({'sdk', 'collector'}),
     ),
     MetricSpec(
@@ -410,7 +410,7 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         prometheus='llmtrace_server_request_prompt_tokens',
         labels=('gen_ai.request.model', 'llmtrace.tenant', 'llmtrace.deployment.version', 'llmtrace.record.source', ),
         feeds={'request': 'prompt_tokens'},
-        buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576,),
+        buckets=(1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,),
         outputs=frozenset({'sdk', 'collector'}),
     ),
     MetricSpec(

@@ -218,8 +218,11 @@ def _schema(where: str, group: dict, instrument: str, labels: list[str],
     ann = ((group.get("annotations") or {}).get("llmtrace")) or {}
     feeds = dict(ann.get("feeds") or {})
     buckets = list(ann.get("buckets") or [])
-    if not all(type(b) in (int, float) for b in buckets):
-        raise RegistryError(f"{where}: buckets are numbers")
+    if not all(type(b) is float and 0 < b < 1e6 for b in buckets):
+        # OpenTelemetry's Prometheus exporter prints `le` with str(), prometheus_client in
+        # Go's float format: they agree only for floats below 1e6 (4096 vs "4096.0", and
+        # "1048576.0" vs "1.048576e+06", would be different series)
+        raise RegistryError(f"{where}: buckets must be floats in (0, 1e6), e.g. 4096.0")
     slo = dict(ann.get("slo") or {})
     outputs = list(ann.get("outputs") or OUTPUTS)
     if not set(feeds) <= set(RECORDS) or not set(outputs) <= set(OUTPUTS):
