@@ -61,15 +61,14 @@ def test_missing_or_changed_target_disables_only_that_hook(caplog):
     sys.modules[module.__name__] = module
     calls = []
 
-    def wrapper(wrapped, instance, args, kwargs):
+    def body(instance, args, kwargs):
         calls.append(args)
-        return wrapped(*args, **kwargs)
 
     hooks = [
-        Hook("fake.good", module.__name__, "Target.good", ("request",), wrapper),
-        Hook("fake.changed", module.__name__, "Target.changed", ("request",), wrapper),
-        Hook("fake.missing", module.__name__, "Target.gone", (), wrapper),
-        Hook("fake.nomodule", "llmtrace_no_such_module", "X.y", (), wrapper),
+        Hook("fake.good", module.__name__, "Target.good", ("request",), before=body),
+        Hook("fake.changed", module.__name__, "Target.changed", ("request",), before=body),
+        Hook("fake.missing", module.__name__, "Target.gone", (), before=body),
+        Hook("fake.nomodule", "llmtrace_no_such_module", "X.y", (), before=body),
     ]
     installed = install(hooks)
     try:
@@ -83,6 +82,37 @@ def test_missing_or_changed_target_disables_only_that_hook(caplog):
         uninstall(installed)
         for name in ("fake.changed", "fake.missing", "fake.nomodule"):
             DISABLED_HOOKS.pop(name, None)
+        del sys.modules[module.__name__]
+
+
+def test_install_guards_each_body_by_the_tables_name(capfd):
+    """A body that raises is swallowed by the guard install() put around it: the host's
+    call returns normally, the error is counted under the hook's name, once."""
+    import sys
+    import types
+
+    class Target:
+        def run(self, request):
+            return request * 2
+
+    module = types.ModuleType("llmtrace_fake_guarded")
+    module.Target = Target
+    sys.modules[module.__name__] = module
+
+    def boom(instance, args, kwargs, result, token):
+        raise ValueError("bad body")
+
+    before = HOOK_ERRORS["fake.guarded"]
+    installed = install([Hook("fake.guarded", module.__name__, "Target.run", ("request",),
+                              after=boom)])
+    try:
+        assert [Target().run(i) for i in range(3)] == [0, 2, 4]
+        assert HOOK_ERRORS["fake.guarded"] == before + 1
+        assert "ValueError: bad body" in DISABLED_HOOKS["fake.guarded"]
+        assert capfd.readouterr().err.count("hook fake.guarded raised ValueError") == 1
+    finally:
+        uninstall(installed)
+        DISABLED_HOOKS.pop("fake.guarded", None)
         del sys.modules[module.__name__]
 
 

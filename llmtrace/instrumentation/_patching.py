@@ -4,6 +4,14 @@ Each hook names its target (module, dotted attribute) and the parameters it
 relies on. A target that is missing, or whose signature lacks one of those
 parameters (a changed internal in a newer release), disables that one hook
 with one clear warning; every other hook still installs.
+
+Hook bodies stay small: ``before(instance, args, kwargs)`` runs before the
+target and may return a token; ``after(instance, args, kwargs, result, token)``
+runs after it. :func:`install` wraps each body in the guard named by the
+table (:class:`~llmtrace.telemetry.guard.HookGuard`: an exception is counted,
+logged once and disables that hook, never reaching the host) and skips it
+while the optional ``gate()`` says there is nothing to do, so an idle hook
+costs one call.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass
 import wrapt
 from opentelemetry.instrumentation.utils import unwrap
 
-from llmtrace.telemetry.guard import DISABLED_HOOKS, disable_hook
+from llmtrace.telemetry.guard import DISABLED_HOOKS, HookGuard, disable_hook
 
 
 @dataclass(frozen=True)
@@ -24,8 +32,30 @@ class Hook:
     name: str  # stable hook name used in warnings and self-telemetry
     module: str
     attr: str  # "Class.method" or "function"
-    params: tuple[str, ...]  # parameter names the wrapper reads
-    wrapper: Callable
+    params: tuple[str, ...]  # parameter names the bodies read
+    before: Callable | None = None  # (instance, args, kwargs) -> token
+    after: Callable | None = None  # (instance, args, kwargs, result, token) -> None
+    gate: Callable[[], bool] | None = None  # False: nothing to do, skip the bodies
+
+
+def guarded(hook: Hook, measure: bool = False) -> Callable:
+    """The wrapt wrapper running ``hook``'s bodies under the guard of ``hook.name``."""
+    name, before, after, gate = hook.name, hook.before, hook.after, hook.gate
+
+    def wrapper(wrapped, instance, args, kwargs):
+        token = None
+        if before is not None and (gate is None or gate()):
+            with HookGuard(name, measure) as g:
+                if g.enabled:
+                    token = before(instance, args, kwargs)
+        result = wrapped(*args, **kwargs)
+        if after is not None and (gate is None or gate()):
+            with HookGuard(name, measure) as g:
+                if g.enabled:
+                    after(instance, args, kwargs, result, token)
+        return result
+
+    return wrapper
 
 
 @dataclass
@@ -62,8 +92,11 @@ def is_wrapped(owner: object, attr: str) -> bool:
     return isinstance(inspect.getattr_static(owner, attr, None), wrapt.FunctionWrapper)
 
 
-def install(hooks: list[Hook]) -> list[Installed]:
-    """Wrap every hook that resolves and matches; warn once for each that does not."""
+def install(hooks: list[Hook], measure: bool = False) -> list[Installed]:
+    """Wrap every hook that resolves and matches; warn once for each that does not.
+
+    ``measure``: charge each body's thread CPU time to its hook (benchmark mode).
+    """
     done: list[Installed] = []
     for hook in hooks:
         if hook.name in DISABLED_HOOKS:
@@ -80,7 +113,7 @@ def install(hooks: list[Hook]) -> list[Installed]:
         if is_wrapped(owner, leaf):  # already wrapped (idempotent install)
             continue
         try:
-            wrapt.wrap_function_wrapper(owner, leaf, hook.wrapper)
+            wrapt.wrap_function_wrapper(owner, leaf, guarded(hook, measure))
         except Exception as exc:  # noqa: BLE001 - a hook we cannot install is skipped
             disable_hook(hook.name, f"cannot wrap {hook.module}.{hook.attr}: {exc}")
             continue

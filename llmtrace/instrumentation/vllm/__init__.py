@@ -17,6 +17,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
 from llmtrace.config import Config, load_config
 from llmtrace.instrumentation._patching import Hook, Installed, install, uninstall
+from llmtrace.instrumentation.vllm import http
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
 from llmtrace.instrumentation.vllm.package import _instruments, _instruments_cpu
@@ -39,38 +40,46 @@ def vllm_distribution() -> str | None:
 
 
 def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
-    """Every patched vLLM callable, with the parameters its wrapper relies on."""
+    """Every patched vLLM callable, the parameters its bodies read, and the bodies.
+
+    ``install()`` guards each body under the hook's name; a ``gate`` skips the
+    bodies (and the guard) while there is nothing to follow.
+    """
+    f, e = frontend, engine
     return [
         Hook("uvicorn.httptools.data_received", "uvicorn.protocols.http.httptools_impl",
-             "HttpToolsProtocol.data_received", ("data",), frontend.wrap_data_received),
+             "HttpToolsProtocol.data_received", ("data",),
+             before=http.before_data_received, after=http.after_data_received),
         Hook("uvicorn.h11.data_received", "uvicorn.protocols.http.h11_impl",
-             "H11Protocol.data_received", ("data",), frontend.wrap_data_received),
+             "H11Protocol.data_received", ("data",),
+             before=http.before_data_received, after=http.after_data_received),
         Hook("vllm.api_server.build_app", "vllm.entrypoints.launchers.api_server.entry",
-             "build_app", ("args", "supported_tasks", "model_config"), frontend.wrap_build_app),
+             "build_app", ("args", "supported_tasks", "model_config"), after=f.after_build_app),
         Hook("vllm.async_llm.init", "vllm.v1.engine.async_llm", "AsyncLLM.__init__",
-             ("vllm_config",), frontend.wrap_async_llm_init),
+             ("vllm_config",), after=f.after_async_llm_init),
         Hook("vllm.output_processor.add_request", _OP, "OutputProcessor.add_request",
              ("request", "prompt", "parent_req", "request_index", "queue"),
-             frontend.wrap_add_request),
+             before=f.before_add_request, after=f.after_add_request),
         Hook("vllm.output_processor.process_outputs", _OP, "OutputProcessor.process_outputs",
              ("engine_core_outputs", "engine_core_timestamp", "iteration_stats"),
-             frontend.wrap_process_outputs),
+             after=f.after_process_outputs, gate=f.has_requests),
         Hook("vllm.output_processor.abort_requests", _OP, "OutputProcessor.abort_requests",
-             ("request_ids", "internal"), frontend.wrap_abort_requests),
+             ("request_ids", "internal"), after=f.after_abort_requests, gate=f.has_requests),
         Hook("vllm.output_processor.propagate_error", _OP, "OutputProcessor.propagate_error",
-             ("e",), frontend.wrap_propagate_error),
+             ("e",), before=f.before_propagate_error, gate=f.has_requests),
         Hook("vllm.scheduler.init", _SCHED, "Scheduler.__init__", ("vllm_config",),
-             engine.wrap_scheduler_init),
+             after=e.after_scheduler_init),
         Hook("vllm.scheduler.add_request", _SCHED, "Scheduler.add_request", ("request",),
-             engine.wrap_add_request),
+             after=e.after_add_request),
         Hook("vllm.scheduler.schedule", _SCHED, "Scheduler.schedule", (),
-             engine.wrap_schedule),
+             before=e.before_schedule, after=e.after_schedule, gate=e.has_usage),
         Hook("vllm.scheduler.update_from_output", _SCHED, "Scheduler.update_from_output",
-             ("scheduler_output", "model_runner_output"), engine.wrap_update_from_output),
+             ("scheduler_output", "model_runner_output"),
+             before=e.before_update_from_output, after=e.after_update_from_output),
         Hook("vllm.scheduler.preempt_request", _SCHED, "Scheduler._preempt_request",
-             ("request", "timestamp"), engine.wrap_preempt),
+             ("request", "timestamp"), after=e.after_preempt, gate=e.has_records),
         Hook("vllm.scheduler.free_request", _SCHED, "Scheduler._free_request", ("request",),
-             engine.wrap_free_request),
+             before=e.before_free_request, gate=e.has_usage),
     ]
 
 
@@ -95,7 +104,8 @@ class VLLMInstrumentor(BaseInstrumentor):
         self.telemetry = telemetry or Telemetry(self.config)
         self.frontend = FrontendTracer(self.config, self.telemetry)
         self.engine = EngineTracer(self.config, self.telemetry)
-        self._installed = install(hook_table(self.frontend, self.engine))
+        self._installed = install(hook_table(self.frontend, self.engine),
+                                  measure=self.config.measure_overhead)
         if self.config.measure_overhead:
             from llmtrace.telemetry import start_overhead_reporter
 

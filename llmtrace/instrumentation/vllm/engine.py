@@ -40,7 +40,6 @@ from llmtrace.instrumentation.vllm.frontend import CONTEXT_HEADER, TENANT_HEADER
 from llmtrace.pricing import price_usage
 from llmtrace.record import UsageRecord
 from llmtrace.telemetry import Telemetry
-from llmtrace.telemetry.guard import HookGuard
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 #: vLLM's RequestStatus.FINISHED_<X> (lower-cased) -> llmtrace.request.finish_reason
@@ -89,7 +88,6 @@ class EngineTracer:
         self.records: dict[str, EngineRecord] = {}
         self.pending: dict[int, StepPending] = {}
         self.step_index = 0
-        self._measure = config.measure_overhead
         self.usage: dict[str, Usage] = {}
         self.model = "unknown"
         self._prefill_w = config.cost_prefill_weight
@@ -245,61 +243,47 @@ class EngineTracer:
         rec.span.set_attributes(attrs)
         rec.span.end(end_time=now)
 
-    # -- wrapt wrappers ----------------------------------------------------------
-    def wrap_scheduler_init(self, wrapped, instance, args, kwargs):
-        result = wrapped(*args, **kwargs)
-        with HookGuard("vllm.scheduler.init", self._measure):
-            names = instance.vllm_config.model_config.served_model_name
-            self.model = names[0] if isinstance(names, (list, tuple)) else str(names)
-            self._step_labels = {sc.GEN_AI_REQUEST_MODEL: self.model,
-                                 sc.LLMTRACE_DEPLOYMENT_VERSION: self.config.deployment_version}
-            self._last_end_ns = time.time_ns()
-            _ = self.telemetry.tracer  # exporter set up at start-up, not on a busy step
-            _ = self.telemetry.prices  # a bad price table warns at start-up
-            if self.config.metrics_enabled:
-                self.telemetry.instruments.engine_totals = self.totals
-        return result
+    # -- hook bodies (guarded by install(), see the hook table) -----------------
+    def after_scheduler_init(self, instance, args, kwargs, result, token) -> None:
+        names = instance.vllm_config.model_config.served_model_name
+        self.model = names[0] if isinstance(names, (list, tuple)) else str(names)
+        self._step_labels = {sc.GEN_AI_REQUEST_MODEL: self.model,
+                             sc.LLMTRACE_DEPLOYMENT_VERSION: self.config.deployment_version}
+        self._last_end_ns = time.time_ns()
+        _ = self.telemetry.tracer  # exporter set up at start-up, not on a busy step
+        _ = self.telemetry.prices  # a bad price table warns at start-up
+        if self.config.metrics_enabled:
+            self.telemetry.instruments.engine_totals = self.totals
 
-    def wrap_add_request(self, wrapped, instance, args, kwargs):
-        result = wrapped(*args, **kwargs)
-        with HookGuard("vllm.scheduler.add_request", self._measure) as g:
-            if g.enabled:
-                self.on_add(args[0] if args else kwargs["request"])
-        return result
+    def after_add_request(self, instance, args, kwargs, result, token) -> None:
+        self.on_add(args[0] if args else kwargs["request"])
 
-    def wrap_schedule(self, wrapped, instance, args, kwargs):
-        start = time.time_ns()
-        out = wrapped(*args, **kwargs)
-        if self.usage:
-            with HookGuard("vllm.scheduler.schedule", self._measure) as g:
-                if g.enabled:
-                    self.on_schedule(instance, out, start)
-        return out
+    @staticmethod
+    def before_schedule(instance, args, kwargs) -> int:
+        return time.time_ns()
 
-    def wrap_update_from_output(self, wrapped, instance, args, kwargs):
+    def after_schedule(self, instance, args, kwargs, out, start_ns: int | None) -> None:
+        if start_ns is not None:
+            self.on_schedule(instance, out, start_ns)
+
+    def before_update_from_output(self, instance, args, kwargs) -> None:
         # The model's work for the step is done when its output is handed back; close
         # the step's chunks before vLLM frees any request that finished in it.
         if self.pending:
-            with HookGuard("vllm.scheduler.update_from_output", self._measure) as g:
-                if g.enabled:
-                    self.on_step_done(args[0] if args else kwargs["scheduler_output"],
-                                      time.time_ns())
-        result = wrapped(*args, **kwargs)
+            self.on_step_done(args[0] if args else kwargs["scheduler_output"], time.time_ns())
+
+    def after_update_from_output(self, instance, args, kwargs, result, token) -> None:
         # requests left: the loop goes straight on to the next step
         self._continuing = bool(getattr(instance, "requests", None))
-        return result
 
-    def wrap_preempt(self, wrapped, instance, args, kwargs):
-        result = wrapped(*args, **kwargs)
-        if self.records:
-            with HookGuard("vllm.scheduler.preempt_request", self._measure) as g:
-                if g.enabled:
-                    self.on_preempt(args[0] if args else kwargs["request"])
-        return result
+    def after_preempt(self, instance, args, kwargs, result, token) -> None:
+        self.on_preempt(args[0] if args else kwargs["request"])
 
-    def wrap_free_request(self, wrapped, instance, args, kwargs):
-        if self.usage:
-            with HookGuard("vllm.scheduler.free_request", self._measure) as g:
-                if g.enabled:
-                    self.on_free(args[0] if args else kwargs["request"])
-        return wrapped(*args, **kwargs)
+    def before_free_request(self, instance, args, kwargs) -> None:
+        self.on_free(args[0] if args else kwargs["request"])
+
+    def has_records(self) -> bool:
+        return bool(self.records)
+
+    def has_usage(self) -> bool:
+        return bool(self.usage)

@@ -31,18 +31,17 @@ tracing flag is set); the engine core hangs its own view of the request
 
 from __future__ import annotations
 
-import contextvars
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtrace import semconv as sc
 from llmtrace.config import Config
+from llmtrace.instrumentation.vllm.http import CURRENT, HttpInfo, LlmtraceASGIMiddleware, http_info
 from llmtrace.pricing import price_request
 from llmtrace.record import (
     PREEMPTED,
@@ -54,42 +53,16 @@ from llmtrace.record import (
     phases,
 )
 from llmtrace.telemetry import Telemetry
-from llmtrace.telemetry.guard import HookGuard
 from llmtrace.telemetry.phase_spans import record_attributes, render_phases
 
 CONTEXT_HEADER = "llmtrace-traceparent"
 #: trace_headers key carrying the tenant to the engine core (cost attribution)
 TENANT_HEADER = "llmtrace-tenant"
-#: ASGI scope key holding the time the request's bytes reached the HTTP server.
-ARRIVAL_KEY = "llmtrace.arrival_ns"
 _PROPAGATOR = TraceContextTextMapPropagator()
-_OPERATIONS = {
-    "/v1/chat/completions": "chat",
-    "/v1/completions": "text_completion",
-    "/v1/responses": "chat",
-}
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error",
            "repetition": "repetition"}
 #: vLLM's EngineCoreEventType values (an IntEnum) -> timeline event kinds; QUEUED is not used
 _EVENTS = {2: SCHEDULED, 3: PREEMPTED}
-
-
-@dataclass
-class HttpInfo:
-    """What the ASGI middleware learned about one HTTP request."""
-
-    arrival_ns: int
-    operation: str
-    parent: Context | None
-    tenant: str
-    streaming: bool = False
-    first_body_ns: int = 0
-    response_done: bool = False
-    disconnected_ns: int = 0
-
-
-_HTTP: contextvars.ContextVar[HttpInfo | None] = contextvars.ContextVar(
-    "llmtrace_http", default=None)
 
 
 @dataclass(eq=False)
@@ -116,13 +89,6 @@ class RequestState:
     chunk_tokens: int = 0
 
 
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
 class FrontendTracer:
     """Owns the per-request records of one API-server process."""
 
@@ -137,31 +103,12 @@ class FrontendTracer:
         self._chunk_ns = int(config.decode_chunk_ms * 1e6)
 
     # -- HTTP ingress ---------------------------------------------------------
-    def http_info(self, scope: dict) -> HttpInfo | None:
-        operation = _OPERATIONS.get(scope.get("path", ""))
-        if operation is None:
-            return None
-        now = scope.get(ARRIVAL_KEY) or time.time_ns()
-        headers = scope.get("headers") or []
-        carrier = {}
-        for key in (b"traceparent", b"tracestate"):
-            value = _header(headers, key)
-            if value:
-                carrier[key.decode()] = value
-        parent = _PROPAGATOR.extract(carrier) if carrier else None
-        tenant = _header(headers, self._tenant_header)
-        if tenant is None and self.config.tenant_api_keys:
-            auth = _header(headers, b"authorization") or ""
-            if auth.lower().startswith("bearer "):
-                tenant = self.config.tenant_for_api_key(auth[7:].strip())
-        return HttpInfo(now, operation, parent, tenant or "default")
-
     # -- request lifecycle -----------------------------------------------------
     def begin(self, request: Any, prompt: str | None = None) -> RequestState | None:
         rid = request.request_id
         if rid in self.records:
             return None  # a streaming-input update of a request we already follow
-        info = _HTTP.get()
+        info = CURRENT.get()
         arrival_ns = info.arrival_ns if info else int(request.arrival_time * 1e9)
         parent = info.parent if info else None
         if parent is None and request.trace_headers:
@@ -378,122 +325,51 @@ class FrontendTracer:
         rec.span.set_attributes(attrs)
         rec.span.end(end_time=end)
 
-    # -- wrapt wrappers ----------------------------------------------------------
-    def wrap_add_request(self, wrapped, instance, args, kwargs):
-        rec = None
-        with HookGuard("vllm.output_processor.add_request", self._measure) as g:
-            if g.enabled:
-                request = args[0] if args else kwargs["request"]
-                prompt = args[1] if len(args) > 1 else kwargs.get("prompt")
-                rec = self.begin(request, prompt)
-        result = wrapped(*args, **kwargs)
+    # -- hook bodies (guarded by install(), see the hook table) -----------------
+    def before_add_request(self, instance, args, kwargs) -> RequestState | None:
+        request = args[0] if args else kwargs["request"]
+        prompt = args[1] if len(args) > 1 else kwargs.get("prompt")
+        return self.begin(request, prompt)
+
+    def after_add_request(self, instance, args, kwargs, result, rec) -> None:
         if rec is not None:
-            with HookGuard("vllm.output_processor.add_request", self._measure):
-                rec.req_state = instance.request_states.get(rec.request_id)
-        return result
+            rec.req_state = instance.request_states.get(rec.request_id)
 
-    def wrap_process_outputs(self, wrapped, instance, args, kwargs):
-        result = wrapped(*args, **kwargs)
-        if self.records:
-            with HookGuard("vllm.output_processor.process_outputs", self._measure) as g:
-                if g.enabled:
-                    outputs = args[0] if args else kwargs["engine_core_outputs"]
-                    ts = args[1] if len(args) > 1 else kwargs.get("engine_core_timestamp")
-                    self.on_outputs(outputs, ts)
-        return result
+    def after_process_outputs(self, instance, args, kwargs, result, token) -> None:
+        outputs = args[0] if args else kwargs["engine_core_outputs"]
+        ts = args[1] if len(args) > 1 else kwargs.get("engine_core_timestamp")
+        self.on_outputs(outputs, ts)
 
-    def wrap_abort_requests(self, wrapped, instance, args, kwargs):
-        aborted = wrapped(*args, **kwargs)
-        if self.records and aborted:
-            with HookGuard("vllm.output_processor.abort_requests", self._measure) as g:
-                if g.enabled:
-                    self.abort(list(aborted))
-        return aborted
+    def after_abort_requests(self, instance, args, kwargs, aborted, token) -> None:
+        if aborted:
+            self.abort(list(aborted))
 
-    def wrap_propagate_error(self, wrapped, instance, args, kwargs):
-        if self.records:
-            with HookGuard("vllm.output_processor.propagate_error", self._measure) as g:
-                if g.enabled:
-                    self.fail_all(args[0] if args else kwargs["e"])
-        return wrapped(*args, **kwargs)
+    def before_propagate_error(self, instance, args, kwargs) -> None:
+        self.fail_all(args[0] if args else kwargs["e"])
 
-    def wrap_async_llm_init(self, wrapped, instance, args, kwargs):
-        result = wrapped(*args, **kwargs)
-        with HookGuard("vllm.async_llm.init", self._measure):
-            names = instance.model_config.served_model_name
-            self.served_model = names[0] if isinstance(names, (list, tuple)) else str(names)
-            # Build providers and exporters now, not on the first request's path.
-            _ = self.telemetry.tracer
-            # vLLM's API server serves prometheus_client's default registry on /metrics;
-            # the engine core, another process, opens OTEL_EXPORTER_PROMETHEUS_PORT.
-            self.telemetry.metrics_served_by_host = True
-            _ = self.telemetry.prices  # a bad price table warns at start-up
-            if self.config.metrics_enabled:
-                _ = self.telemetry.instruments
-        return result
+    def after_async_llm_init(self, instance, args, kwargs, result, token) -> None:
+        names = instance.model_config.served_model_name
+        self.served_model = names[0] if isinstance(names, (list, tuple)) else str(names)
+        # Build providers and exporters now, not on the first request's path.
+        _ = self.telemetry.tracer
+        # vLLM's API server serves prometheus_client's default registry on /metrics;
+        # the engine core, another process, opens OTEL_EXPORTER_PROMETHEUS_PORT.
+        self.telemetry.metrics_served_by_host = True
+        _ = self.telemetry.prices  # a bad price table warns at start-up
+        if self.config.metrics_enabled:
+            _ = self.telemetry.instruments
 
-    def wrap_data_received(self, wrapped, instance, args, kwargs):
-        """Stamp a new request's scope with the time its first bytes were read.
+    def after_build_app(self, instance, args, kwargs, app, token) -> None:
+        if getattr(app, "middleware_stack", None) is None:
+            app.add_middleware(LlmtraceASGIMiddleware, tracer=self)
+        else:
+            # vLLM's app builds its middleware stack before returning (SageMaker
+            # bootstrap), so Starlette refuses add_middleware: wrap the stack.
+            app.middleware_stack = LlmtraceASGIMiddleware(app.middleware_stack, tracer=self)
 
-        The ASGI app only runs after the event loop gets round to it, which on a
-        busy server is milliseconds after the bytes arrived; TTFT starts here.
-        """
-        now = time.time_ns()
-        result = wrapped(*args, **kwargs)
-        scope = getattr(instance, "scope", None)
-        if scope is not None and ARRIVAL_KEY not in scope:
-            scope[ARRIVAL_KEY] = now
-        return result
+    def http_info(self, scope: dict) -> HttpInfo | None:
+        return http_info(scope, self._tenant_header,
+                         self.config.tenant_for_api_key if self.config.tenant_api_keys else None)
 
-    def wrap_build_app(self, wrapped, instance, args, kwargs):
-        app = wrapped(*args, **kwargs)
-        with HookGuard("vllm.api_server.build_app", self._measure):
-            if getattr(app, "middleware_stack", None) is None:
-                app.add_middleware(LlmtraceASGIMiddleware, tracer=self)
-            else:
-                # vLLM's app builds its middleware stack before returning (SageMaker
-                # bootstrap), so Starlette refuses add_middleware: wrap the stack.
-                app.middleware_stack = LlmtraceASGIMiddleware(app.middleware_stack, tracer=self)
-        return app
-
-
-class LlmtraceASGIMiddleware:
-    """Timestamps HTTP arrival and reads ``traceparent`` and the tenant, before vLLM does."""
-
-    def __init__(self, app, tracer: FrontendTracer) -> None:
-        self.app = app
-        self.tracer = tracer
-
-    async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http":
-            return await self.app(scope, receive, send)
-        info = None
-        with HookGuard("vllm.api_server.middleware", self.tracer._measure) as g:
-            if g.enabled:
-                info = self.tracer.http_info(scope)
-        if info is None:
-            return await self.app(scope, receive, send)
-
-        async def timed_send(message):
-            kind = message.get("type")
-            if kind == "http.response.body":
-                if info.first_body_ns == 0 and message.get("body"):
-                    info.first_body_ns = time.time_ns()
-                if not message.get("more_body"):
-                    info.response_done = True
-            elif kind == "http.response.start":
-                ctype = _header(message.get("headers") or [], b"content-type") or ""
-                info.streaming = ctype.startswith("text/event-stream")
-            await send(message)
-
-        async def watched_receive():
-            message = await receive()
-            if message.get("type") == "http.disconnect" and not info.response_done:
-                info.disconnected_ns = info.disconnected_ns or time.time_ns()
-            return message
-
-        token = _HTTP.set(info)
-        try:
-            return await self.app(scope, watched_receive, timed_send)
-        finally:
-            _HTTP.reset(token)
+    def has_requests(self) -> bool:
+        return bool(self.records)
