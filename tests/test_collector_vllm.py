@@ -109,7 +109,7 @@ def test_collector_derives_vllm_builtin_tracing(vllm_servers, collector,
                                                 otlp_receiver: OTLPReceiver):
     """Users without the SDK: vLLM's own ``llm_request`` spans give the same records."""
     server = vllm_servers[DENSE]
-    before = {r.request_id for r in list(collector.records) if r.source == "vllm"}
+    before = {r.request_id for r in list(collector.records) if r.source == "vllm_builtin"}
     bodies = [{"messages": [{"role": "user", "content": f"builtin {i}"}], "max_tokens": 6 + i}
               for i in range(4)]
     timings = run_load(server.base_url, DENSE, bodies, 2)
@@ -117,7 +117,7 @@ def test_collector_derives_vllm_builtin_tracing(vllm_servers, collector,
 
     def fresh() -> list:
         return [r for r in list(collector.records)
-                if r.source == "vllm" and r.request_id not in before]
+                if r.source == "vllm_builtin" and r.request_id not in before]
 
     assert _wait(lambda: len(fresh()) == len(bodies)), [r.request_id for r in fresh()]
     wanted = {r.request_id for r in fresh()}
@@ -140,5 +140,6 @@ def test_collector_derives_vllm_builtin_tracing(vllm_servers, collector,
                                                              for t in timings)
     samples = _scrape(collector)
     requests = sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_SERVER_REQUESTS]
-    assert _sum(samples, requests, gen_ai_request_model=DENSE, llmtrace_tenant="default") \
-        >= len(bodies)
+    # the series say which record (and so which TTFT definition) they carry
+    assert _sum(samples, requests, gen_ai_request_model=DENSE, llmtrace_tenant="default",
+                llmtrace_record_source="vllm_builtin") >= len(bodies)

@@ -22,6 +22,12 @@ TTFT = c.prom(sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN)
 ITL = c.prom(sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY)
 E2E = c.prom(sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION)
 QUEUE = c.prom(sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION)
+#: the phases that tile TTFT, in order (llmtrace.record.timeline)
+TTFT_PHASES = (("pre-processing", c.prom(sc.METRIC_LLMTRACE_SERVER_PREPROCESS_DURATION)),
+               ("queue", QUEUE),
+               ("prefill", c.prom(sc.METRIC_LLMTRACE_SERVER_PREFILL_DURATION)),
+               ("first-token delivery",
+                c.prom(sc.METRIC_LLMTRACE_SERVER_FIRST_TOKEN_DELIVERY_DURATION)))
 PREEMPTIONS = c.prom(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
 BUSY = c.prom(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
 IDLE = c.prom(sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS)
@@ -157,6 +163,15 @@ def latency() -> list:
             "(gen_ai_server_request_duration_seconds). Grows with output length, so it has "
             "no SLO; lines at 10 s and 30 s flag outliers for a chat workload.", "s",
             c.higher_is_worse(10, 30), percentiles(E2E, (c.MODEL,)))),
+        c.timeseries_panel(Spec(
+            305, "Where TTFT goes (mean per phase)", "Mean time per phase of the requests "
+            "that finished, stacked: pre-processing (HTTP read to engine arrival), queue "
+            "(to first scheduled, plus re-queues after preemption), prefill and first-token "
+            "delivery tile TTFT, so the stack is the mean TTFT of llmtrace-recorded "
+            "requests. vLLM built-in records (llmtrace_record_source=vllm_builtin) have no "
+            "pre-processing or delivery phase.", "s", TTFT_LINE,
+            [(c.mean(hist, c.req()), name) for name, hist in TTFT_PHASES], w=24),
+            stack=True),
     ]
 
 

@@ -22,7 +22,7 @@ from llmtrace import schema
 from llmtrace.pricing import PriceTable, price_request, price_usage
 from llmtrace.record import Histogram as Distribution
 from llmtrace.record import RequestRecord, UsageRecord
-from llmtrace.record.labels import OVERFLOW, LabelLimiter, record_labels
+from llmtrace.record.labels import OVERFLOW, LabelLimiter, fed
 
 
 def _label(name: str) -> str:
@@ -92,17 +92,12 @@ class DerivedMetrics:
         self._observe("usage", usage)
 
     def _observe(self, kind: str, record) -> None:
-        values = record_labels(record, self.labels)
         kids = self._kids
-        for spec, metric, field in self._feeds[kind]:
-            value = getattr(record, field)
-            if value is None:
-                continue
-            key = (spec.name, *(values[a] for a in spec.labels))
+        for spec, metric, value, labels in fed(self._feeds[kind], record, self.labels):
+            key = (spec.name, labels)
             child = kids.get(key)
             if child is None:
-                child = kids[key] = metric.labels(*("" if values[a] is None else values[a]
-                                                    for a in spec.labels))
+                child = kids[key] = metric.labels(*("" if v is None else v for v in labels))
             if isinstance(value, Distribution):
                 if value.count:
                     _observe_many(child, value)

@@ -8,6 +8,7 @@ computed once (:func:`~llmtrace.record.timeline.phases`).
 
 from llmtrace.record.histogram import ITL_BOUNDS, Histogram
 from llmtrace.record.request import (
+    LATENCY_ATTRIBUTES,
     SOURCE_LLMTRACE,
     SOURCE_VLLM_BUILTIN,
     UNKNOWN,
@@ -16,6 +17,6 @@ from llmtrace.record.request import (
 )
 from llmtrace.record.timeline import PREEMPTED, SCHEDULED, Phases, Segment, Timeline, phases
 
-__all__ = ["ITL_BOUNDS", "PREEMPTED", "SCHEDULED", "SOURCE_LLMTRACE", "SOURCE_VLLM_BUILTIN",
-           "UNKNOWN", "Histogram", "Phases", "RequestRecord", "Segment", "Timeline",
-           "UsageRecord", "phases"]
+__all__ = ["ITL_BOUNDS", "LATENCY_ATTRIBUTES", "PREEMPTED", "SCHEDULED", "SOURCE_LLMTRACE",
+           "SOURCE_VLLM_BUILTIN", "UNKNOWN", "Histogram", "Phases", "RequestRecord",
+           "Segment", "Timeline", "UsageRecord", "phases"]

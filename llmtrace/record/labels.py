@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from llmtrace.schema import RECORD_LABELS, MetricSpec
 
 OVERFLOW = "__overflow__"
+T = TypeVar("T")
 
 
 class LabelLimiter:
@@ -47,5 +50,16 @@ def record_labels(record: object, limit: LabelLimiter) -> dict[str, str | None]:
     return out
 
 
-def spec_labels(spec: MetricSpec, values: dict[str, str | None]) -> tuple[str | None, ...]:
-    return tuple(values[a] for a in spec.labels)
+def fed(feeds: Iterable[tuple[MetricSpec, T, str]], record: object,
+        limit: LabelLimiter) -> Iterator[tuple[MetricSpec, T, Any, tuple[str | None, ...]]]:
+    """(spec, output's metric, value, label values) for every metric ``record`` feeds.
+
+    ``feeds`` is an output's (spec, its metric, record field) list for this record
+    kind; a None field records nothing. Both outputs loop over this, so the mapping
+    from a record to series exists once.
+    """
+    values = record_labels(record, limit)
+    for spec, target, field in feeds:
+        value = getattr(record, field)
+        if value is not None:
+            yield spec, target, value, tuple(values[a] for a in spec.labels)

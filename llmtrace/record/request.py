@@ -12,10 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmtrace import semconv as sc
 from llmtrace.record.histogram import Histogram
 from llmtrace.record.timeline import Phases
 
 UNKNOWN = "unknown"
+#: request span attribute -> record field: how llmtrace spans carry a record's durations
+#: (written by ``llmtrace.telemetry.phase_spans``, read by ``llmtrace.pipeline.inputs``)
+LATENCY_ATTRIBUTES = {
+    sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN: "ttft_s",
+    sc.LLMTRACE_LATENCY_PREPROCESS: "preprocess_s",
+    sc.LLMTRACE_LATENCY_QUEUE: "queue_s",
+    sc.LLMTRACE_LATENCY_PREFILL: "prefill_s",
+    sc.LLMTRACE_LATENCY_FIRST_TOKEN_DELIVERY: "first_token_delivery_s",
+    sc.LLMTRACE_LATENCY_DECODE: "decode_s",
+}
 #: ``llmtrace.record.source`` values
 SOURCE_LLMTRACE = "llmtrace"
 SOURCE_VLLM_BUILTIN = "vllm_builtin"

@@ -25,7 +25,7 @@ from llmtrace import __version__, schema
 from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.record import Histogram
-from llmtrace.record.labels import OVERFLOW, LabelLimiter, record_labels
+from llmtrace.record.labels import OVERFLOW, LabelLimiter, fed
 
 # Passing an explicit empty context skips a context-variable lookup per record.
 _NO_CONTEXT = NO_CONTEXT = Context()
@@ -123,17 +123,13 @@ class Instruments:
         self._record("usage", record)
 
     def _record(self, kind: str, record) -> None:
-        values = record_labels(record, self.labels)
         cache = self._attrs
-        for spec, inst, field in self._feeds[kind]:
-            value = getattr(record, field)
-            if value is None:
-                continue
-            key = (spec.labels, *(values[a] for a in spec.labels))
+        for spec, inst, value, labels in fed(self._feeds[kind], record, self.labels):
+            key = (spec.labels, labels)
             attrs = cache.get(key)
             if attrs is None:
-                attrs = cache[key] = {a: values[a] for a in spec.labels
-                                      if values[a] is not None}
+                attrs = cache[key] = {a: v for a, v in zip(spec.labels, labels, strict=True)
+                                      if v is not None}
             if isinstance(value, Histogram):
                 self._record_histogram(inst, value, attrs)
             elif spec.instrument == "histogram":

@@ -13,7 +13,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from llmtrace import semconv as sc
-from llmtrace.record import Phases, RequestRecord
+from llmtrace.record import LATENCY_ATTRIBUTES, Phases, RequestRecord
 
 _PHASE_SPANS = {
     "preprocess": sc.SPAN_LLMTRACE_PREPROCESS,
@@ -22,13 +22,8 @@ _PHASE_SPANS = {
     "first_token_delivery": sc.SPAN_LLMTRACE_FIRST_TOKEN_DELIVERY,
 }
 _LATENCY_ATTRIBUTES = {
-    sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN: "ttft_s",
+    **LATENCY_ATTRIBUTES,
     sc.LLMTRACE_LATENCY_E2E: "e2e_s",
-    sc.LLMTRACE_LATENCY_PREPROCESS: "preprocess_s",
-    sc.LLMTRACE_LATENCY_QUEUE: "queue_s",
-    sc.LLMTRACE_LATENCY_PREFILL: "prefill_s",
-    sc.LLMTRACE_LATENCY_FIRST_TOKEN_DELIVERY: "first_token_delivery_s",
-    sc.LLMTRACE_LATENCY_DECODE: "decode_s",
     sc.LLMTRACE_LATENCY_TIME_PER_OUTPUT_TOKEN: "tpot_s",
 }
 

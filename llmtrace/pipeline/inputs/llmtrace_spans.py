@@ -14,17 +14,15 @@ from collections.abc import Iterable
 from llmtrace import semconv as sc
 from llmtrace.pipeline.inputs._values import count, num
 from llmtrace.pipeline.view import SpanView
-from llmtrace.record import SOURCE_LLMTRACE, UNKNOWN, Histogram, RequestRecord, UsageRecord
+from llmtrace.record import (
+    LATENCY_ATTRIBUTES,
+    SOURCE_LLMTRACE,
+    UNKNOWN,
+    Histogram,
+    RequestRecord,
+    UsageRecord,
+)
 
-#: record field -> duration attribute on the request span
-DURATIONS = {
-    "ttft_s": sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN,
-    "preprocess_s": sc.LLMTRACE_LATENCY_PREPROCESS,
-    "queue_s": sc.LLMTRACE_LATENCY_QUEUE,
-    "prefill_s": sc.LLMTRACE_LATENCY_PREFILL,
-    "first_token_delivery_s": sc.LLMTRACE_LATENCY_FIRST_TOKEN_DELIVERY,
-    "decode_s": sc.LLMTRACE_LATENCY_DECODE,
-}
 COUNTS = {
     "prompt_tokens": sc.GEN_AI_USAGE_INPUT_TOKENS,
     "output_tokens": sc.GEN_AI_USAGE_OUTPUT_TOKENS,
@@ -43,7 +41,7 @@ WANTED: dict[str, frozenset[str]] = {
         sc.GEN_AI_REQUEST_MODEL, sc.GEN_AI_RESPONSE_MODEL, sc.LLMTRACE_TENANT,
         sc.LLMTRACE_DEPLOYMENT_VERSION, sc.LLMTRACE_REQUEST_ID,
         sc.LLMTRACE_REQUEST_FINISH_REASON, sc.ERROR_TYPE, sc.LLMTRACE_LATENCY_E2E,
-        *DURATIONS.values(), *COUNTS.values(),
+        *LATENCY_ATTRIBUTES, *COUNTS.values(),
     }),
     sc.SPAN_LLMTRACE_DECODE_CHUNK: _CHUNK_KEYS,
     sc.SPAN_LLMTRACE_DECODE: frozenset(),  # links decode chunks to their request
@@ -73,7 +71,7 @@ def request_record(root: SpanView, children: Iterable[SpanView] = ()) -> Request
         error_type=str(a[sc.ERROR_TYPE]) if a.get(sc.ERROR_TYPE) else None,
         start_ns=root.start_ns, end_ns=root.end_ns,
         e2e_s=num(a, sc.LLMTRACE_LATENCY_E2E, (root.end_ns - root.start_ns) / 1e9),
-        **{f: num(a, key) for f, key in DURATIONS.items()},
+        **{f: num(a, key) for key, f in LATENCY_ATTRIBUTES.items()},
         **{f: count(a, key) for f, key in COUNTS.items()})
     record.itl = itl_of(c for c in children if c.name == sc.SPAN_LLMTRACE_DECODE_CHUNK)
     return record
