@@ -43,7 +43,7 @@ RECORD_LABELS: Final[dict[str, str]] = {
     'gen_ai.request.model': 'model',
     'llmtrace.tenant': 'tenant',
     'llmtrace.deployment.version': 'version',
-    'llmtrace.record.source': 'source',
+    'llmtrace.record.source': 'source_label',
     'llmtrace.request.finish_reason': 'finish_reason',
     'error.type': 'error_type',
     'llmtrace.cost.basis': 'basis',

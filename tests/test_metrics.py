@@ -84,15 +84,20 @@ def test_request_metrics_carry_fleet_labels_and_slo_bucket():
     points = _points(reader)
     [ttft] = points[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
     assert 0.2 in ttft.explicit_bounds and tuple(ttft.explicit_bounds) == TTFT_BUCKETS
+    # llmtrace's own records carry no source label (the default definitions)
     assert dict(ttft.attributes) == {sc.GEN_AI_REQUEST_MODEL: "m", sc.LLMTRACE_TENANT: "acme",
-                                     sc.LLMTRACE_DEPLOYMENT_VERSION: "v9",
-                                     sc.LLMTRACE_RECORD_SOURCE: "llmtrace"}
+                                     sc.LLMTRACE_DEPLOYMENT_VERSION: "v9"}
     [requests] = points[sc.METRIC_LLMTRACE_SERVER_REQUESTS]
     assert requests.attributes[sc.LLMTRACE_REQUEST_FINISH_REASON] == "abort"
     assert requests.attributes[sc.ERROR_TYPE] == "aborted"
     assert points[sc.METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS][0].value == 3
     assert points[sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS][0].value == 1
     assert sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION not in points  # unknown, not zero
+    # a record from vLLM's built-in span says so on every series it feeds
+    instruments.record_request(record([], source="vllm_builtin", version="v9"))
+    sources = {p.attributes.get(sc.LLMTRACE_RECORD_SOURCE) for p in
+               _points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]}
+    assert sources == {None, "vllm_builtin"}
 
 
 def test_prometheus_endpoint_exposes_registry_names(monkeypatch):

@@ -130,7 +130,7 @@ def test_derived_metrics_expose_registry_names_and_count_every_request():
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     labels = (("gen_ai_request_model", "m"), ("llmtrace_deployment_version", "v1"),
-              ("llmtrace_record_source", "llmtrace"), ("llmtrace_tenant", "acme"))
+              ("llmtrace_record_source", ""), ("llmtrace_tenant", "acme"))
     ttft = sc.PROMETHEUS_NAMES[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
     assert samples[(f"{ttft}_count", labels)] == 3
     assert abs(samples[(f"{ttft}_sum", labels)] - sum(ttfts)) < 1e-9

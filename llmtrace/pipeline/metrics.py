@@ -22,7 +22,7 @@ from llmtrace import schema
 from llmtrace.pricing import PriceTable, price_request, price_usage
 from llmtrace.record import Histogram as Distribution
 from llmtrace.record import RequestRecord, UsageRecord
-from llmtrace.record.labels import OVERFLOW, LabelLimiter, fed
+from llmtrace.record.labels import OVERFLOW, Feed, LabelLimiter
 
 
 def _label(name: str) -> str:
@@ -73,11 +73,10 @@ class DerivedMetrics:
                 metric = Counter(spec.prometheus_base, spec.brief, names,
                                  registry=self.registry)
             self._metrics[spec.name] = metric
-        self._feeds = {kind: [(spec, self._metrics[spec.name], spec.feeds[kind])
-                              for spec in schema.fed_by(kind, "collector")]
+        #: per record kind: the metrics it feeds, each with its label values -> child cache
+        self._feeds = {kind: Feed(kind, [(spec, (self._metrics[spec.name], {}))
+                                         for spec in schema.fed_by(kind, "collector")])
                        for kind in ("request", "usage")}
-        #: (metric name, label values) -> child, looked up once
-        self._kids: dict[tuple, object] = {}
 
     def observe(self, record: RequestRecord) -> None:
         """One derived request record."""
@@ -92,12 +91,10 @@ class DerivedMetrics:
         self._observe("usage", usage)
 
     def _observe(self, kind: str, record) -> None:
-        kids = self._kids
-        for spec, metric, value, labels in fed(self._feeds[kind], record, self.labels):
-            key = (spec.name, labels)
-            child = kids.get(key)
+        for spec, (metric, kids), value, labels in self._feeds[kind](record, self.labels):
+            child = kids.get(labels)
             if child is None:
-                child = kids[key] = metric.labels(*("" if v is None else v for v in labels))
+                child = kids[labels] = metric.labels(*("" if v is None else v for v in labels))
             if isinstance(value, Distribution):
                 if value.count:
                     _observe_many(child, value)

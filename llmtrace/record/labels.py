@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterable
+from operator import itemgetter
+from typing import Any, Generic, TypeVar
 
 from llmtrace.schema import RECORD_LABELS, MetricSpec
 
@@ -36,30 +37,36 @@ class LabelLimiter:
             return OVERFLOW
 
 
-def record_labels(record: object, limit: LabelLimiter) -> dict[str, str | None]:
-    """Attribute -> capped value for every label the schema reads off ``record``.
+class Feed(Generic[T]):
+    """One output's metrics fed by one record kind, and how a record maps to their series.
 
-    A field the record does not have, or that is None (no error), gives None:
-    the label is left off (OpenTelemetry) or empty (Prometheus), which PromQL
-    treats alike.
+    Built once per output from the schema: for each metric, the output's own
+    metric object, the record field and a getter for its label values. Both
+    outputs (OpenTelemetry instruments, Prometheus) call it per record, so the
+    mapping from a record to series exists once. A None field records nothing.
     """
-    out: dict[str, str | None] = {}
-    for attr, name in RECORD_LABELS.items():
-        value = getattr(record, name, None)
-        out[attr] = None if value is None else limit(attr, str(value))
-    return out
 
+    def __init__(self, kind: str, metrics: Iterable[tuple[MetricSpec, T]]) -> None:
+        self.rows = [(spec, target, spec.feeds[kind], itemgetter(*spec.labels))
+                     for spec, target in metrics]
+        used = {a for row in self.rows for a in row[0].labels}
+        #: (attribute, record field) of every label these metrics use
+        self.labels = [(a, f) for a, f in RECORD_LABELS.items() if a in used]
 
-def fed(feeds: Iterable[tuple[MetricSpec, T, str]], record: object,
-        limit: LabelLimiter) -> Iterator[tuple[MetricSpec, T, Any, tuple[str | None, ...]]]:
-    """(spec, output's metric, value, label values) for every metric ``record`` feeds.
+    def __call__(self, record: object,
+                 limit: LabelLimiter) -> list[tuple[MetricSpec, T, Any, tuple]]:
+        """(spec, target, value, label values) for every metric ``record`` feeds.
 
-    ``feeds`` is an output's (spec, its metric, record field) list for this record
-    kind; a None field records nothing. Both outputs loop over this, so the mapping
-    from a record to series exists once.
-    """
-    values = record_labels(record, limit)
-    for spec, target, field in feeds:
-        value = getattr(record, field)
-        if value is not None:
-            yield spec, target, value, tuple(values[a] for a in spec.labels)
+        A label whose field is None (no error) has value None: left off
+        (OpenTelemetry) or empty (Prometheus), which PromQL treats alike.
+        """
+        values: dict[str, str | None] = {}
+        for attr, name in self.labels:
+            value = getattr(record, name, None)
+            values[attr] = None if value is None else limit(attr, str(value))
+        out = []
+        for spec, target, field, labels_of in self.rows:
+            value = getattr(record, field)
+            if value is not None:
+                out.append((spec, target, value, labels_of(values)))
+        return out

@@ -69,6 +69,11 @@ class RequestRecord:
     basis = "price_table"  # ``llmtrace.cost.basis`` of this record's USD
 
     @property
+    def source_label(self) -> str | None:
+        """``llmtrace.record.source`` as a metric label: left off llmtrace's own records."""
+        return None if self.source == SOURCE_LLMTRACE else self.source
+
+    @property
     def tpot_s(self) -> float | None:
         if self.decode_s is None or self.output_tokens < 2:
             return None

@@ -25,7 +25,7 @@ from llmtrace import __version__, schema
 from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.record import Histogram
-from llmtrace.record.labels import OVERFLOW, LabelLimiter, fed
+from llmtrace.record.labels import OVERFLOW, Feed, LabelLimiter
 
 # Passing an explicit empty context skips a context-variable lookup per record.
 _NO_CONTEXT = NO_CONTEXT = Context()
@@ -86,8 +86,31 @@ def _bucket(bounds: Sequence[float], value: float) -> int:
     return bisect_left(bounds, value)
 
 
+class _Sums:
+    """A counter's running totals per label tuple, read by an observable counter.
+
+    Counters cost no SDK call per request: a record adds to a plain dict on the
+    serving thread, and the SDK reads the totals when a reader collects (the
+    public observable-instrument API). ``list(dict.items())`` copies under the GIL.
+    """
+
+    __slots__ = ("totals", "attrs")
+
+    def __init__(self) -> None:
+        self.totals: dict[tuple, float] = {}
+        self.attrs: dict[tuple, dict] = {}
+
+    def __call__(self, _: CallbackOptions) -> list[Observation]:
+        attrs = self.attrs
+        return [Observation(v, attrs[k]) for k, v in list(self.totals.items())]
+
+
 class Instruments:
-    """One instrument per schema metric the SDK publishes; ``record_*`` feed them."""
+    """One instrument per schema metric the SDK publishes; ``record_*`` feed them.
+
+    Histograms are recorded through the API once per request (the SDK keeps the
+    buckets); counters are summed here and observed at collection.
+    """
 
     def __init__(self, meter, config: Config,
                  itl_aggregation: BulkHistogramAggregation | None = None) -> None:
@@ -102,14 +125,15 @@ class Instruments:
                     spec.name, unit=spec.unit, description=spec.brief,
                     explicit_bucket_boundaries_advisory=spec.buckets)
             else:
-                inst = meter.create_counter(spec.name, unit=spec.unit, description=spec.brief)
+                inst = _Sums()
+                meter.create_observable_counter(spec.name, [inst], unit=spec.unit,
+                                                description=spec.brief)
             self._instruments[spec.name] = inst
-        #: per record kind: (spec, bound record/add method, record field)
-        self._feeds = {kind: [(spec, self._instruments[spec.name], spec.feeds[kind])
-                              for spec in schema.fed_by(kind, "sdk")]
+        #: per record kind: the metrics it feeds, each with its instrument (histogram or
+        #: sums) and its own cache of label tuple -> attribute dict (one dict per series)
+        self._feeds = {kind: Feed(kind, [(spec, (self._instruments[spec.name], {}))
+                                         for spec in schema.fed_by(kind, "sdk")])
                        for kind in ("request", "usage")}
-        #: label tuple -> attribute dict, so the SDK sees one dict per series
-        self._attrs: dict[tuple, dict] = {}
         #: the engine-core tracer's running totals, read at collection (no per-step
         #: SDK call): () -> (busy seconds, steps, idle seconds, model/version labels)
         self.engine_totals: Callable[[], tuple[float, int, float, dict]] | None = None
@@ -123,19 +147,22 @@ class Instruments:
         self._record("usage", record)
 
     def _record(self, kind: str, record) -> None:
-        cache = self._attrs
-        for spec, inst, value, labels in fed(self._feeds[kind], record, self.labels):
-            key = (spec.labels, labels)
-            attrs = cache.get(key)
+        for spec, (inst, cache), value, labels in self._feeds[kind](record, self.labels):
+            attrs = cache.get(labels)
             if attrs is None:
-                attrs = cache[key] = {a: v for a, v in zip(spec.labels, labels, strict=True)
-                                      if v is not None}
-            if isinstance(value, Histogram):
+                attrs = cache[labels] = {a: v for a, v in zip(spec.labels, labels, strict=True)
+                                         if v is not None}
+            if type(inst) is _Sums:
+                totals = inst.totals
+                if labels not in totals:
+                    inst.attrs[labels] = attrs
+                    totals[labels] = value
+                else:
+                    totals[labels] += value
+            elif isinstance(value, Histogram):
                 self._record_histogram(inst, value, attrs)
-            elif spec.instrument == "histogram":
-                inst.record(value, attrs, _NO_CONTEXT)
             else:
-                inst.add(value, attrs, _NO_CONTEXT)
+                inst.record(value, attrs, _NO_CONTEXT)
 
     def _record_histogram(self, inst, hist: Histogram, attrs: dict) -> None:
         if not hist.count:

@@ -81,9 +81,11 @@ class RequestState:
     last_ns: int = 0  # last output processed (the ITL clock)
     output_tokens: int = 0
     itl: Histogram = field(default_factory=Histogram)
+    #: inter-token gaps (seconds) not yet bucketed: a list append per token; bucketed
+    #: when a decode chunk closes (sampled) or at finish
+    gaps: list[float] = field(default_factory=list)
     # decode chunk being accumulated (sampled requests)
     decode_span: Span | None = None
-    chunk: Histogram | None = None
     chunk_index: int = 0
     chunk_start_ns: int = 0
     chunk_tokens: int = 0
@@ -191,7 +193,7 @@ class FrontendTracer:
                         self._start_decode(rec, now)
                 else:
                     gap = (now - rec.last_ns) / 1e9
-                    (rec.chunk if rec.chunk is not None else rec.itl).add(gap)
+                    rec.gaps.append(gap)
                 rec.last_ns = now
                 rec.output_tokens += n
                 if rec.sampled:
@@ -218,7 +220,6 @@ class FrontendTracer:
     # -- decode chunks ---------------------------------------------------------
     def _start_decode(self, rec: RequestState, now: int) -> None:
         rec.span.add_event(sc.EVENT_LLMTRACE_FIRST_TOKEN, timestamp=now)
-        rec.chunk = Histogram()
         rec.chunk_start_ns = now
 
     def _decode_span(self, rec: RequestState) -> Span:
@@ -236,10 +237,12 @@ class FrontendTracer:
     def _close_chunk(self, rec: RequestState, now: int) -> None:
         """End the decode chunk; its gaps join the request's ITL in chunk order, exactly as
         the collector merges the chunk spans' bucket counts."""
-        chunk = rec.chunk
-        if chunk is None or rec.chunk_tokens == 0:
+        if rec.chunk_tokens == 0 or rec.timeline.first_token_ns == 0:
             return
         decode = self._decode_span(rec)
+        chunk = Histogram()
+        chunk.extend(rec.gaps)
+        rec.gaps.clear()
         attrs: dict[str, Any] = {
             sc.LLMTRACE_DECODE_CHUNK_INDEX: rec.chunk_index,
             sc.LLMTRACE_DECODE_CHUNK_TOKENS: rec.chunk_tokens,
@@ -258,7 +261,6 @@ class FrontendTracer:
         rec.chunk_index += 1
         rec.chunk_start_ns = now
         rec.chunk_tokens = 0
-        rec.chunk = Histogram()
 
     # -- finish ----------------------------------------------------------------
     def finish(self, rec: RequestState, finish_reason: str, now: int,
@@ -280,8 +282,7 @@ class FrontendTracer:
         tl.end_ns = max(tl.end_ns, tl.first_token_ns)  # a request ends after its first token
         if rec.sampled:
             self._close_chunk(rec, tl.end_ns)
-        elif rec.chunk is not None:
-            rec.itl.merge(rec.chunk)
+        rec.itl.extend(rec.gaps)  # unsampled: every gap, in one pass
         ph = phases(tl)
         record = RequestRecord(
             source=SOURCE_LLMTRACE, trace_id=f"{rec.span.get_span_context().trace_id:032x}",
