@@ -128,11 +128,9 @@ def analyse(name: str, result: dict, spans: list[ReceivedSpan], prefix: str,
         queue_spans.append(sum(s.duration_s for s in trace if s.name == sc.SPAN_LLMTRACE_QUEUE))
         if ttft is not None and all(k in a for k in PHASE_ATTRS.values()):
             sum_err.append(abs(sum(a[k] for k in PHASE_ATTRS.values()) - ttft))
-        for s in trace:
-            key = PHASE_ATTRS.get(s.name)
-            if key and s.parent_span_id == root.span_id and s.name != sc.SPAN_LLMTRACE_PREFILL \
-                    and s.name != sc.SPAN_LLMTRACE_QUEUE:
-                span_err.append(abs(s.duration_s - a[key]))
+        for phase, key in PHASE_ATTRS.items():  # a phase's spans (split by preemptions)
+            if key in a:
+                span_err.append(abs(sum(s.duration_s for s in trace if s.name == phase) - a[key]))
         client = next((v for k, v in client_ttft.items() if rid.endswith(k) or k in rid
                        and rid.split(k)[1][:1] in ("", "-")), None)
         if ttft is not None and client is not None:
