@@ -89,7 +89,7 @@ class Histogram:
                     high: float | None = None,
                     bounds: tuple[float, ...] = ITL_BOUNDS) -> Histogram:
         """Rebuild from a span's bucket counts; a count list of the wrong shape is refused."""
-        if len(counts) != len(bounds) + 1 or any(type(c) is not int or c < 0 for c in counts):
+        if len(counts) != len(bounds) + 1 or set(map(type, counts)) != {int} or min(counts) < 0:
             raise ValueError(f"expected {len(bounds) + 1} non-negative bucket counts")
         return cls(bounds, list(counts), float(total),
                    float("inf") if low is None else low, float("-inf") if high is None else high)
