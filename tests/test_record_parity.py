@@ -80,6 +80,7 @@ def test_sdk_and_collector_publish_identical_series(instrumented_servers, collec
                                                    engine_metrics_port):
     server = instrumented_servers["dense"]
     before = len([r for r in list(collector.records) if r.tenant == TENANT])
+    before_usage = len([u for u in list(collector.usage) if u.tenant == TENANT])
     normal = [_request(f"parity {i}: " + "word " * (4 + 5 * i), 6 + 4 * i) for i in range(4)]
     cached = [_request("Cached prefix. " + LONG[:1200], 4)] * 2  # the second hits the cache
     chunked = [_request(LONG + " " + LONG[:600], 5)]  # > 256 tokens: chunked prefill
@@ -106,7 +107,13 @@ def test_sdk_and_collector_publish_identical_series(instrumented_servers, collec
         if any(r.preemptions for r in derived()):
             break
     assert all(t.ok for t in timings), [t.error for t in timings]
-    time.sleep(2.5)  # the engine core's usage spans export on their own schedule
+    # the engine core's usage spans export on their own schedule: one per request
+    usage_before = before_usage
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(
+            [u for u in list(collector.usage) if u.tenant == TENANT]) - usage_before < sent:
+        time.sleep(0.2)
+    assert len([u for u in list(collector.usage) if u.tenant == TENANT]) - usage_before == sent
 
     records = derived()
     assert any(r.preemptions for r in records), "the preemption case did not preempt"
