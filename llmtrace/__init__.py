@@ -22,23 +22,40 @@ except PackageNotFoundError:  # running from a source tree without install
 __all__ = ["__version__", "instrument", "uninstrument", "is_instrumented"]
 
 
-def instrument(**config: Any) -> None:
+def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
+               skip_dep_check: bool = False, **config: Any) -> None:
     """Patch every supported integration in this process (currently vLLM).
 
     Keyword arguments override ``LLMTRACE_*`` / ``OTEL_*`` settings; see
     :class:`llmtrace.config.Config`. A bad setting raises
     :class:`llmtrace.config.ConfigError` naming it. Calling it twice is a no-op.
+    ``tracer_provider`` / ``meter_provider``: use these OpenTelemetry providers
+    (their samplers, processors and readers) instead of llmtrace's private ones.
+    ``skip_dep_check``: instrument even if the installed vLLM is older than the
+    supported range (hooks that do not match are still disabled one by one).
     """
-    from llmtrace.config import load_config
+    import logging
+
+    from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+
+    from llmtrace.config import load_config, switched_off
     from llmtrace.instrumentation.vllm import VLLMInstrumentor
 
     instrumentor = VLLMInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         return
     cfg = load_config(**config)
-    if not cfg.enabled:
+    if switched_off(cfg):
         return
-    instrumentor.instrument(config=cfg)
+    if not skip_dep_check:
+        conflict = get_dependency_conflicts(instrumentor.instrumentation_dependencies())
+        if conflict is not None:
+            logging.getLogger("llmtrace").warning(
+                "llmtrace: vLLM not instrumented: %s (pass skip_dep_check=True to try anyway)",
+                conflict)
+            return
+    instrumentor.instrument(config=cfg, tracer_provider=tracer_provider,
+                            meter_provider=meter_provider, skip_dep_check=True)
 
 
 def uninstrument() -> None:

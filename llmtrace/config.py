@@ -177,6 +177,25 @@ def load_config(**overrides: Any) -> Config:
         raise ConfigError(f"invalid llmtrace configuration: {problems}") from None
 
 
+def switched_off(config: Config, env: dict[str, str] | None = None) -> str | None:
+    """Why llmtrace must not patch anything, whatever path activated it; None: go ahead.
+
+    ``LLMTRACE_ENABLED=0`` (or ``enabled=False``) wins on every path; so do the
+    OpenTelemetry switches as the SDK documents them: ``OTEL_SDK_DISABLED=true``
+    (the SDK is a no-op) and ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` naming
+    ``vllm`` (this instrumentor's entry point) or ``llmtrace``.
+    """
+    env = os.environ if env is None else env
+    if not config.enabled:
+        return "LLMTRACE_ENABLED is off"
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return "OTEL_SDK_DISABLED=true"
+    disabled = {n.strip() for n in env.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")}
+    if disabled & {"vllm", "llmtrace"}:
+        return "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS names it"
+    return None
+
+
 def activation_requested(env: dict[str, str] | None = None) -> bool:
     """Zero-code activation rule: an explicit switch, or an OTLP endpoint, turns llmtrace on.
 

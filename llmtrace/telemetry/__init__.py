@@ -176,11 +176,16 @@ class Telemetry:
     """This process's tracer and metric instruments for one instrumentation scope."""
 
     def __init__(self, config: Config, scope: str = "llmtrace.vllm",
-                 span_exporter: SpanExporter | None = None, metric_reader=None) -> None:
+                 span_exporter: SpanExporter | None = None, metric_reader=None,
+                 tracer_provider=None, meter_provider=None) -> None:
         self.config = config
         self.scope = scope
         self._span_exporter = span_exporter
         self._metric_reader = metric_reader
+        #: the user's providers (``instrument(tracer_provider=, meter_provider=)``): used
+        #: as given, their samplers, processors and readers included, never shut down here
+        self._user_tracer_provider = tracer_provider
+        self._user_meter_provider = meter_provider
         self._lock = threading.Lock()
         self._tracer: Tracer | None = None
         self._tracer_provider: TracerProvider | None = None
@@ -202,6 +207,9 @@ class Telemetry:
     def tracer(self) -> Tracer:
         if self._tracer is None:
             with self._lock:
+                if self._tracer is None and self._user_tracer_provider is not None:
+                    self._tracer = self._user_tracer_provider.get_tracer(
+                        self.scope, __version__, schema_url=None)
                 if self._tracer is None:
                     provider = TracerProvider(
                         resource=self.resource(),
@@ -240,6 +248,12 @@ class Telemetry:
     def instruments(self):
         if self._instruments is None:
             with self._lock:
+                if self._instruments is None and self._user_meter_provider is not None:
+                    from llmtrace.telemetry.metrics import instruments_on
+
+                    self._instruments = instruments_on(
+                        self._user_meter_provider.get_meter(self.scope, __version__),
+                        self.config)
                 if self._instruments is None:
                     from llmtrace.telemetry.metrics import build_instruments
 

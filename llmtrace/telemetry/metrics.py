@@ -189,9 +189,6 @@ def _observe(counts: dict[str, int] | Iterable[tuple[str, int]], key: str):
 
 def build_instruments(config: Config, resource: Resource, scope: str, readers: list):
     """A private MeterProvider with the request instruments and self-telemetry counters."""
-    from llmtrace.telemetry import DROPPED
-    from llmtrace.telemetry.guard import HOOK_ERRORS
-
     itl_bulk = BulkHistogramAggregation(
         schema.BY_NAME[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY].buckets or ())
     provider = MeterProvider(
@@ -201,7 +198,21 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
         views=[View(instrument_name=sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY,
                     aggregation=itl_bulk)],  # other instruments keep their defaults
     )
-    meter = provider.get_meter(scope, __version__)
+    instruments = instruments_on(provider.get_meter(scope, __version__), config, itl_bulk)
+    return provider, instruments
+
+
+def instruments_on(meter, config: Config, itl_bulk: BulkHistogramAggregation | None = None
+                   ) -> Instruments:
+    """The request instruments and self-telemetry counters on ``meter``.
+
+    On a user's meter provider no View can be added, so the ITL histogram has no
+    bulk merge: gaps are recorded per bucket (exact counts, each gap at its
+    bucket's upper bound in the sum).
+    """
+    from llmtrace.telemetry import DROPPED
+    from llmtrace.telemetry.guard import HOOK_ERRORS
+
     instruments = Instruments(meter, config, itl_bulk)
 
     def hook_errors(_: CallbackOptions):
@@ -245,8 +256,8 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
         spec = schema.BY_NAME[name]
         meter.create_observable_counter(name, [callback], unit=spec.unit,
                                         description=spec.brief)
-    return provider, instruments
+    return instruments
 
 
 __all__ = ["OVERFLOW", "BulkHistogramAggregation", "Instruments", "LabelLimiter",
-           "build_instruments"]
+           "build_instruments", "instruments_on"]

@@ -15,7 +15,7 @@ from typing import Any
 
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 
-from llmtrace.config import Config, load_config
+from llmtrace.config import Config, load_config, switched_off
 from llmtrace.instrumentation._patching import Hook, Installed, install, uninstall
 from llmtrace.instrumentation.vllm import http
 from llmtrace.instrumentation.vllm.engine import EngineTracer
@@ -100,8 +100,13 @@ class VLLMInstrumentor(BaseInstrumentor):
 
     def _instrument(self, **kwargs: Any) -> None:
         telemetry = kwargs.pop("telemetry", None)
+        providers = {k: kwargs.pop(k, None) for k in ("tracer_provider", "meter_provider")}
         self.config = kwargs.pop("config", None) or load_config(**kwargs)
-        self.telemetry = telemetry or Telemetry(self.config)
+        off = switched_off(self.config)
+        if off:  # every activation path, opentelemetry-instrument included
+            logger.info("llmtrace: vLLM not instrumented: %s", off)
+            return
+        self.telemetry = telemetry or Telemetry(self.config, **providers)
         self.frontend = FrontendTracer(self.config, self.telemetry)
         self.engine = EngineTracer(self.config, self.telemetry)
         self._installed = install(hook_table(self.frontend, self.engine),
@@ -115,6 +120,7 @@ class VLLMInstrumentor(BaseInstrumentor):
 
     def _uninstrument(self, **kwargs: Any) -> None:
         uninstall(self._installed)
+        self._installed = []
         if self.telemetry is not None:
             self.telemetry.flush()
 

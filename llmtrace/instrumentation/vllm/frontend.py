@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -107,6 +108,8 @@ class FrontendTracer:
     # -- HTTP ingress ---------------------------------------------------------
     # -- request lifecycle -----------------------------------------------------
     def begin(self, request: Any, prompt: str | None = None) -> RequestState | None:
+        if not is_instrumentation_enabled():  # inside OpenTelemetry's suppress_instrumentation
+            return None
         rid = request.request_id
         if rid in self.records:
             return None  # a streaming-input update of a request we already follow

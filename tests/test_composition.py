@@ -1,0 +1,121 @@
+"""llmtrace composes like an OpenTelemetry contrib instrumentation.
+
+- Every kill switch wins on the ``opentelemetry-instrument`` path too
+  (``LLMTRACE_ENABLED=0``, ``OTEL_SDK_DISABLED=true``,
+  ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=vllm``): vLLM's callables stay
+  unpatched. Checked in a real ``opentelemetry-instrument`` process importing
+  the real vLLM modules.
+- ``llmtrace.instrument(tracer_provider=, meter_provider=)``: the user's
+  providers receive llmtrace's spans and metrics, from a real vLLM engine run
+  in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the engine core's hooks
+  share the user's providers too).
+- ``suppress_instrumentation`` is honoured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmtrace import semconv as sc
+
+CHECK_PATCHED = (
+    "import llmtrace\n"
+    "from llmtrace.instrumentation._patching import is_wrapped\n"
+    "from vllm.v1.engine.output_processor import OutputProcessor\n"
+    "from vllm.v1.core.sched.scheduler import Scheduler\n"
+    "print(json.dumps({'instrumented': llmtrace.is_instrumented(),\n"
+    "                  'patched': is_wrapped(OutputProcessor, 'process_outputs')\n"
+    "                             or is_wrapped(Scheduler, 'schedule')}))\n")
+
+
+def _opentelemetry_instrument(env_extra: dict[str, str]) -> dict:
+    bindir = os.path.dirname(sys.executable)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMTRACE_", "OTEL_"))}
+    env.update({"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none",
+                "OTEL_LOGS_EXPORTER": "none", "PATH": f"{bindir}:{os.environ['PATH']}",
+                **env_extra})
+    out = subprocess.run([os.path.join(bindir, "opentelemetry-instrument"), sys.executable,
+                          "-c", "import json\n" + CHECK_PATCHED], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("switch", [
+    {"LLMTRACE_ENABLED": "0"},
+    {"OTEL_SDK_DISABLED": "true"},
+    {"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "flask,vllm"},
+], ids=lambda s: next(iter(s)))
+def test_switches_win_under_opentelemetry_instrument(switch):
+    assert _opentelemetry_instrument(switch)["patched"] is False
+
+
+def test_opentelemetry_instrument_patches_vllm_without_a_switch():
+    """The control for the switches above: the same process without them is patched."""
+    assert _opentelemetry_instrument({})["patched"] is True
+
+
+USER_PROVIDERS = r'''
+import json, sys
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+import llmtrace
+
+exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+tp = TracerProvider()  # the user's sampler (always on), processor and exporter
+tp.add_span_processor(SimpleSpanProcessor(exporter))
+mp = MeterProvider(metric_readers=[reader])
+llmtrace.instrument(tracer_provider=tp, meter_provider=mp)
+
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], served_model_name=sys.argv[2], enforce_eager=True,
+          max_model_len=512, disable_log_stats=False)
+params = SamplingParams(max_tokens=8, ignore_eos=True)
+llm.generate(["one two three four", "five six seven eight"], params, use_tqdm=False)
+with suppress_instrumentation():  # not traced, not counted
+    llm.generate(["nine ten eleven twelve"], params, use_tqdm=False)
+points = {}
+for rm in reader.get_metrics_data().resource_metrics:
+    for sm in rm.scope_metrics:
+        for m in sm.metrics:
+            points[m.name] = sum(getattr(p, "count", getattr(p, "value", 0))
+                                 for p in m.data.data_points)
+print(json.dumps({"spans": [s.name for s in exporter.get_finished_spans()],
+                  "points": points}))
+'''
+
+
+@pytest.mark.vllm
+def test_user_providers_receive_spans_and_metrics(tiny_models, scratch_dir: Path):
+    work = scratch_dir / "user-providers"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLMTRACE_", "OTEL_"))}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+               VLLM_CACHE_ROOT=str(work / "vllm-cache"), TMPDIR=str(work),
+               TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-cache"))
+    out = subprocess.run([sys.executable, "-c", USER_PROVIDERS, str(tiny_models.dense),
+                          "tiny-llama"], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=work)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    names = got["spans"]
+    assert names.count(sc.SPAN_LLMTRACE_REQUEST) == 2  # the suppressed request is not traced
+    for name in (sc.SPAN_LLMTRACE_QUEUE, sc.SPAN_LLMTRACE_PREFILL,
+                 sc.SPAN_LLMTRACE_ENGINE_REQUEST, sc.SPAN_LLMTRACE_PREFILL_CHUNK,
+                 sc.SPAN_LLMTRACE_DECODE):
+        assert name in names, (name, names)
+    points = got["points"]
+    assert points[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN] == 2
+    assert points[sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS] == 16
+    assert points[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY] == 14
