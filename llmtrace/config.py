@@ -32,8 +32,19 @@ class Config(BaseModel):
     #: per-signal endpoints (e.g. traces to an llmtrace collector, metrics elsewhere)
     traces_endpoint: str | None = None
     metrics_endpoint: str | None = None
+    #: OTLP protocol of traces (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, then _PROTOCOL)
     protocol: Literal["grpc", "http/protobuf"] = "grpc"
-    #: Head-sampling ratio for new traces (parent-based: an incoming decision wins).
+    #: ... and of metrics (OTEL_EXPORTER_OTLP_METRICS_PROTOCOL, then _PROTOCOL)
+    metrics_protocol: Literal["grpc", "http/protobuf"] = "grpc"
+    #: Span exporters, as OTEL_TRACES_EXPORTER: any of otlp, console, none.
+    traces_exporter: str = "otlp"
+    #: Head sampler, as OTEL_TRACES_SAMPLER (the SDK's built-in samplers). The default
+    #: samples 10% of new traces and follows an incoming decision: a deliberate
+    #: choice, since spans cost the serving process CPU while metrics stay at 100%.
+    sampler: Literal["always_on", "always_off", "traceidratio", "parentbased_always_on",
+                     "parentbased_always_off", "parentbased_traceidratio"] = \
+        "parentbased_traceidratio"
+    #: Ratio of the traceidratio samplers (LLMTRACE_SAMPLE_RATIO, OTEL_TRACES_SAMPLER_ARG).
     sample_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
     #: A decode-chunk span closes after this many tokens ...
     decode_chunk_tokens: int = Field(default=32, ge=1)
@@ -66,12 +77,16 @@ class Config(BaseModel):
     @field_validator("metrics_exporter")
     @classmethod
     def _exporters(cls, v: str) -> str:
-        names = {n.strip() for n in v.split(",") if n.strip()}
-        unknown = names - {"otlp", "prometheus", "none"}
-        if unknown:
-            raise ValueError(f"unknown metrics exporter(s) {sorted(unknown)}; "
-                             "use otlp, prometheus or none")
-        return ",".join(sorted(names))
+        return _exporter_list(v, {"otlp", "prometheus", "none"}, "metrics")
+
+    @field_validator("traces_exporter")
+    @classmethod
+    def _span_exporters(cls, v: str) -> str:
+        return _exporter_list(v, {"otlp", "console", "none"}, "traces")
+
+    @property
+    def span_exporters(self) -> set[str]:
+        return set(self.traces_exporter.split(",")) - {"none"}
 
     @property
     def metric_exporters(self) -> set[str]:
@@ -88,6 +103,15 @@ class Config(BaseModel):
         return self.tenant_api_keys.get(hashlib.sha256(key.encode()).hexdigest())
 
 
+def _exporter_list(v: str, known: set[str], signal: str) -> str:
+    names = {n.strip() for n in v.split(",") if n.strip()}
+    unknown = names - known
+    if unknown:
+        raise ValueError(f"unknown {signal} exporter(s) {sorted(unknown)}; "
+                         f"use {', '.join(sorted(known))}")
+    return ",".join(sorted(names))
+
+
 # field -> environment variables consulted in order (first set wins)
 _ENV: dict[str, tuple[str, ...]] = {
     "enabled": ("LLMTRACE_ENABLED",),
@@ -97,6 +121,9 @@ _ENV: dict[str, tuple[str, ...]] = {
     "metrics_endpoint": ("LLMTRACE_OTLP_METRICS_ENDPOINT",),
     "protocol": ("LLMTRACE_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                  "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    "metrics_protocol": ("LLMTRACE_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+                         "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    "traces_exporter": ("LLMTRACE_TRACES_EXPORTER", "OTEL_TRACES_EXPORTER"),
     "sample_ratio": ("LLMTRACE_SAMPLE_RATIO",),
     "decode_chunk_tokens": ("LLMTRACE_DECODE_CHUNK_TOKENS",),
     "decode_chunk_ms": ("LLMTRACE_DECODE_CHUNK_MS",),
@@ -138,27 +165,41 @@ def _parse(field: str, raw: str) -> Any:
     return raw
 
 
-def _sampler_ratio_from_otel() -> float | None:
-    """Honour OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG for the ratio samplers."""
-    sampler = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
-    if sampler in ("always_on", "parentbased_always_on"):
-        return 1.0
-    if sampler in ("always_off", "parentbased_always_off"):
-        return 0.0
-    if sampler in ("traceidratio", "parentbased_traceidratio"):
+_SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on",
+             "parentbased_always_off", "parentbased_traceidratio")
+
+
+def _sampler_from_otel() -> dict[str, Any]:
+    """OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG as the SDK documents them.
+
+    A sampler the SDK loads from a plug-in (jaeger_remote, xray, ...) is refused
+    with its name: configure it on a tracer provider and pass ``tracer_provider=``.
+    """
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return {}
+    if name not in _SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER={name!r} is not a built-in sampler "
+                          f"({', '.join(_SAMPLERS)}); configure it on a TracerProvider and "
+                          "pass llmtrace.instrument(tracer_provider=...)")
+    out: dict[str, Any] = {"sampler": name}
+    if name.endswith("always_on"):
+        out["sample_ratio"] = 1.0
+    elif name.endswith("always_off"):
+        out["sample_ratio"] = 0.0
+    else:
         try:
-            return float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+            out["sample_ratio"] = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"))
         except ValueError as exc:
             raise ConfigError(f"OTEL_TRACES_SAMPLER_ARG: not a number: {exc}") from exc
-    return None
+    return out
 
 
 def load_config(**overrides: Any) -> Config:
     """Build the configuration; raise :class:`ConfigError` naming any bad setting."""
-    values: dict[str, Any] = {}
-    ratio = _sampler_ratio_from_otel()
-    if ratio is not None:
-        values["sample_ratio"] = ratio
+    values: dict[str, Any] = _sampler_from_otel()
+    if os.environ.get("LLMTRACE_SAMPLE_RATIO", "").strip() or "sample_ratio" in overrides:
+        values["sampler"] = "parentbased_traceidratio"  # llmtrace's own ratio wins
     for field, names in _ENV.items():
         for name in names:
             raw = os.environ.get(name)
@@ -168,6 +209,8 @@ def load_config(**overrides: Any) -> Config:
                     values[field] = parsed
                 break
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("protocol") and not overrides.get("metrics_protocol"):
+        values["metrics_protocol"] = overrides["protocol"]  # one protocol= sets both signals
     try:
         return Config(**values)
     except ValidationError as exc:

@@ -9,7 +9,8 @@
   providers receive llmtrace's spans and metrics, from a real vLLM engine run
   in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the engine core's hooks
   share the user's providers too).
-- ``suppress_instrumentation`` is honoured.
+- ``suppress_instrumentation`` is honoured; ``OTEL_TRACES_EXPORTER=console``
+  prints llmtrace's spans.
 """
 
 from __future__ import annotations
@@ -90,8 +91,17 @@ for rm in reader.get_metrics_data().resource_metrics:
         for m in sm.metrics:
             points[m.name] = sum(getattr(p, "count", getattr(p, "value", 0))
                                  for p in m.data.data_points)
-print(json.dumps({"spans": [s.name for s in exporter.get_finished_spans()],
-                  "points": points}))
+summary = {"spans": [s.name for s in exporter.get_finished_spans()], "points": points}
+
+# then the SDK's own exporter selection: OTEL_TRACES_EXPORTER=console prints spans
+import os
+llmtrace.uninstrument()
+os.environ["OTEL_TRACES_EXPORTER"] = "console"
+os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
+llmtrace.instrument()
+llm.generate(["thirteen fourteen fifteen"], params, use_tqdm=False)
+llmtrace.uninstrument()  # flushes
+print("SUMMARY " + json.dumps(summary))
 '''
 
 
@@ -108,7 +118,9 @@ def test_user_providers_receive_spans_and_metrics(tiny_models, scratch_dir: Path
                           "tiny-llama"], capture_output=True, text=True, env=env,
                          timeout=600, cwd=work)
     assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = json.loads(out.stdout.strip().splitlines()[-1].removeprefix("SUMMARY "))
+    # OTEL_TRACES_EXPORTER=console: the SDK's console exporter printed the request span
+    assert '"name": "llmtrace.request"' in out.stdout
     names = got["spans"]
     assert names.count(sc.SPAN_LLMTRACE_REQUEST) == 2  # the suppressed request is not traced
     for name in (sc.SPAN_LLMTRACE_QUEUE, sc.SPAN_LLMTRACE_PREFILL,

@@ -189,6 +189,45 @@ def test_llmtrace_warnings_stay_visible_when_root_logging_is_reset(capfd):
     assert "[llmtrace] visible warning" in capfd.readouterr().err
 
 
+def test_otel_sampler_exporter_and_protocol_variables(monkeypatch):
+    """OTEL_TRACES_SAMPLER(_ARG), OTEL_TRACES_EXPORTER and per-signal protocols as the
+    SDK documents them; a sampler llmtrace cannot build is refused by name."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+
+    from llmtrace.telemetry import Telemetry, make_sampler
+
+    for var in ("LLMTRACE_SAMPLE_RATIO", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"):
+        monkeypatch.delenv(var, raising=False)
+    default = make_sampler(load_config())
+    assert isinstance(default, ParentBased) and "0.1" in default.get_description()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    ratio = make_sampler(load_config())
+    assert isinstance(ratio, TraceIdRatioBased) and ratio.rate == 0.25  # not parent-based
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    assert make_sampler(load_config()) is ALWAYS_OFF
+    monkeypatch.setenv("LLMTRACE_SAMPLE_RATIO", "0.5")  # llmtrace's own setting wins
+    assert "0.5" in make_sampler(load_config()).get_description()
+    monkeypatch.delenv("LLMTRACE_SAMPLE_RATIO")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "xray")
+    with pytest.raises(ConfigError, match="xray.*tracer_provider"):
+        load_config()
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf")
+    cfg = load_config()
+    assert (cfg.protocol, cfg.metrics_protocol) == ("grpc", "http/protobuf")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,otlp")
+    exporters = Telemetry(load_config())._span_exporters()
+    assert sorted(type(e).__name__ for e in exporters) == ["ConsoleSpanExporter",
+                                                          "OTLPSpanExporter"]
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert Telemetry(load_config())._span_exporters() == []
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ConfigError, match="zipkin"):
+        load_config()
+
+
 def test_otlp_exporter_follows_protocol_and_endpoint():
     from llmtrace.telemetry import _otlp_exporter
 

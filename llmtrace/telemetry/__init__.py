@@ -25,8 +25,13 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.environment_variables import OTEL_BSP_MAX_QUEUE_SIZE
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Span, Tracer, set_span_in_context
 
 from llmtrace import __version__, semconv
@@ -158,16 +163,29 @@ _EXPORTERS = {
 }
 
 
+def make_sampler(config: Config):
+    """The SDK sampler the configuration names (OTEL_TRACES_SAMPLER semantics)."""
+    name = config.sampler
+    if name.endswith("always_on"):
+        root = ALWAYS_ON
+    elif name.endswith("always_off"):
+        root = ALWAYS_OFF
+    else:
+        root = TraceIdRatioBased(config.sample_ratio)
+    return ParentBased(root) if name.startswith("parentbased_") else root
+
+
 def _otlp_exporter(config: Config, signal: str):
     """The SDK's OTLP exporter for ``signal``; without an endpoint it reads OTEL_* itself."""
-    module, name = _EXPORTERS[(config.protocol, signal)]
+    protocol = config.protocol if signal == "traces" else config.metrics_protocol
+    module, name = _EXPORTERS[(protocol, signal)]
     cls = getattr(importlib.import_module(module), name)
     specific = config.traces_endpoint if signal == "traces" else config.metrics_endpoint
     if specific:  # a per-signal endpoint is used as given, like OTEL_EXPORTER_OTLP_*_ENDPOINT
         return cls(endpoint=specific)
     if not config.endpoint:
         return cls()
-    if config.protocol == "grpc":
+    if protocol == "grpc":
         return cls(endpoint=config.endpoint)
     return cls(endpoint=f"{config.endpoint.rstrip('/')}/v1/{signal}")
 
@@ -211,17 +229,26 @@ class Telemetry:
                     self._tracer = self._user_tracer_provider.get_tracer(
                         self.scope, __version__, schema_url=None)
                 if self._tracer is None:
-                    provider = TracerProvider(
-                        resource=self.resource(),
-                        sampler=ParentBased(TraceIdRatioBased(self.config.sample_ratio)),
-                    )
-                    exporter = self._span_exporter or _otlp_exporter(self.config, "traces")
-                    provider.add_span_processor(_CountingBatchSpanProcessor(
-                        _CountingExporter(exporter, self.config.measure_overhead)))
+                    provider = TracerProvider(resource=self.resource(),
+                                              sampler=make_sampler(self.config))
+                    for exporter in self._span_exporters():
+                        provider.add_span_processor(_CountingBatchSpanProcessor(
+                            _CountingExporter(exporter, self.config.measure_overhead)))
                     self._tracer_provider = provider
                     self._tracer = provider.get_tracer(self.scope, __version__,
                                                        schema_url=None)
         return self._tracer
+
+    def _span_exporters(self) -> list[SpanExporter]:
+        if self._span_exporter is not None:
+            return [self._span_exporter]
+        names = self.config.span_exporters
+        out: list[SpanExporter] = []
+        if "otlp" in names:
+            out.append(_otlp_exporter(self.config, "traces"))
+        if "console" in names:
+            out.append(ConsoleSpanExporter())
+        return out
 
     @property
     def prices(self):

@@ -115,8 +115,8 @@ class VLLMInstrumentor(BaseInstrumentor):
             from llmtrace.telemetry import start_overhead_reporter
 
             start_overhead_reporter()
-        logger.info("llmtrace: vLLM instrumented (%d hooks, sample ratio %s)",
-                    len(self._installed), self.config.sample_ratio)
+        logger.info("llmtrace: vLLM instrumented (%d hooks, sampler %s, ratio %s)",
+                    len(self._installed), self.config.sampler, self.config.sample_ratio)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         uninstall(self._installed)
