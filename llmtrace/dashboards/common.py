@@ -16,14 +16,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from grafana_foundation_sdk.builders import bargauge, heatmap, stat, timeseries
-from grafana_foundation_sdk.builders import common as cb
-from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders.prometheus import Dataquery
-from grafana_foundation_sdk.models import common as cm
-from grafana_foundation_sdk.models import dashboard as dm
-from grafana_foundation_sdk.models import heatmap as hm
-from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+try:
+    from grafana_foundation_sdk.builders import bargauge, heatmap, stat, timeseries
+    from grafana_foundation_sdk.builders import common as cb
+    from grafana_foundation_sdk.builders import dashboard as db
+    from grafana_foundation_sdk.builders.prometheus import Dataquery
+    from grafana_foundation_sdk.models import common as cm
+    from grafana_foundation_sdk.models import dashboard as dm
+    from grafana_foundation_sdk.models import heatmap as hm
+    from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+except ImportError as exc:  # the optional extra is missing: say which one
+    from llmtrace.dashboards import DASHBOARDS_EXTRA
+
+    raise ImportError(f"{__name__} needs grafana-foundation-sdk: {DASHBOARDS_EXTRA}") from exc
 
 from llmtrace import schema
 from llmtrace import semconv as sc

@@ -8,7 +8,12 @@ rules built from dashboards/slo/llmtrace.sloth.yaml.
 
 from __future__ import annotations
 
-from grafana_foundation_sdk.builders import dashboard as db
+try:
+    from grafana_foundation_sdk.builders import dashboard as db
+except ImportError as exc:  # the optional extra is missing: say which one
+    from llmtrace.dashboards import DASHBOARDS_EXTRA
+
+    raise ImportError(f"{__name__} needs grafana-foundation-sdk: {DASHBOARDS_EXTRA}") from exc
 
 from llmtrace import semconv as sc
 from llmtrace.dashboards import common as c

@@ -9,7 +9,12 @@ instance, so those panels ignore ``$instance``.
 
 from __future__ import annotations
 
-from grafana_foundation_sdk.builders import dashboard as db
+try:
+    from grafana_foundation_sdk.builders import dashboard as db
+except ImportError as exc:  # the optional extra is missing: say which one
+    from llmtrace.dashboards import DASHBOARDS_EXTRA
+
+    raise ImportError(f"{__name__} needs grafana-foundation-sdk: {DASHBOARDS_EXTRA}") from exc
 
 from llmtrace import semconv as sc
 from llmtrace.dashboards import common as c

@@ -10,8 +10,13 @@ panels ignore ``$instance``; accelerator-seconds come from the engine core.
 
 from __future__ import annotations
 
-from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.models import dashboard as dm
+try:
+    from grafana_foundation_sdk.builders import dashboard as db
+    from grafana_foundation_sdk.models import dashboard as dm
+except ImportError as exc:  # the optional extra is missing: say which one
+    from llmtrace.dashboards import DASHBOARDS_EXTRA
+
+    raise ImportError(f"{__name__} needs grafana-foundation-sdk: {DASHBOARDS_EXTRA}") from exc
 
 from llmtrace import semconv as sc
 from llmtrace.dashboards import common as c
