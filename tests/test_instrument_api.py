@@ -237,3 +237,18 @@ def test_otlp_exporter_follows_protocol_and_endpoint():
     assert http._endpoint == "http://c:4318/v1/metrics"
     grpc = _otlp_exporter(load_config(endpoint="http://c:4317", protocol="grpc"), "traces")
     assert type(grpc).__module__.startswith("opentelemetry.exporter.otlp.proto.grpc")
+
+
+def test_every_setting_is_documented_in_the_readme():
+    """Each environment variable the configuration reads has a row in the README."""
+    import re
+    from pathlib import Path
+
+    from llmtrace import config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"[A-Z][A-Z0-9_]{3,}", readme))
+    for stem, alts, tail in re.findall(r"([A-Z_]+)\{([A-Z_,]+)\}([A-Z_]*)", readme):
+        documented |= {f"{stem}{a}{tail}" for a in alts.split(",")}
+    read = {n for names in config._ENV.values() for n in names}
+    assert not read - documented, sorted(read - documented)
