@@ -1,4 +1,5 @@
-"""The ``llmtrace`` command line: ``llmtrace collector [--config FILE] [flags]``."""
+"""The ``llmtrace`` command line: ``llmtrace collector [--config FILE] [flags]``, and
+``llmtrace doctor [--json]`` (will llmtrace work in this environment?)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmtrace")
     sub = parser.add_subparsers(dest="command", required=True)
     _collector_args(sub)
+    doctor = sub.add_parser("doctor", help="check hooks, configuration and endpoint here",
+                            description="Resolve every hook against the installed vLLM, show "
+                            "the effective configuration and where each value came from, "
+                            "and check the OTLP endpoint. Exit 1 if something cannot work.")
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
+    if args.command == "doctor":
+        from llmtrace.doctor import main as doctor_main
+
+        return doctor_main(args.json)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from prometheus_client import disable_created_metrics
     disable_created_metrics()  # _created series double the count for no dashboard use

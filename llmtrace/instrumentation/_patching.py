@@ -92,6 +92,15 @@ def is_wrapped(owner: object, attr: str) -> bool:
     return isinstance(inspect.getattr_static(owner, attr, None), wrapt.FunctionWrapper)
 
 
+def check(hook: Hook) -> str | None:
+    """Why ``hook`` cannot be installed against the vLLM in this environment; None: it can."""
+    try:
+        _, _, target = _resolve(hook)
+    except (ImportError, AttributeError) as exc:
+        return f"{hook.module}.{hook.attr} not found ({exc})"
+    return _check_signature(hook, target)
+
+
 def install(hooks: list[Hook], measure: bool = False) -> list[Installed]:
     """Wrap every hook that resolves and matches; warn once for each that does not.
 

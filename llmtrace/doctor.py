@@ -1,0 +1,139 @@
+"""``llmtrace doctor``: will llmtrace work here, and with which settings?
+
+Run in the environment that serves vLLM. It resolves every hook of the hook
+table against the installed vLLM (active, or disabled and why), prints the
+effective configuration and where each value came from, the activation
+switches, and whether the OTLP endpoint answers. It exits non-zero when
+something the configuration asks for cannot work: a bad setting, no vLLM or
+one outside the supported range, a disabled hook, an unreachable endpoint.
+It patches nothing and starts no exporter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from importlib.metadata import version
+from typing import Any
+from urllib.parse import urlparse
+
+from llmtrace.config import (
+    _ENV,
+    Config,
+    ConfigError,
+    activation_requested,
+    load_config,
+    switched_off,
+)
+
+_DEFAULT_OTLP = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
+
+
+def _source(field: str) -> str:
+    names = _ENV.get(field, ())
+    if field in ("sampler", "sample_ratio") and os.environ.get("OTEL_TRACES_SAMPLER") and \
+            not os.environ.get("LLMTRACE_SAMPLE_RATIO"):
+        return "OTEL_TRACES_SAMPLER"
+    for name in names:
+        if os.environ.get(name):
+            return name
+    return "default"
+
+
+def _traces_endpoint(cfg: Config) -> str:
+    return (cfg.traces_endpoint or cfg.endpoint
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or _DEFAULT_OTLP[cfg.protocol])
+
+
+def _reachable(endpoint: str, timeout_s: float = 2.0) -> str | None:
+    """None if a TCP connection to the endpoint opens, else why not."""
+    url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "localhost", port), timeout_s):
+            return None
+    except OSError as exc:
+        return f"{url.hostname}:{port}: {exc}"
+
+
+def diagnose() -> dict[str, Any]:
+    """Everything the doctor reports, as data; ``problems`` lists what cannot work."""
+    from llmtrace.instrumentation._patching import check
+    from llmtrace.instrumentation.vllm import VLLMInstrumentor, hook_table, vllm_distribution
+    from llmtrace.instrumentation.vllm.engine import EngineTracer
+    from llmtrace.instrumentation.vllm.frontend import FrontendTracer
+    from llmtrace.telemetry import Telemetry
+
+    report: dict[str, Any] = {"problems": []}
+    problems = report["problems"]
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return report
+    report["activation"] = {
+        "requested": activation_requested(),
+        "switched_off": switched_off(cfg),
+    }
+    report["config"] = {f: {"value": getattr(cfg, f), "from": _source(f)}
+                        for f in Config.model_fields}
+    dist = vllm_distribution()
+    report["vllm"] = {"distribution": dist, "version": version(dist) if dist else None}
+    if dist is None:
+        problems.append("vLLM is not installed in this environment")
+        return report
+    from opentelemetry.instrumentation.dependencies import get_dependency_conflicts
+
+    conflict = get_dependency_conflicts(VLLMInstrumentor().instrumentation_dependencies())
+    if conflict is not None:
+        problems.append(str(conflict))
+    telemetry = Telemetry(cfg)  # providers are built lazily: nothing starts here
+    hooks = {}
+    for hook in hook_table(FrontendTracer(cfg, telemetry), EngineTracer(cfg, telemetry)):
+        why = check(hook)
+        hooks[hook.name] = {"target": f"{hook.module}.{hook.attr}",
+                            "status": "active" if why is None else f"disabled: {why}"}
+        if why is not None:
+            problems.append(f"hook {hook.name} disabled: {why}")
+    report["hooks"] = hooks
+    if "otlp" in cfg.span_exporters or "otlp" in cfg.metric_exporters:
+        endpoint = _traces_endpoint(cfg)
+        down = _reachable(endpoint)
+        report["otlp_endpoint"] = {"endpoint": endpoint, "reachable": down is None,
+                                   **({"error": down} if down else {})}
+        if down and report["activation"]["requested"] and not switched_off(cfg):
+            problems.append(f"OTLP endpoint {endpoint} does not answer ({down})")
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = []
+    vllm = report.get("vllm")
+    if vllm:
+        lines.append(f"vLLM: {vllm['distribution'] or 'not installed'} {vllm['version'] or ''}")
+    act = report.get("activation")
+    if act:
+        state = f"off ({act['switched_off']})" if act["switched_off"] else \
+            ("on" if act["requested"] else "off (no LLMTRACE_ENABLED=1 or OTLP endpoint)")
+        lines.append(f"zero-code activation: {state}")
+    for name, h in report.get("hooks", {}).items():
+        lines.append(f"  hook {name:<40} {h['status']}")
+    ep = report.get("otlp_endpoint")
+    if ep:
+        lines.append(f"OTLP endpoint {ep['endpoint']}: "
+                     + ("answers" if ep["reachable"] else f"does not answer ({ep['error']})"))
+    if report.get("config"):
+        lines.append("configuration (value <- source):")
+        for field, item in report["config"].items():
+            lines.append(f"  {field:<28} {item['value']!r} <- {item['from']}")
+    problems = report["problems"]
+    lines.append("OK" if not problems else "problems:\n  " + "\n  ".join(problems))
+    return "\n".join(lines)
+
+
+def main(as_json: bool = False) -> int:
+    report = diagnose()
+    print(json.dumps(report, default=str, indent=2) if as_json else render(report))
+    return 1 if report["problems"] else 0
