@@ -135,6 +135,8 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
     """
     dense = dense_config(
         tiny_models, "--max-num-batched-tokens", "256", "--num-gpu-blocks-override", "12",
+        # vLLM's own tracing on as well: both spans in one trace, counted once
+        "--otlp-traces-endpoint", f"http://127.0.0.1:{collector.ports['grpc']}",
         max_model_len=1024, env=instrumented_env(
             otlp_receiver, "llmtrace-dense",
             traces_to=f"http://127.0.0.1:{collector.ports['grpc']}",
@@ -144,7 +146,8 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
             LLMTRACE_INSTANCE_TYPE="cpu",
             LLMTRACE_METRICS_EXPORTER="otlp,prometheus",
             OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
-            OTEL_EXPORTER_PROMETHEUS_PORT=str(engine_metrics_port)))
+            OTEL_EXPORTER_PROMETHEUS_PORT=str(engine_metrics_port),
+            OTEL_EXPORTER_OTLP_TRACES_INSECURE="true"))
     broken = moe_config(
         tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
         env=instrumented_env(otlp_receiver, "llmtrace-broken"))

@@ -143,3 +143,35 @@ def test_collector_derives_vllm_builtin_tracing(vllm_servers, collector,
     # the series say which record (and so which TTFT definition) they carry
     assert _sum(samples, requests, gen_ai_request_model=DENSE, llmtrace_tenant="default",
                 llmtrace_record_source="vllm_builtin") >= len(bodies)
+
+
+def test_vllm_tracing_and_llmtrace_share_one_trace_counted_once(instrumented_servers, collector,
+                                                               otlp_receiver: OTLPReceiver):
+    """The instrumented server also runs vLLM's own tracing (``--otlp-traces-endpoint``):
+    vLLM's ``llm_request`` span is a child of llmtrace's request span, in the same trace,
+    and the collector derives one record per request, not two."""
+    server = instrumented_servers["dense"]
+    tenant = "coexist"
+    sent = [_traced(i, tenant) for i in range(3)]
+    timings = run_load(server.base_url, DENSE, [b for _, b in sent], 1)
+    assert all(t.ok for t in timings), [t.error for t in timings]
+    ids = {tid for tid, _ in sent}
+
+    def both(rx: OTLPReceiver) -> bool:
+        names = {(s.trace_id, s.name) for s in rx.spans() if s.trace_id in ids}
+        return all((t, n) in names for t in ids
+                   for n in (sc.SPAN_LLMTRACE_REQUEST, sc.SPAN_LLM_REQUEST))
+
+    assert otlp_receiver.wait_for(both, 30)
+    spans = [s for s in otlp_receiver.spans() if s.trace_id in ids]
+    for tid in ids:
+        [ours] = [s for s in spans if s.trace_id == tid and s.name == sc.SPAN_LLMTRACE_REQUEST]
+        [vllms] = [s for s in spans if s.trace_id == tid and s.name == sc.SPAN_LLM_REQUEST]
+        assert vllms.parent_span_id == ours.span_id
+        # vLLM's span names the external id; ours the engine's, which extends it
+        assert ours.attributes[sc.LLMTRACE_REQUEST_ID].startswith(
+            vllms.attributes[sc.GEN_AI_REQUEST_ID])
+    assert _wait(lambda: ids <= {r.trace_id for r in list(collector.records)})
+    time.sleep(1.0)  # a duplicate, were it derived, would arrive in the same batches
+    derived = [r for r in list(collector.records) if r.trace_id in ids]
+    assert sorted(r.source for r in derived) == ["llmtrace"] * len(ids)

@@ -15,6 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from llmtrace import semconv as sc
 from llmtrace.pipeline.inputs import wanted_keys
 from llmtrace.pipeline.view import SpanView
+from llmtrace.record import VLLM_DUPLICATE_STATE
 
 #: resource attributes read for every wanted span
 RESOURCE_KEYS = frozenset({"service.name", "service.version", sc.LLMTRACE_COST_INSTANCE_TYPE,
@@ -53,6 +54,8 @@ def spans_from_request(request: ExportTraceServiceRequest) -> Iterator[SpanView]
                 keys = wanted_keys(span.name)
                 if keys is None:
                     continue
+                if span.name == sc.SPAN_LLM_REQUEST and VLLM_DUPLICATE_STATE in span.trace_state:
+                    continue  # vLLM's span of a request llmtrace's own record covers
                 if resource is None:
                     resource = _pick(rs.resource.attributes, RESOURCE_KEYS)
                 yield SpanView(span.name, span.trace_id, span.span_id, span.parent_span_id,

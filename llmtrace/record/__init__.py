@@ -12,11 +12,12 @@ from llmtrace.record.request import (
     SOURCE_LLMTRACE,
     SOURCE_VLLM_BUILTIN,
     UNKNOWN,
+    VLLM_DUPLICATE_STATE,
     RequestRecord,
     UsageRecord,
 )
 from llmtrace.record.timeline import PREEMPTED, SCHEDULED, Phases, Segment, Timeline, phases
 
 __all__ = ["ITL_BOUNDS", "LATENCY_ATTRIBUTES", "PREEMPTED", "SCHEDULED", "SOURCE_LLMTRACE",
-           "SOURCE_VLLM_BUILTIN", "UNKNOWN", "Histogram", "Phases", "RequestRecord",
-           "Segment", "Timeline", "UsageRecord", "phases"]
+           "SOURCE_VLLM_BUILTIN", "UNKNOWN", "VLLM_DUPLICATE_STATE", "Histogram", "Phases",
+           "RequestRecord", "Segment", "Timeline", "UsageRecord", "phases"]

@@ -27,6 +27,10 @@ LATENCY_ATTRIBUTES = {
     sc.LLMTRACE_LATENCY_FIRST_TOKEN_DELIVERY: "first_token_delivery_s",
     sc.LLMTRACE_LATENCY_DECODE: "decode_s",
 }
+#: W3C tracestate entry llmtrace puts on vLLM's own request span when it also records the
+#: request (vLLM's ``--otlp-traces-endpoint`` on): the pipeline skips that span, which
+#: would count the request a second time
+VLLM_DUPLICATE_STATE = "llmtrace=r"
 #: ``llmtrace.record.source`` values
 SOURCE_LLMTRACE = "llmtrace"
 SOURCE_VLLM_BUILTIN = "vllm_builtin"

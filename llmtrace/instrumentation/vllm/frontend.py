@@ -48,6 +48,7 @@ from llmtrace.record import (
     PREEMPTED,
     SCHEDULED,
     SOURCE_LLMTRACE,
+    VLLM_DUPLICATE_STATE,
     Histogram,
     RequestRecord,
     Timeline,
@@ -100,6 +101,8 @@ class FrontendTracer:
         self.telemetry = telemetry
         self.records: dict[str, RequestState] = {}
         self.served_model = "unknown"
+        #: vLLM's own tracing is on (``--otlp-traces-endpoint``): its span joins our trace
+        self.vllm_tracing = False
         self._measure = config.measure_overhead
         self._tenant_header = config.tenant_header.encode()
         self._chunk_tokens = config.decode_chunk_tokens
@@ -156,8 +159,15 @@ class FrontendTracer:
         sampled = ctx.trace_flags.sampled
         headers = {**(request.trace_headers or {}), TENANT_HEADER: attrs[sc.LLMTRACE_TENANT]}
         if sampled:
-            headers[CONTEXT_HEADER] = \
-                f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+            traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+            headers[CONTEXT_HEADER] = traceparent
+            if self.vllm_tracing:
+                # vLLM's own llm_request span becomes a child of ours, in the same trace;
+                # the tracestate entry tells the collector it duplicates our record
+                headers["traceparent"] = traceparent
+                state = headers.get("tracestate")
+                headers["tracestate"] = f"{VLLM_DUPLICATE_STATE},{state}" if state else \
+                    VLLM_DUPLICATE_STATE
         request.trace_headers = headers
         # handed to the engine client right after this hook
         timeline = Timeline(read_ns=arrival_ns, engine_arrival_ns=time.time_ns())
@@ -354,6 +364,8 @@ class FrontendTracer:
     def after_async_llm_init(self, instance, args, kwargs, result, token) -> None:
         names = instance.model_config.served_model_name
         self.served_model = names[0] if isinstance(names, (list, tuple)) else str(names)
+        observability = getattr(instance, "observability_config", None)
+        self.vllm_tracing = bool(getattr(observability, "otlp_traces_endpoint", None))
         # Build providers and exporters now, not on the first request's path.
         _ = self.telemetry.tracer
         # vLLM's API server serves prometheus_client's default registry on /metrics;
