@@ -1,5 +1,6 @@
 """The ``llmtrace`` command line: ``llmtrace collector [--config FILE] [flags]``, and
-``llmtrace doctor [--json]`` (will llmtrace work in this environment?)."""
+``llmtrace doctor [--json]`` (will llmtrace work in this environment?), and
+``llmtrace assets --out DIR`` (the shipped dashboards, rules and configs)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from llmtrace.config import ConfigError
 
@@ -66,7 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                             "the effective configuration and where each value came from, "
                             "and check the OTLP endpoint. Exit 1 if something cannot work.")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    assets = sub.add_parser("assets", help="write the shipped dashboards, SLO rules, scrape "
+                            "and collector configs and example price table to a directory")
+    assets.add_argument("--out", required=True, type=Path, help="directory to write into")
     args = parser.parse_args(argv)
+    if args.command == "assets":
+        from llmtrace.assets import copy_to
+
+        for path in copy_to(args.out):
+            print(path)
+        return 0
     if args.command == "doctor":
         from llmtrace.doctor import main as doctor_main
 

@@ -75,6 +75,10 @@ def test_wheel_installs_beside_a_users_vllm_and_imports_on_core_deps(tmp_path: P
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("testbed/")]
     assert "llmtrace/dashboards/sloth_spec.yaml.tmpl" in names
+    for asset in ("dashboards/llmtrace-l1-oncall.json", "dashboards/slo/llmtrace.sloth.yaml",
+                  "dashboards/slo/rules/ttft.rules.yml", "dashboards/prometheus/scrape-vllm.yml",
+                  "collector/otelcol-gateway.yaml", "prices.example.yaml"):
+        assert f"llmtrace/assets/{asset}" in names, asset
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
@@ -94,3 +98,17 @@ def test_wheel_installs_beside_a_users_vllm_and_imports_on_core_deps(tmp_path: P
         assert "llmtrace-otel[dashboards]" in result["failed"][module], result["failed"][module]
     assert "llmtrace.instrumentation.vllm" in result["ok"]
     assert "llmtrace.collector.service" in result["ok"]
+
+    # the shipped artefacts go where the user says; generators never default into
+    # site-packages (outside a checkout they ask for --out)
+    out = tmp_path / "assets"
+    _run(env_dir / "bin" / "llmtrace", "assets", "--out", out)
+    assert (out / "dashboards" / "slo" / "rules" / "availability.rules.yml").is_file()
+    assert (out / "prices.example.yaml").is_file()
+    refused = subprocess.run([str(py), "-m", "llmtrace.dashboards.slo"], capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path)
+    assert refused.returncode == 2 and "--out DIR is required" in refused.stderr
+    rules = tmp_path / "rules"
+    _run(py, "-m", "llmtrace.dashboards.slo", "--out", rules)
+    assert sorted(p.name for p in rules.iterdir()) == [
+        "availability.rules.yml", "itl.rules.yml", "ttft.rules.yml"]

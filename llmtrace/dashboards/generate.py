@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmtrace.dashboards import in_checkout
+
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "dashboards"
 #: dashboard modules in llmtrace.dashboards, each with FILENAME and build()
 MODULES = ("l1_oncall", "l2_quality", "l3_cost")
@@ -164,9 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when a committed dashboard is stale")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"output directory (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (in a source checkout: its dashboards/)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        if not in_checkout():
+            parser.error("--out DIR is required outside a source checkout")
+        args.out = DEFAULT_OUT
     generated = build_all()
     if args.check:
         outdated = stale(args.out, generated)

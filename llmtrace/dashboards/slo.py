@@ -27,10 +27,12 @@ from typing import Any, NoReturn
 
 import yaml
 
-from llmtrace.dashboards import slo_spec
+from llmtrace.dashboards import in_checkout, slo_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SPEC = ROOT / "dashboards" / "slo" / "llmtrace.sloth.yaml"
+#: the checkout's spec, or the copy shipped in the wheel (read-only there)
+SPEC = ROOT / "dashboards" / "slo" / "llmtrace.sloth.yaml" if in_checkout() else \
+    Path(__file__).resolve().parents[1] / "assets" / "dashboards" / "slo" / "llmtrace.sloth.yaml"
 RULES_DIR = ROOT / "dashboards" / "slo" / "rules"
 
 SPEC_VERSION = "prometheus/v1"
@@ -388,12 +390,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmtrace.dashboards.slo",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", type=Path, default=SPEC, help="Sloth prometheus/v1 spec")
-    parser.add_argument("--out", type=Path, default=RULES_DIR, help="rules directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="rules directory (in a source checkout: dashboards/slo/rules)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if the rules files are stale")
     args = parser.parse_args(argv)
+    if args.out is None:
+        if not in_checkout():
+            parser.error("--out DIR is required outside a source checkout")
+        args.out = RULES_DIR
     try:
-        spec_changed = args.spec == SPEC and slo_spec.sync(SPEC, args.check)
+        spec_changed = args.spec == SPEC and in_checkout() and slo_spec.sync(SPEC, args.check)
         changed = stale(args.spec, args.out) if args.check else write(args.spec, args.out)
         if spec_changed:
             print(f"{'stale' if args.check else 'wrote'}: {SPEC}")
