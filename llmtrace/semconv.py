@@ -568,6 +568,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.prefill.chunk.index',
         'llmtrace.prefill.chunk.computed_tokens',
         'llmtrace.prefill.cached_tokens',
+        'llmtrace.prefill.external_cached_tokens',
         'llmtrace.step.batch_size',
         'llmtrace.step.scheduled_tokens',
         'llmtrace.step.index',

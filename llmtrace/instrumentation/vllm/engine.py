@@ -72,8 +72,9 @@ class StepPending:
     index: int
     batch_size: int
     scheduled_tokens: int
-    #: (record, tokens computed, tokens computed before the step) per prefill chunk
-    chunks: list[tuple[EngineRecord, int, int]] = field(default_factory=list)
+    #: (record, tokens computed, tokens computed before the step, tokens loaded through a
+    #: KV connector) per prefill chunk
+    chunks: list[tuple[EngineRecord, int, int, int]] = field(default_factory=list)
     #: (usage, weight) of every request scheduled in the step, and their weight sum
     shares: list[tuple[Usage, float]] = field(default_factory=list)
     weight: float = 0.0
@@ -156,7 +157,11 @@ class EngineTracer:
             if prefill and records:
                 rec = records.get(rid)
                 if rec is not None:
-                    step.chunks.append((rec, n, before))
+                    external = 0
+                    if rec.chunk_index == 0:  # the prompt's KV loaded through a connector
+                        stats = getattr(request, "prefill_stats", None)
+                        external = getattr(stats, "num_external_cached_tokens", 0) or 0
+                    step.chunks.append((rec, n, before, external))
         if len(self.pending) > 64:  # a step that never completed must not leak
             self.pending.pop(next(iter(self.pending)))
         self.pending[id(out)] = step
@@ -181,7 +186,7 @@ class EngineTracer:
                 u.seconds += even
                 u.steps += 1
         self.steps += 1
-        for rec, n, computed_before in step.chunks:
+        for rec, n, computed_before, external in step.chunks:
             attrs = {
                 sc.LLMTRACE_PREFILL_CHUNK_INDEX: rec.chunk_index,
                 sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS: n,
@@ -191,6 +196,8 @@ class EngineTracer:
             }
             if rec.chunk_index == 0:
                 attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
+                if external:
+                    attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = external
             chunk = self.telemetry.child_span(
                 sc.SPAN_LLMTRACE_PREFILL_CHUNK, rec.span, step.sched_ns, attrs)
             chunk.end(end_time=end_ns)
