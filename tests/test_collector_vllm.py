@@ -34,6 +34,14 @@ def _traced(i: int, tenant: str) -> tuple[str, dict]:
     return trace_id, body
 
 
+def _send_traced(server, tenant: str, n: int, concurrency: int) -> set[str]:
+    """``n`` streamed chats with their own trace ids; returns the trace ids."""
+    sent = [_traced(i, tenant) for i in range(n)]
+    timings = run_load(server.base_url, DENSE, [b for _, b in sent], concurrency)
+    assert all(t.ok for t in timings), [t.error for t in timings]
+    return {tid for tid, _ in sent}
+
+
 def _wait(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -58,10 +66,7 @@ def test_collector_derives_llmtrace_spans_from_vllm(instrumented_servers, collec
                                                     otlp_receiver: OTLPReceiver):
     server = instrumented_servers["dense"]
     tenant = "collector-tenant"
-    sent = [_traced(i, tenant) for i in range(6)]
-    timings = run_load(server.base_url, DENSE, [b for _, b in sent], 3)
-    assert all(t.ok for t in timings), [t.error for t in timings]
-    ids = {tid for tid, _ in sent}
+    ids = _send_traced(server, tenant, 6, 3)
 
     def derived() -> dict[str, object]:
         return {r.trace_id: r for r in list(collector.records) if r.trace_id in ids}
@@ -151,11 +156,7 @@ def test_vllm_tracing_and_llmtrace_share_one_trace_counted_once(instrumented_ser
     vLLM's ``llm_request`` span is a child of llmtrace's request span, in the same trace,
     and the collector derives one record per request, not two."""
     server = instrumented_servers["dense"]
-    tenant = "coexist"
-    sent = [_traced(i, tenant) for i in range(3)]
-    timings = run_load(server.base_url, DENSE, [b for _, b in sent], 1)
-    assert all(t.ok for t in timings), [t.error for t in timings]
-    ids = {tid for tid, _ in sent}
+    ids = _send_traced(server, "coexist", 3, 1)
 
     def both(rx: OTLPReceiver) -> bool:
         names = {(s.trace_id, s.name) for s in rx.spans() if s.trace_id in ids}

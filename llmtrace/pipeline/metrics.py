@@ -42,9 +42,8 @@ def _observe_many(hist, dist: Distribution) -> None:
                               for a in ("_buckets", "_upper_bounds", "_sum"))
     if buckets is None or bounds is None or total is None or \
             len(buckets) != len(dist.counts) or list(bounds[:-1]) != list(dist.bounds):
-        for i, c in enumerate(dist.counts):
-            edge = dist.bounds[i] if i < len(dist.bounds) else dist.high
-            for _ in range(c):
+        for edge, count in dist.edges():
+            for _ in range(count):
                 hist.observe(edge)
         return
     total.inc(dist.total)

@@ -68,6 +68,13 @@ class Histogram:
         self.low = min(self.low, other.low)
         self.high = max(self.high, other.high)
 
+    def edges(self) -> list[tuple[float, int]]:
+        """(value, count) per non-empty bucket, each at its upper bound (+Inf: the largest
+        value seen): what an output without a bulk merge records, exact in counts."""
+        top = len(self.bounds)
+        return [(self.bounds[i] if i < top else self.high, c)
+                for i, c in enumerate(self.counts) if c]
+
     def quantile(self, q: float) -> float | None:
         """The q-quantile (0..1), interpolated inside its bucket as PromQL's
         ``histogram_quantile`` does; None when empty."""

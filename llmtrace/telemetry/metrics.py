@@ -96,9 +96,10 @@ class _Sums:
 
     __slots__ = ("totals", "attrs")
 
-    def __init__(self) -> None:
+    def __init__(self, attrs: dict[tuple, dict]) -> None:
         self.totals: dict[tuple, float] = {}
-        self.attrs: dict[tuple, dict] = {}
+        #: label tuple -> attribute dict: the metric's series cache, filled by the feeds
+        self.attrs = attrs
 
     def __call__(self, _: CallbackOptions) -> list[Observation]:
         attrs = self.attrs
@@ -116,22 +117,23 @@ class Instruments:
                  itl_aggregation: BulkHistogramAggregation | None = None) -> None:
         self._itl_bulk = itl_aggregation
         self.labels = LabelLimiter(config.max_label_values)
-        self._instruments: dict[str, object] = {}
+        #: metric -> (instrument: histogram or sums, its series: label tuple -> attribute
+        #: dict, one dict per series, shared by every record kind that feeds the metric)
+        self._instruments: dict[str, tuple[object, dict[tuple, dict]]] = {}
         for spec in schema.METRICS:
             if not spec.feeds or "sdk" not in spec.outputs:
                 continue
+            series: dict[tuple, dict] = {}
             if spec.instrument == "histogram":
                 inst = meter.create_histogram(
                     spec.name, unit=spec.unit, description=spec.brief,
                     explicit_bucket_boundaries_advisory=spec.buckets)
             else:
-                inst = _Sums()
+                inst = _Sums(series)
                 meter.create_observable_counter(spec.name, [inst], unit=spec.unit,
                                                 description=spec.brief)
-            self._instruments[spec.name] = inst
-        #: per record kind: the metrics it feeds, each with its instrument (histogram or
-        #: sums) and its own cache of label tuple -> attribute dict (one dict per series)
-        self._feeds = {kind: Feed(kind, [(spec, (self._instruments[spec.name], {}))
+            self._instruments[spec.name] = (inst, series)
+        self._feeds = {kind: Feed(kind, [(spec, self._instruments[spec.name])
                                          for spec in schema.fed_by(kind, "sdk")])
                        for kind in ("request", "usage")}
         #: the engine-core tracer's running totals, read at collection (no per-step
@@ -154,11 +156,7 @@ class Instruments:
                                          if v is not None}
             if type(inst) is _Sums:
                 totals = inst.totals
-                if labels not in totals:
-                    inst.attrs[labels] = attrs
-                    totals[labels] = value
-                else:
-                    totals[labels] += value
+                totals[labels] = totals.get(labels, 0) + value
             elif isinstance(value, Histogram):
                 self._record_histogram(inst, value, attrs)
             else:
@@ -173,13 +171,12 @@ class Instruments:
             return
         if self._itl_bulk is not None and self._itl_bulk.merge(attrs, hist, skip=hist.low):
             return
-        counts = list(hist.counts)
-        counts[_bucket(hist.bounds, hist.low)] -= 1
-        for i, c in enumerate(counts):  # fallback: exact counts, each bucket at its bound
-            if c:
-                edge = hist.bounds[i] if i < len(hist.bounds) else hist.high
-                for _ in range(c):
-                    inst.record(edge, attrs, _NO_CONTEXT)
+        # fallback: exact counts, each bucket at its bound, less the value recorded above
+        i = _bucket(hist.bounds, hist.low)
+        recorded = hist.bounds[i] if i < len(hist.bounds) else hist.high
+        for edge, count in hist.edges():
+            for _ in range(count - (edge == recorded)):
+                inst.record(edge, attrs, _NO_CONTEXT)
 
 
 def _observe(counts: dict[str, int] | Iterable[tuple[str, int]], key: str):

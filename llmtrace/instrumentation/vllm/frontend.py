@@ -179,16 +179,15 @@ class FrontendTracer:
     def on_outputs(self, outputs: list[Any], engine_ts: float | None = None) -> None:
         """Per engine-output batch: the only per-token path, kept to plain arithmetic."""
         now = time.time_ns()
+        # wall - monotonic, for the engine's timestamps (one host, one monotonic clock)
+        offset = now - time.monotonic_ns()
         records = self.records
-        offset = None  # wall - monotonic, for the engine's timestamps (one host, one clock)
         for out in outputs:
             rec = records.get(out.request_id)
             if rec is None:
                 continue
             events = out.events
             if events:
-                if offset is None:
-                    offset = time.time_ns() - time.monotonic_ns()
                 tl_events = rec.timeline.events
                 for ev in events:
                     kind = _EVENTS.get(int(ev.type))
@@ -197,8 +196,6 @@ class FrontendTracer:
             n = len(out.new_token_ids)
             if n:
                 if rec.last_ns == 0:
-                    if offset is None:
-                        offset = time.time_ns() - time.monotonic_ns()
                     rec.timeline.prompt_done_ns = \
                         int(engine_ts * 1e9) + offset if engine_ts else now
                     rec.timeline.first_token_ns = now
@@ -239,13 +236,20 @@ class FrontendTracer:
         """The decode span, started when first needed: decode begins when the first token
         was written (for a stream, its first body chunk), where TTFT ends."""
         if rec.decode_span is None:
-            start = rec.timeline.first_token_ns
-            http = rec.http
-            if http is not None and http.streaming and http.first_body_ns > start:
-                start = http.first_body_ns
+            start = self._first_written(rec)
             rec.decode_span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, rec.span, start)
             rec.chunk_start_ns = max(rec.chunk_start_ns, start)
         return rec.decode_span
+
+    @staticmethod
+    def _first_written(rec: RequestState) -> int:
+        """When the first token left the server: for a stream, with its first body chunk
+        (never before the engine output that carried it); else that output."""
+        first = rec.timeline.first_token_ns
+        http = rec.http
+        if first and http is not None and http.streaming and http.first_body_ns > first:
+            return http.first_body_ns
+        return first
 
     def _close_chunk(self, rec: RequestState, now: int) -> None:
         """End the decode chunk; its gaps join the request's ITL in chunk order, exactly as
@@ -288,10 +292,7 @@ class FrontendTracer:
         tl = rec.timeline
         tl.last_token_ns = rec.last_ns
         tl.end_ns = rec.last_ns if rec.last_ns and error_type is None else now
-        if tl.first_token_ns and rec.http is not None and rec.http.streaming \
-                and rec.http.first_body_ns:
-            # streaming: the first token leaves the server with the first body chunk
-            tl.first_token_ns = max(tl.first_token_ns, rec.http.first_body_ns)
+        tl.first_token_ns = self._first_written(rec)
         tl.end_ns = max(tl.end_ns, tl.first_token_ns)  # a request ends after its first token
         if rec.sampled:
             self._close_chunk(rec, tl.end_ns)
