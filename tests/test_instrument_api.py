@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from importlib.metadata import version
 
 import pytest
 
 import llmtrace
 from llmtrace.config import ConfigError, activation_requested, load_config
 from llmtrace.instrumentation._patching import Hook, install, is_wrapped, uninstall
+from llmtrace.instrumentation.targets import Target as T
 from llmtrace.instrumentation.vllm import VLLMInstrumentor, hook_table
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
@@ -18,17 +20,14 @@ from llmtrace.telemetry.metrics import OVERFLOW, LabelLimiter
 
 
 def test_uninstrument_restores_every_patched_callable():
-    import importlib
+    from llmtrace.instrumentation._patching import resolve
 
     originals = {}
     cfg = load_config()
     for hook in hook_table(FrontendTracer(cfg, Telemetry(cfg)), EngineTracer(cfg, Telemetry(cfg))):
-        module = importlib.import_module(hook.module)
-        owner = module
-        *path, leaf = hook.attr.split(".")
-        for part in path:
-            owner = getattr(owner, part)
-        originals[hook.name] = (owner, leaf, getattr(owner, leaf))
+        found = resolve(hook)
+        assert found.target is not None, found.reason
+        originals[hook.name] = (found.owner, found.attr, getattr(found.owner, found.attr))
     assert not llmtrace.is_instrumented()
     llmtrace.instrument(sample_ratio=1.0, metrics_enabled=False)
     try:
@@ -53,6 +52,9 @@ def test_missing_or_changed_target_disables_only_that_hook(caplog):
         def changed(self, *args):
             return args
 
+        def new_name(self, request):
+            return request
+
     import sys
     import types
 
@@ -65,24 +67,56 @@ def test_missing_or_changed_target_disables_only_that_hook(caplog):
         calls.append(args)
 
     hooks = [
-        Hook("fake.good", module.__name__, "Target.good", ("request",), before=body),
-        Hook("fake.changed", module.__name__, "Target.changed", ("request",), before=body),
-        Hook("fake.missing", module.__name__, "Target.gone", (), before=body),
-        Hook("fake.nomodule", "llmtrace_no_such_module", "X.y", (), before=body),
+        Hook("fake.good", (T(module.__name__, "Target.good", ("request",)),), before=body),
+        Hook("fake.changed", (T(module.__name__, "Target.changed", ("request",)),), before=body),
+        Hook("fake.missing", (T(module.__name__, "Target.gone"),), before=body),
+        Hook("fake.nomodule", (T("llmtrace_no_such_module", "X.y"),), before=body),
+        # a moved target: the first is gone, the alternative fits and is wrapped
+        Hook("fake.moved", (T(module.__name__, "Target.old_name", ("request",)),
+                            T(module.__name__, "Target.new_name", ("request",))), before=body),
+        Hook("fake.none_fit", (T(module.__name__, "Target.gone2"),
+                               T(module.__name__, "Target.changed", ("request",))), before=body),
     ]
-    installed = install(hooks)
+    with caplog.at_level(logging.WARNING, logger="llmtrace"):
+        installed = install(hooks)
     try:
-        assert [i.hook.name for i in installed] == ["fake.good"]
-        assert "no longer takes request" in DISABLED_HOOKS["fake.changed"]
+        assert [i.hook.name for i in installed] == ["fake.good", "fake.moved"]
+        assert installed[1].target.attr == "Target.new_name"
+        assert "Target.changed takes (nothing) where llmtrace reads (request)" in \
+            DISABLED_HOOKS["fake.changed"]
         assert "not found" in DISABLED_HOOKS["fake.missing"]
         assert "not found" in DISABLED_HOOKS["fake.nomodule"]
+        # one warning per disabled hook, naming the hook, every target tried and the
+        # installed version of the package the target belongs to
+        warned = [r.getMessage() for r in caplog.records if "fake.none_fit" in r.getMessage()]
+        assert len(warned) == 1
+        assert "Target.gone2 not found" in warned[0] and "Target.changed takes" in warned[0]
+        assert "[installed: llmtrace_fake_vllm (not installed)]" in warned[0]
         assert Target().good(1) == 1 and calls == [(1,)]
+        assert Target().new_name(3) == 3 and calls == [(1,), (3,)]
         assert Target().changed(2) == (2,)
     finally:
         uninstall(installed)
-        for name in ("fake.changed", "fake.missing", "fake.nomodule"):
+        for name in ("fake.changed", "fake.missing", "fake.nomodule", "fake.none_fit"):
             DISABLED_HOOKS.pop(name, None)
         del sys.modules[module.__name__]
+
+
+def test_disabled_hook_warning_names_the_installed_vllm(caplog):
+    from llmtrace.instrumentation._patching import installed_version
+    from llmtrace.instrumentation.vllm import vllm_distribution
+
+    dist = vllm_distribution()
+    assert installed_version("vllm.v1.engine") == f"{dist} {version(dist)}"
+    hook = Hook("fake.vllm_gone", (T("vllm.v1.engine.output_processor", "Gone.method"),))
+    with caplog.at_level(logging.WARNING, logger="llmtrace"):
+        assert install([hook]) == []
+    try:
+        (msg,) = [r.getMessage() for r in caplog.records if "fake.vllm_gone" in r.getMessage()]
+        assert f"[installed: {dist} {version(dist)}]" in msg
+        assert "vllm.v1.engine.output_processor.Gone.method not found" in msg
+    finally:
+        DISABLED_HOOKS.pop("fake.vllm_gone", None)
 
 
 def test_install_guards_each_body_by_the_tables_name(capfd):
@@ -103,7 +137,7 @@ def test_install_guards_each_body_by_the_tables_name(capfd):
         raise ValueError("bad body")
 
     before = HOOK_ERRORS["fake.guarded"]
-    installed = install([Hook("fake.guarded", module.__name__, "Target.run", ("request",),
+    installed = install([Hook("fake.guarded", (T(module.__name__, "Target.run", ("request",)),),
                               after=boom)])
     try:
         assert [Target().run(i) for i in range(3)] == [0, 2, 4]

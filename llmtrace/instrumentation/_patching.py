@@ -1,9 +1,10 @@
 """Install and remove wrapt wrappers from a declarative hook table.
 
-Each hook names its target (module, dotted attribute) and the parameters it
-relies on. A target that is missing, or whose signature lacks one of those
-parameters (a changed internal in a newer release), disables that one hook
-with one clear warning; every other hook still installs.
+Each hook names its targets (module, dotted attribute, the leading parameters
+its bodies read), tried in order. A hook none of whose targets resolves and
+fits (a moved or changed internal in another release) is disabled with one
+clear warning naming hook, targets and installed version; every other hook
+still installs.
 
 Hook bodies stay small: ``before(instance, args, kwargs)`` runs before the
 target and may return a token; ``after(instance, args, kwargs, result, token)``
@@ -16,7 +17,9 @@ costs one call.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,15 +27,14 @@ from dataclasses import dataclass
 import wrapt
 from opentelemetry.instrumentation.utils import unwrap
 
+from llmtrace.instrumentation.targets import Target, params_problem
 from llmtrace.telemetry.guard import DISABLED_HOOKS, HookGuard, disable_hook
 
 
 @dataclass(frozen=True)
 class Hook:
     name: str  # stable hook name used in warnings and self-telemetry
-    module: str
-    attr: str  # "Class.method" or "function"
-    params: tuple[str, ...]  # parameter names the bodies read
+    targets: tuple[Target, ...]  # tried in order; the first that resolves and fits is wrapped
     before: Callable | None = None  # (instance, args, kwargs) -> token
     after: Callable | None = None  # (instance, args, kwargs, result, token) -> None
     gate: Callable[[], bool] | None = None  # False: nothing to do, skip the bodies
@@ -61,30 +63,74 @@ def guarded(hook: Hook, measure: bool = False) -> Callable:
 @dataclass
 class Installed:
     hook: Hook
+    target: Target
     owner: object
     attr: str
 
 
-def _resolve(hook: Hook) -> tuple[object, str, Callable]:
-    module = importlib.import_module(hook.module)
-    owner: object = module
-    *path, leaf = hook.attr.split(".")
+@dataclass(frozen=True)
+class Resolution:
+    """Where a hook goes in this environment: the matching target, or why none fits."""
+
+    target: Target | None
+    owner: object = None
+    attr: str = ""
+    problems: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.problems)
+
+
+def _lookup(target: Target) -> tuple[object, str, Callable]:
+    owner: object = importlib.import_module(target.module)
+    *path, leaf = target.attr.split(".")
     for part in path:
         owner = getattr(owner, part)
     return owner, leaf, getattr(owner, leaf)
 
 
-def _check_signature(hook: Hook, target: Callable) -> str | None:
-    if not hook.params:
+def _signature_problem(target: Target, owner: object, leaf: str, fn: Callable) -> str | None:
+    if not target.params:
         return None
     try:
-        params = inspect.signature(target).parameters
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         return None  # builtins without signatures: trust the name
-    missing = [p for p in hook.params if p not in params]
-    if missing:
-        return f"{hook.module}.{hook.attr} no longer takes {', '.join(missing)}"
-    return None
+    # A plain function found on a class takes self first; static and class methods do not.
+    is_method = inspect.isclass(owner) and inspect.isfunction(inspect.getattr_static(owner, leaf))
+    return params_problem(target, names, is_method)
+
+
+def resolve(hook: Hook) -> Resolution:
+    """The first of ``hook``'s targets that imports and whose parameters fit."""
+    problems = []
+    for target in hook.targets:
+        try:
+            owner, leaf, fn = _lookup(target)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{target.qualname} not found ({exc})")
+            continue
+        problem = _signature_problem(target, owner, leaf, fn)
+        if problem:
+            problems.append(problem)
+            continue
+        return Resolution(target, owner, leaf)
+    return Resolution(None, problems=tuple(problems))
+
+
+@functools.cache
+def installed_version(module: str) -> str:
+    """'<distribution> <version>' providing ``module``'s top-level package, for warnings."""
+    top = module.split(".")[0]
+    names = importlib.metadata.packages_distributions().get(top) or [top]
+    for dist in names:
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return f"{top} (not installed)"
 
 
 def is_wrapped(owner: object, attr: str) -> bool:
@@ -92,41 +138,32 @@ def is_wrapped(owner: object, attr: str) -> bool:
     return isinstance(inspect.getattr_static(owner, attr, None), wrapt.FunctionWrapper)
 
 
-def check(hook: Hook) -> str | None:
-    """Why ``hook`` cannot be installed against the vLLM in this environment; None: it can."""
-    try:
-        _, _, target = _resolve(hook)
-    except (ImportError, AttributeError) as exc:
-        return f"{hook.module}.{hook.attr} not found ({exc})"
-    return _check_signature(hook, target)
-
-
 def install(hooks: list[Hook], measure: bool = False) -> list[Installed]:
-    """Wrap every hook that resolves and matches; warn once for each that does not.
+    """Wrap every hook that resolves and fits; warn once for each that does not.
 
-    ``measure``: charge each body's thread CPU time to its hook (benchmark mode).
+    The warning names the hook, each target tried and why it did not fit, and the
+    installed version of the package it patches. ``measure``: charge each body's
+    thread CPU time to its hook (benchmark mode).
     """
     done: list[Installed] = []
     for hook in hooks:
         if hook.name in DISABLED_HOOKS:
             continue
-        try:
-            owner, leaf, target = _resolve(hook)
-        except (ImportError, AttributeError) as exc:
-            disable_hook(hook.name, f"{hook.module}.{hook.attr} not found ({exc})")
+        found = resolve(hook)
+        if found.target is None:
+            module = hook.targets[0].module if hook.targets else "?"
+            disable_hook(hook.name, f"{found.reason} [installed: {installed_version(module)}]")
             continue
-        problem = _check_signature(hook, target)
-        if problem:
-            disable_hook(hook.name, problem)
-            continue
+        owner, leaf = found.owner, found.attr
         if is_wrapped(owner, leaf):  # already wrapped (idempotent install)
             continue
         try:
             wrapt.wrap_function_wrapper(owner, leaf, guarded(hook, measure))
         except Exception as exc:  # noqa: BLE001 - a hook we cannot install is skipped
-            disable_hook(hook.name, f"cannot wrap {hook.module}.{hook.attr}: {exc}")
+            disable_hook(hook.name, f"cannot wrap {found.target.qualname}: {exc} "
+                                    f"[installed: {installed_version(found.target.module)}]")
             continue
-        done.append(Installed(hook, owner, leaf))
+        done.append(Installed(hook, found.target, owner, leaf))
     return done
 
 

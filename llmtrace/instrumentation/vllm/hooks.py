@@ -1,0 +1,100 @@
+"""The vLLM hook table as data: what llmtrace patches, where, and on which versions.
+
+This module imports nothing from vLLM (nor from the OpenTelemetry SDK), so the
+runtime installer, ``llmtrace doctor`` and the static compatibility check
+(``scripts/vllm_compat.py``, which reads released wheels' sources without
+importing them) all read the same table.
+
+Each hook lists one or more :class:`Target` s, tried in order: the first whose
+callable resolves and whose leading parameters match is wrapped. A release that
+moved a module or renamed a parameter gets its own target here, so one table
+serves every supported version; a hook none of whose targets match is disabled
+on its own (one warning naming hook, targets and installed vLLM version), and
+the others still run. The version gate is this table, not a version range.
+
+``Target.params`` are the parameters the hook bodies read, in order, right
+after ``self``: the bodies index ``args`` by position, so a parameter inserted
+before them would silently shift every read. They must therefore be a prefix
+of the target's positional parameters; a mismatch disables the hook.
+"""
+
+from __future__ import annotations
+
+from llmtrace.instrumentation.targets import Fields, HookSpec, Target
+
+#: releases the compatibility matrix (docs/compatibility.md) was built from; a
+#: vLLM outside this list still runs every hook that resolves, with one notice
+CHECKED_RELEASES = ("0.30.0", "0.31.0", "0.32.0", "0.33.0")
+
+
+_OP = "vllm.v1.engine.output_processor"
+_SCHED = "vllm.v1.core.sched.scheduler"
+_RELEASED = ">=0.30"
+
+_ENGINE_REQUEST = Fields("vllm.v1.engine", "EngineCoreRequest",
+                         ("request_id", "arrival_time", "trace_headers", "sampling_params",
+                          "prompt_token_ids"))
+_SAMPLING = Fields("vllm.sampling_params", "SamplingParams",
+                   ("max_tokens", "temperature", "top_p", "top_k", "seed", "n",
+                    "frequency_penalty", "presence_penalty"))
+_REQUEST = Fields("vllm.v1.request", "Request", ("request_id", "trace_headers"))
+
+HOOKS: tuple[HookSpec, ...] = (
+    HookSpec("uvicorn.httptools.data_received", "api-server", (
+        Target("uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol.data_received",
+               ("data",), "uvicorn >=0.30"),),
+        "the moment a request's first bytes are read (TTFT's start)"),
+    HookSpec("uvicorn.h11.data_received", "api-server", (
+        Target("uvicorn.protocols.http.h11_impl", "H11Protocol.data_received",
+               ("data",), "uvicorn >=0.30"),),
+        "the same, when uvicorn runs the h11 parser"),
+    HookSpec("vllm.api_server.build_app", "api-server", (
+        Target("vllm.entrypoints.launchers.api_server.entry", "build_app", (), _RELEASED),),
+        "the ASGI middleware that opens llmtrace.request and sees the first byte written"),
+    HookSpec("vllm.async_llm.init", "api-server", (
+        Target("vllm.v1.engine.async_llm", "AsyncLLM.__init__", (), _RELEASED),),
+        "the model name, engine settings and vLLM's own tracing switch",
+        (Fields("vllm.v1.engine.async_llm", "AsyncLLM", ("model_config",)),)),
+    HookSpec("vllm.output_processor.add_request", "api-server", (
+        Target(_OP, "OutputProcessor.add_request", ("request", "prompt"), _RELEASED),),
+        "a request's hand-off to the engine (engine arrival) and its prompt size",
+        (_ENGINE_REQUEST, _SAMPLING, Fields(_OP, "OutputProcessor", ("request_states",)))),
+    HookSpec("vllm.output_processor.process_outputs", "api-server", (
+        Target(_OP, "OutputProcessor.process_outputs",
+               ("engine_core_outputs", "engine_core_timestamp"), _RELEASED),),
+        "tokens, scheduler events (queued/scheduled/preempted) and finish",
+        (Fields("vllm.v1.engine", "EngineCoreOutput",
+                ("request_id", "events", "new_token_ids", "finish_reason")),
+         Fields("vllm.v1.engine", "EngineCoreEvent", ("type", "timestamp")))),
+    HookSpec("vllm.output_processor.abort_requests", "api-server", (
+        Target(_OP, "OutputProcessor.abort_requests", (), _RELEASED),),
+        "client disconnects and aborts"),
+    HookSpec("vllm.output_processor.propagate_error", "api-server", (
+        Target(_OP, "OutputProcessor.propagate_error", ("e",), _RELEASED),),
+        "engine failures, ending every open request as an error"),
+    HookSpec("vllm.scheduler.init", "engine-core", (
+        Target(_SCHED, "Scheduler.__init__", (), _RELEASED),),
+        "the served model's name and the engine's accelerator for cost",
+        (Fields(_SCHED, "Scheduler", ("vllm_config",)),)),
+    HookSpec("vllm.scheduler.add_request", "engine-core", (
+        Target(_SCHED, "Scheduler.add_request", ("request",), _RELEASED),),
+        "the engine-side request span's start", (_REQUEST,)),
+    HookSpec("vllm.scheduler.schedule", "engine-core", (
+        Target(_SCHED, "Scheduler.schedule", (), _RELEASED),),
+        "each step's start: prefill chunks begin when they are scheduled",
+        (Fields("vllm.v1.core.sched.output", "SchedulerOutput",
+                ("num_scheduled_tokens", "total_num_scheduled_tokens")),
+         Fields(_SCHED, "Scheduler", ("requests",)),
+         Fields("vllm.v1.request", "Request", ("num_computed_tokens", "num_prompt_tokens")))),
+    HookSpec("vllm.scheduler.update_from_output", "engine-core", (
+        Target(_SCHED, "Scheduler.update_from_output", ("scheduler_output",), _RELEASED),),
+        "each step's end: prefill chunk tokens, batch composition, cached tokens"),
+    HookSpec("vllm.scheduler.preempt_request", "engine-core", (
+        Target(_SCHED, "Scheduler._preempt_request", ("request",), _RELEASED),),
+        "preemptions (an event on the engine-side span)", (_REQUEST,)),
+    HookSpec("vllm.scheduler.free_request", "engine-core", (
+        Target(_SCHED, "Scheduler._free_request", ("request",), _RELEASED),),
+        "the engine-side span's end and the request's batch-share cost", (_REQUEST,)),
+)
+
+SPECS = {spec.name: spec for spec in HOOKS}
