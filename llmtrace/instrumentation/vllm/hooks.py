@@ -49,7 +49,10 @@ HOOKS: tuple[HookSpec, ...] = (
                ("data",), "uvicorn >=0.30"),),
         "the same, when uvicorn runs the h11 parser"),
     HookSpec("vllm.api_server.build_app", "api-server", (
-        Target("vllm.entrypoints.launchers.api_server.entry", "build_app", (), _RELEASED),),
+        Target("vllm.entrypoints.launchers.api_server.entry", "build_app", (), _RELEASED),
+        # vLLM main moved the API server under vllm.frontend and left a shim behind
+        Target("vllm.frontend.entrypoints.launchers.api_server.entry", "build_app", (),
+               ">0.33.0"),),
         "the ASGI middleware that opens llmtrace.request and sees the first byte written"),
     HookSpec("vllm.async_llm.init", "api-server", (
         Target("vllm.v1.engine.async_llm", "AsyncLLM.__init__", (), _RELEASED),),
