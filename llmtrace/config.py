@@ -73,6 +73,11 @@ class Config(BaseModel):
     prices: str | None = None
     #: Benchmark mode: measure llmtrace's own CPU time per hook with thread CPU clocks.
     measure_overhead: bool = False
+    #: Which providers llmtrace emits through. ``auto``: a global OpenTelemetry SDK
+    #: provider already set when llmtrace is instrumented (by your code or a distro)
+    #: is used, per signal; otherwise llmtrace builds its own. ``private``: always its
+    #: own, exporting per the LLMTRACE_*/OTEL_* exporter settings.
+    pipeline: Literal["auto", "private"] = "auto"
 
     @field_validator("metrics_exporter")
     @classmethod
@@ -143,6 +148,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "cost_decode_weight": ("LLMTRACE_COST_DECODE_WEIGHT",),
     "instance_type": ("LLMTRACE_INSTANCE_TYPE",),
     "prices": ("LLMTRACE_PRICES",),
+    "pipeline": ("LLMTRACE_PIPELINE",),
 }
 
 

@@ -61,7 +61,12 @@ def _reachable(endpoint: str, timeout_s: float = 2.0) -> str | None:
 def diagnose() -> dict[str, Any]:
     """Everything the doctor reports, as data; ``problems`` lists what cannot work."""
     from llmtrace.instrumentation._patching import resolve
-    from llmtrace.instrumentation.vllm import VLLMInstrumentor, hook_table, vllm_distribution
+    from llmtrace.instrumentation.vllm import (
+        VLLMInstrumentor,
+        global_sdk_providers,
+        hook_table,
+        vllm_distribution,
+    )
     from llmtrace.instrumentation.vllm.engine import EngineTracer
     from llmtrace.instrumentation.vllm.frontend import FrontendTracer
     from llmtrace.telemetry import Telemetry
@@ -89,12 +94,21 @@ def diagnose() -> dict[str, Any]:
     conflict = get_dependency_conflicts(VLLMInstrumentor().instrumentation_dependencies())
     if conflict is not None:
         problems.append(str(conflict))
+    if cfg.pipeline == "auto":
+        adopted = global_sdk_providers()
+        report["pipeline"] = {s.split("_")[0] + "s": "global SDK provider" if s in adopted
+                              else "llmtrace's own" for s in ("tracer_provider", "meter_provider")}
+    else:
+        report["pipeline"] = {"tracers": "llmtrace's own", "meters": "llmtrace's own"}
     telemetry = Telemetry(cfg)  # providers are built lazily: nothing starts here
     hooks = {}
     for hook in hook_table(FrontendTracer(cfg, telemetry), EngineTracer(cfg, telemetry)):
         found = resolve(hook)
         if found.target is not None:
-            hooks[hook.name] = {"target": found.target.qualname, "status": "active"}
+            moved = found.target != hook.targets[0]  # an alternative target fits
+            hooks[hook.name] = {"target": found.target.qualname,
+                                "status": f"active via {found.target.qualname}" if moved
+                                else "active"}
         else:
             hooks[hook.name] = {"target": " | ".join(t.qualname for t in hook.targets),
                                 "status": f"disabled: {found.reason}"}
@@ -122,6 +136,9 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"zero-code activation: {state}")
     for name, h in report.get("hooks", {}).items():
         lines.append(f"  hook {name:<40} {h['status']}")
+    pipeline = report.get("pipeline")
+    if pipeline:
+        lines.append(f"pipeline: traces -> {pipeline['tracers']}, metrics -> {pipeline['meters']}")
     ep = report.get("otlp_endpoint")
     if ep:
         lines.append(f"OTLP endpoint {ep['endpoint']}: "

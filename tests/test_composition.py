@@ -11,6 +11,8 @@
   share the user's providers too).
 - ``suppress_instrumentation`` is honoured; ``OTEL_TRACES_EXPORTER=console``
   prints llmtrace's spans.
+- A global SDK provider set before ``instrument()`` is used by default
+  (``LLMTRACE_PIPELINE=auto``); ``LLMTRACE_PIPELINE=private`` keeps llmtrace's own.
 """
 
 from __future__ import annotations
@@ -101,6 +103,29 @@ os.environ["OTEL_TRACES_SAMPLER"] = "always_on"
 llmtrace.instrument()
 llm.generate(["thirteen fourteen fifteen"], params, use_tqdm=False)
 llmtrace.uninstrument()  # flushes
+
+# a global SDK provider set before instrument() (your code, or a distro under
+# opentelemetry-instrument) is used by default; LLMTRACE_PIPELINE=private opts out
+from opentelemetry import metrics, trace
+os.environ["OTEL_TRACES_EXPORTER"] = "none"
+gexporter, greader = InMemorySpanExporter(), InMemoryMetricReader()
+gtp = TracerProvider()
+gtp.add_span_processor(SimpleSpanProcessor(gexporter))
+trace.set_tracer_provider(gtp)
+metrics.set_meter_provider(MeterProvider(metric_readers=[greader]))
+llmtrace.instrument()
+llm.generate(["sixteen seventeen"], params, use_tqdm=False)
+llmtrace.uninstrument()
+summary["global_spans"] = [s.name for s in gexporter.get_finished_spans()]
+summary["global_ttft"] = sum(
+    p.count for rm in greader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+    for m in sm.metrics if m.name == "gen_ai.server.time_to_first_token"
+    for p in m.data.data_points)
+os.environ["LLMTRACE_PIPELINE"] = "private"
+llmtrace.instrument()
+llm.generate(["eighteen nineteen"], params, use_tqdm=False)
+llmtrace.uninstrument()
+summary["global_spans_after_private"] = len(gexporter.get_finished_spans())
 print("SUMMARY " + json.dumps(summary))
 '''
 
@@ -131,3 +156,33 @@ def test_user_providers_receive_spans_and_metrics(tiny_models, scratch_dir: Path
     assert points[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN] == 2
     assert points[sc.METRIC_LLMTRACE_SERVER_GENERATION_TOKENS] == 16
     assert points[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY] == 14
+    # the global provider took the next request's spans and metrics; private did not
+    assert got["global_spans"].count(sc.SPAN_LLMTRACE_REQUEST) == 1
+    assert sc.SPAN_LLMTRACE_ENGINE_REQUEST in got["global_spans"]
+    assert got["global_ttft"] == 1
+    assert got["global_spans_after_private"] == len(got["global_spans"])
+
+
+GLOBAL_PROVIDERS = r"""
+import json
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from llmtrace.instrumentation.vllm import global_sdk_providers
+
+before = sorted(global_sdk_providers())  # nothing set yet: the API's proxies
+# what vLLM's init_tracer installs with --otlp-traces-endpoint: never adopted
+trace.set_tracer_provider(TracerProvider(resource=Resource.create(
+    {"vllm.instrumenting_module_name": "vllm.llm_engine"})))
+metrics.set_meter_provider(MeterProvider())
+print(json.dumps({"before": before, "after": sorted(global_sdk_providers())}))
+"""
+
+
+def test_vllms_own_global_tracer_provider_is_never_adopted():
+    out = subprocess.run([sys.executable, "-c", GLOBAL_PROVIDERS], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"before": [], "after": ["meter_provider"]}

@@ -84,6 +84,43 @@ def _outside_checked_releases() -> str | None:
             "does not fit is disabled on its own")
 
 
+#: the resource attribute vLLM's init_tracer puts on the provider it installs
+_VLLM_RESOURCE_KEY = "vllm.instrumenting_module_name"
+
+
+def global_sdk_providers() -> dict[str, Any]:
+    """The global tracer and meter providers, where they are SDK ones someone has set.
+
+    Called when llmtrace is instrumented: a provider set before that (your code,
+    ``opentelemetry-instrument`` with a distro) is the user's pipeline. vLLM's own
+    provider (``--otlp-traces-endpoint``) is installed later, when its engine client
+    starts, after plugins have loaded; and where it came first (an ``LLM`` built
+    before ``instrument()``) its resource gives it away: it is never adopted, so
+    llmtrace's spans never end up in vLLM's exporter and sampler.
+    """
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
+
+    found: dict[str, Any] = {}
+    tracer_provider = trace.get_tracer_provider()
+    if isinstance(tracer_provider, TracerProvider) and \
+            _VLLM_RESOURCE_KEY not in tracer_provider.resource.attributes:
+        found["tracer_provider"] = tracer_provider
+    meter_provider = metrics.get_meter_provider()
+    if isinstance(meter_provider, MeterProvider):
+        found["meter_provider"] = meter_provider
+    return found
+
+
+def _describe(provider: Any, adopted: dict[str, Any]) -> str:
+    if provider is None:
+        return "llmtrace's own provider"
+    if any(provider is p for p in adopted.values()):
+        return "the global SDK provider"
+    return "the provider passed to instrument()"
+
+
 class VLLMInstrumentor(BaseInstrumentor):
     """``VLLMInstrumentor().instrument(**config)`` patches vLLM in this process."""
 
@@ -107,6 +144,14 @@ class VLLMInstrumentor(BaseInstrumentor):
         if off:  # every activation path, opentelemetry-instrument included
             logger.info("llmtrace: vLLM not instrumented: %s", off)
             return
+        if telemetry is None:
+            adopted = global_sdk_providers() if self.config.pipeline == "auto" else {}
+            for signal, provider in adopted.items():
+                if providers[signal] is None:
+                    providers[signal] = provider
+            logger.info("llmtrace: traces through %s, metrics through %s",
+                        _describe(providers["tracer_provider"], adopted),
+                        _describe(providers["meter_provider"], adopted))
         self.telemetry = telemetry or Telemetry(self.config, **providers)
         self.frontend = FrontendTracer(self.config, self.telemetry)
         self.engine = EngineTracer(self.config, self.telemetry)
