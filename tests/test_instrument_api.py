@@ -285,4 +285,12 @@ def test_every_setting_is_documented_in_the_readme():
     for stem, alts, tail in re.findall(r"([A-Z_]+)\{([A-Z_,]+)\}([A-Z_]*)", readme):
         documented |= {f"{stem}{a}{tail}" for a in alts.split(",")}
     read = {n for names in config._ENV.values() for n in names}
+    # and every LLMTRACE_* variable read anywhere else in the shipped package
+    root = Path(llmtrace.__file__).parent
+    for source in root.rglob("*.py"):
+        read |= set(re.findall(r"environ(?:\.get)?[\[(]\s*\"(LLMTRACE_[A-Z_]+)\"",
+                               source.read_text()))
+    from llmtrace.collector import config as collector_config
+
+    read |= set(collector_config._ENV.values())
     assert not read - documented, sorted(read - documented)

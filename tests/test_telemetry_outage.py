@@ -29,7 +29,9 @@ def test_collector_outage_is_bounded_and_counted(monkeypatch):
         for i in range(500):
             tracer.start_span(f"span-{i}").end()
         processor = telemetry._tracer_provider._active_span_processor._span_processors[0]
-        queue = processor._batch_processor._queue
+        # the SDK's private queue: on the processor up to 1.30, on a helper since
+        inner = getattr(processor, "_batch_processor", processor)
+        queue = inner._queue if hasattr(inner, "_queue") else inner.queue
         assert queue.maxlen == 16 and len(queue) <= 16  # memory stays bounded
         assert DROPPED["queue_full"] - before_full >= 500 - 16 - 8 * 2
     finally:
