@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,13 +81,20 @@ def collector(otlp_receiver: OTLPReceiver) -> Iterator[CollectorService]:
     service.stop(2.0)
 
 
+#: service name of the MoE server that runs under opentelemetry-instrument switched off
+SWITCHED_OFF_SERVICE = "llmtrace-switched-off"
+
+
 @pytest.fixture(scope="session")
 def vllm_servers(server_pool: ServerPool, tiny_models: TinyModels,
-                 collector: CollectorService) -> dict[str, VLLMServer]:
+                 collector: CollectorService,
+                 otlp_receiver: OTLPReceiver) -> dict[str, VLLMServer]:
     """Dense and MoE servers without llmtrace, started together so their start-ups overlap.
 
     The dense one has vLLM's own tracing on (``--otlp-traces-endpoint``) into the
-    collector: the path for users without the SDK.
+    collector: the path for users without the SDK. The MoE one runs under
+    ``opentelemetry-instrument`` with an OTLP endpoint, which would activate
+    llmtrace, and ``LLMTRACE_ENABLED=0``, which must win in every vLLM process.
     """
     builtin = dense_config(
         tiny_models, "--otlp-traces-endpoint", f"http://127.0.0.1:{collector.ports['grpc']}",
@@ -94,7 +102,21 @@ def vllm_servers(server_pool: ServerPool, tiny_models: TinyModels,
              ("OTEL_SERVICE_NAME", "vllm-builtin"),
              # vLLM's span names no model; the pipeline reads it from the resource
              ("OTEL_RESOURCE_ATTRIBUTES", f"gen_ai.request.model={DENSE}")))
-    dense, moe = server_pool.get_many([builtin, moe_config(tiny_models)])
+    switched_off = moe_config(
+        tiny_models,
+        launcher=(str(Path(sys.executable).parent / "opentelemetry-instrument"),
+                  sys.executable, "-m", "testbed.vllm_cli"),
+        env=(("LLMTRACE_ENABLED", "0"), ("LLMTRACE_LOG_LEVEL", "INFO"),
+             # were the switch ignored, these would send every span and metric
+             ("LLMTRACE_SAMPLE_RATIO", "1"), ("LLMTRACE_TRACES_EXPORTER", "otlp"),
+             ("LLMTRACE_METRICS_EXPORTER", "otlp"),
+             ("LLMTRACE_METRIC_EXPORT_INTERVAL_MS", "1000"),
+             ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_receiver.grpc_endpoint),
+             ("OTEL_SERVICE_NAME", SWITCHED_OFF_SERVICE),
+             # no distro here; the SDK's own exporters must not try either
+             ("OTEL_TRACES_EXPORTER", "none"), ("OTEL_METRICS_EXPORTER", "none"),
+             ("OTEL_LOGS_EXPORTER", "none")))
+    dense, moe = server_pool.get_many([builtin, switched_off])
     return {DENSE: dense, MOE: moe}
 
 

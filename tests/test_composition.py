@@ -186,3 +186,31 @@ def test_vllms_own_global_tracer_provider_is_never_adopted():
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"before": [], "after": ["meter_provider"]}
+
+
+@pytest.mark.vllm
+def test_llmtrace_enabled_0_wins_under_opentelemetry_instrument_vllm_serve(
+        vllm_servers, otlp_receiver):
+    """``opentelemetry-instrument vllm serve`` with an OTLP endpoint and LLMTRACE_ENABLED=0.
+
+    The instrumentor ran (opentelemetry-instrument called it in the API server and
+    in the engine core) and declined in both, so nothing was patched: real
+    requests are served and nothing reaches the receiver under the server's name.
+    """
+    import time
+
+    from testbed.models import MOE
+    from testbed.vllm_server import chat
+
+    server = vllm_servers[MOE]
+    service = dict(server.config.env)["OTEL_SERVICE_NAME"]
+    for i in range(3):
+        chat(server.base_url, MOE, f"switched off {i}", max_tokens=4)
+    time.sleep(3)  # three metric export intervals and a span batch, were anything running
+    log = server.log_path.read_text(errors="replace")
+    declined = log.count("llmtrace: vLLM not instrumented: LLMTRACE_ENABLED is off")
+    assert declined >= 2, log[-3000:]  # the API server and the engine core at least
+    assert "llmtrace: vLLM instrumented" not in log
+    mine = [s for s in otlp_receiver.spans() if s.resource.get("service.name") == service]
+    points = [p for p in otlp_receiver.points() if p.resource.get("service.name") == service]
+    assert mine == [] and points == []
