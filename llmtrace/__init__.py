@@ -19,7 +19,7 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "instrument", "uninstrument", "is_instrumented"]
+__all__ = ["__version__", "flush", "instrument", "uninstrument", "is_instrumented"]
 
 
 def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
@@ -57,6 +57,20 @@ def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
             return
     instrumentor.instrument(config=cfg, tracer_provider=tracer_provider,
                             meter_provider=meter_provider, skip_dep_check=True)
+
+
+def flush(timeout_s: float = 10.0) -> None:
+    """Build every finished request's telemetry now and flush llmtrace's exporters.
+
+    Spans and metric updates are built off the serving thread shortly after a
+    request finishes; call this before reading them synchronously (tests, a
+    batch job about to exit). Providers you passed in are not flushed: yours to do.
+    """
+    from llmtrace.instrumentation.vllm import VLLMInstrumentor
+
+    telemetry = VLLMInstrumentor().telemetry
+    if telemetry is not None:
+        telemetry.flush(int(timeout_s * 1000))
 
 
 def uninstrument() -> None:

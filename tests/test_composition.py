@@ -87,6 +87,7 @@ params = SamplingParams(max_tokens=8, ignore_eos=True)
 llm.generate(["one two three four", "five six seven eight"], params, use_tqdm=False)
 with suppress_instrumentation():  # not traced, not counted
     llm.generate(["nine ten eleven twelve"], params, use_tqdm=False)
+llmtrace.flush()  # spans and metrics are built off the serving thread
 points = {}
 for rm in reader.get_metrics_data().resource_metrics:
     for sm in rm.scope_metrics:
@@ -115,6 +116,7 @@ trace.set_tracer_provider(gtp)
 metrics.set_meter_provider(MeterProvider(metric_readers=[greader]))
 llmtrace.instrument()
 llm.generate(["sixteen seventeen"], params, use_tqdm=False)
+llmtrace.flush()
 llmtrace.uninstrument()
 summary["global_spans"] = [s.name for s in gexporter.get_finished_spans()]
 summary["global_ttft"] = sum(

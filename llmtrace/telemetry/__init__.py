@@ -1,10 +1,17 @@
-"""Per-process OpenTelemetry plumbing: a private tracer and meter, created lazily.
+"""Per-process OpenTelemetry plumbing: a tracer, instruments and the builder thread.
 
-llmtrace never touches the global OpenTelemetry providers: vLLM installs its
-own global tracer provider in engine and worker processes, and the host
-application may have one too. Each process that actually emits (API server,
-engine core) builds its own providers on first use; processes that never emit
-(workers, vLLM's model-inspection subprocess) start no exporter threads.
+llmtrace never sets the global OpenTelemetry providers. It emits through the
+providers it is given, a global SDK provider set before it was instrumented
+(see ``llmtrace.instrumentation.vllm.global_sdk_providers``), or its own. Each
+process that actually emits (API server, engine core) builds what it needs on
+first use; processes that never emit (workers, vLLM's model-inspection
+subprocess) start no exporter or builder threads.
+
+Spans whose ids the serving path must know before the span is built (the
+request span, whose context rides to the engine core) get them from
+:meth:`Telemetry.new_root`: ids drawn and the sampler asked on the serving
+path, the span built later, off it, with exactly those ids
+(:class:`PresetIdGenerator`).
 """
 
 from __future__ import annotations
@@ -31,8 +38,17 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, Tracer, set_span_in_context
+from opentelemetry.trace import (
+    INVALID_SPAN_ID,
+    INVALID_TRACE_ID,
+    Span,
+    SpanKind,
+    Tracer,
+    get_current_span,
+    set_span_in_context,
+)
 
 from llmtrace import __version__, semconv
 from llmtrace.config import Config
@@ -77,6 +93,35 @@ class _CountingExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+class PresetIdGenerator(IdGenerator):
+    """Random ids, except for the next span started on a thread that preset them.
+
+    Set on llmtrace's own tracer only (never on a provider someone else shares),
+    so spans built off the serving path keep the ids the serving path handed out.
+    """
+
+    def __init__(self, inner: IdGenerator | None = None) -> None:
+        self.inner = inner or RandomIdGenerator()
+        self._local = threading.local()
+
+    def preset(self, trace_id: int, span_id: int) -> None:
+        self._local.ids = (trace_id, span_id)
+
+    def clear(self) -> None:
+        self._local.ids = None
+
+    def generate_trace_id(self) -> int:
+        ids = getattr(self._local, "ids", None)
+        return ids[0] if ids else self.inner.generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        ids = getattr(self._local, "ids", None)
+        if ids:
+            self._local.ids = None  # the preset applies to one span
+            return ids[1]
+        return self.inner.generate_span_id()
 
 
 _DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
@@ -206,6 +251,9 @@ class Telemetry:
         self._user_meter_provider = meter_provider
         self._lock = threading.Lock()
         self._tracer: Tracer | None = None
+        self._ids: PresetIdGenerator | None = None  # on llmtrace's own tracer, if SDK
+        self._sampler = None
+        self._builder = None
         self._tracer_provider: TracerProvider | None = None
         self._instruments = None
         self._meter_provider = None
@@ -226,8 +274,10 @@ class Telemetry:
         if self._tracer is None:
             with self._lock:
                 if self._tracer is None and self._user_tracer_provider is not None:
-                    self._tracer = self._user_tracer_provider.get_tracer(
+                    tracer = self._user_tracer_provider.get_tracer(
                         self.scope, __version__, schema_url=None)
+                    self._adopt_ids(tracer)
+                    self._tracer = tracer
                 if self._tracer is None:
                     provider = TracerProvider(resource=self.resource(),
                                               sampler=make_sampler(self.config))
@@ -235,9 +285,73 @@ class Telemetry:
                         provider.add_span_processor(_CountingBatchSpanProcessor(
                             _CountingExporter(exporter, self.config.measure_overhead)))
                     self._tracer_provider = provider
-                    self._tracer = provider.get_tracer(self.scope, __version__,
-                                                       schema_url=None)
+                    tracer = provider.get_tracer(self.scope, __version__, schema_url=None)
+                    self._adopt_ids(tracer)
+                    self._tracer = tracer
         return self._tracer
+
+    def _adopt_ids(self, tracer: Tracer) -> None:
+        """Give llmtrace's own tracer object a :class:`PresetIdGenerator`, if it is an SDK one.
+
+        Only this tracer (llmtrace's scope) is changed, never the provider. A
+        tracer of another SDK cannot take preset ids: the request span is then
+        started on the serving path (:meth:`new_root`), the rest is still built off it.
+        """
+        inner = getattr(tracer, "id_generator", None)
+        sampler = getattr(tracer, "sampler", None)
+        if isinstance(inner, IdGenerator) and sampler is not None:
+            self._ids = PresetIdGenerator(inner)
+            tracer.id_generator = self._ids
+            self._sampler = sampler
+
+    def new_root(self, name: str, parent: Context,
+                 start_ns: int) -> tuple[int, int, bool, Span | None]:
+        """Ids and the sampling decision of a span to be built later: (trace, span, sampled, span).
+
+        With an SDK tracer, only ids are drawn and the tracer's own sampler asked
+        (as ``start_span`` would, before attributes exist), and ``span`` is None:
+        :meth:`build_root` builds it later, off the serving path, with those ids.
+        Otherwise the span is started here, without attributes. ``parent``: an
+        explicit context (the caller's current one when there is no remote parent),
+        so the decision here and the span built later see the same parent.
+        """
+        tracer = self.tracer
+        ids = self._ids
+        if ids is None:
+            span = tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
+                                     start_time=start_ns)
+            ctx = span.get_span_context()
+            return ctx.trace_id, ctx.span_id, ctx.trace_flags.sampled, span
+        parent_ctx = get_current_span(parent).get_span_context()
+        inner = ids.inner
+        trace_id = parent_ctx.trace_id if parent_ctx.is_valid else inner.generate_trace_id()
+        span_id = inner.generate_span_id()
+        if trace_id == INVALID_TRACE_ID or span_id == INVALID_SPAN_ID:
+            return trace_id, span_id, False, None
+        sampled = self._sampler.should_sample(parent, trace_id, name,
+                                              SpanKind.SERVER).decision.is_sampled()
+        return trace_id, span_id, sampled, None
+
+    def build_root(self, name: str, parent: Context, trace_id: int, span_id: int,
+                   start_ns: int, attributes: dict[str, Any]) -> Span:
+        """Start, off the serving path, the span :meth:`new_root` gave ids to."""
+        self._ids.preset(trace_id, span_id)
+        try:
+            return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
+                                          attributes=attributes, start_time=start_ns)
+        finally:
+            self._ids.clear()
+
+    @property
+    def builder(self):
+        """This process's builder thread (started on first use)."""
+        if self._builder is None:
+            with self._lock:
+                if self._builder is None:
+                    from llmtrace.telemetry.builder import Builder
+
+                    self._builder = Builder(DROPPED, measure=self.config.measure_overhead)
+        return self._builder
 
     def _span_exporters(self) -> list[SpanExporter]:
         if self._span_exporter is not None:
@@ -333,12 +447,21 @@ class Telemetry:
             exporter, export_interval_millis=self.config.metric_export_interval_ms)
 
     def flush(self, timeout_ms: int = 10_000) -> None:
+        if self._builder is not None:
+            self._builder.flush(timeout_ms / 1000)
         if self._tracer_provider is not None:
             self._tracer_provider.force_flush(timeout_ms)
         if self._meter_provider is not None:
             self._meter_provider.force_flush(timeout_ms)
 
+    def stop_builder(self) -> None:
+        """Build what is queued and end the builder thread (a later use starts one)."""
+        if self._builder is not None:
+            self._builder.shutdown()
+            self._builder = None
+
     def shutdown(self) -> None:
+        self.stop_builder()
         if self._tracer_provider is not None:
             self._tracer_provider.shutdown()
         if self._meter_provider is not None:

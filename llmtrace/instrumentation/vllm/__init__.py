@@ -172,6 +172,7 @@ class VLLMInstrumentor(BaseInstrumentor):
         self._installed = []
         if self.telemetry is not None:
             self.telemetry.flush()
+            self.telemetry.stop_builder()
 
     @property
     def installed_hooks(self) -> list[str]:

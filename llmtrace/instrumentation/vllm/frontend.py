@@ -36,8 +36,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.context import get_current
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtrace import semconv as sc
@@ -69,28 +70,45 @@ _EVENTS = {2: SCHEDULED, 3: PREEMPTED}
 
 @dataclass(eq=False)
 class RequestState:
-    """Hot-path state of one request: plain fields, no SDK calls per token."""
+    """Serving-path state of one request: ids, timestamps and counts, nothing built.
+
+    Everything the request's spans, record and metrics need is kept here as
+    plain values (or references to vLLM's objects, read once the request is
+    done); the builder thread turns it into telemetry after it finishes.
+    """
 
     request_id: str
-    span: Span
+    trace_id: int
+    span_id: int
     sampled: bool
+    parent: Any  # the OpenTelemetry context the request span hangs under
     model: str
     tenant: str
     prompt_tokens: int
     http: HttpInfo | None
     timeline: Timeline
+    params: Any = None  # vLLM's SamplingParams, read when the span is built
+    priority: int = 0
+    prompt: str | None = None  # only with capture_content
+    span: Span | None = None  # started on the serving path only for a non-SDK tracer
     req_state: Any = None
     last_ns: int = 0  # last output processed (the ITL clock)
+    first_output_ns: int = 0  # the engine output carrying the first token arrived
     output_tokens: int = 0
-    itl: Histogram = field(default_factory=Histogram)
-    #: inter-token gaps (seconds) not yet bucketed: a list append per token; bucketed
-    #: when a decode chunk closes (sampled) or at finish
+    #: inter-token gaps (seconds) of the decode chunk being accumulated (sampled) or
+    #: of the whole request (unsampled): a list append per token, bucketed off-path
     gaps: list[float] = field(default_factory=list)
-    # decode chunk being accumulated (sampled requests)
-    decode_span: Span | None = None
-    chunk_index: int = 0
+    #: closed decode chunks (sampled): (start_ns, end_ns, tokens, gaps)
+    chunks: list[tuple[int, int, int, list[float]]] = field(default_factory=list)
     chunk_start_ns: int = 0
     chunk_tokens: int = 0
+    # filled at finish
+    finish_reason: str = ""
+    error_type: str | None = None
+    message: str | None = None
+    gone: bool = False
+    cached_tokens: int = 0
+    output_text: str | None = None
 
 
 class FrontendTracer:
@@ -121,45 +139,16 @@ class FrontendTracer:
         parent = info.parent if info else None
         if parent is None and request.trace_headers:
             parent = _PROPAGATOR.extract(dict(request.trace_headers))
-        params = request.sampling_params
         prompt_ids = request.prompt_token_ids
         prompt_tokens = len(prompt_ids) if prompt_ids is not None else 0
-        attrs: dict[str, Any] = {
-            sc.GEN_AI_OPERATION_NAME: info.operation if info else "text_completion",
-            sc.GEN_AI_PROVIDER_NAME: "vllm",
-            sc.GEN_AI_REQUEST_MODEL: self.served_model,
-            sc.LLMTRACE_REQUEST_ID: rid,
-            sc.LLMTRACE_TENANT: info.tenant if info else "default",
-            sc.LLMTRACE_DEPLOYMENT_VERSION: self.config.deployment_version,
-            sc.GEN_AI_USAGE_INPUT_TOKENS: prompt_tokens,
-        }
-        if params is not None:
-            for key, value in (
-                (sc.GEN_AI_REQUEST_MAX_TOKENS, params.max_tokens),
-                (sc.GEN_AI_REQUEST_TEMPERATURE, params.temperature),
-                (sc.GEN_AI_REQUEST_TOP_P, params.top_p),
-                (sc.GEN_AI_REQUEST_TOP_K, params.top_k if params.top_k and params.top_k > 0
-                 else None),
-                (sc.GEN_AI_REQUEST_SEED, params.seed),
-                (sc.GEN_AI_REQUEST_CHOICE_COUNT, params.n if params.n != 1 else None),
-                (sc.GEN_AI_REQUEST_FREQUENCY_PENALTY, params.frequency_penalty or None),
-                (sc.GEN_AI_REQUEST_PRESENCE_PENALTY, params.presence_penalty or None),
-            ):
-                if value is not None:
-                    attrs[key] = value
-        if getattr(request, "priority", 0):
-            attrs[sc.LLMTRACE_REQUEST_PRIORITY] = request.priority
-        if self.config.capture_content and prompt is not None:  # opt-in only
-            attrs[sc.GEN_AI_INPUT_MESSAGES] = json.dumps(
-                [{"role": "user", "parts": [{"type": "text", "content": prompt}]}])
-        span = self.telemetry.tracer.start_span(
-            sc.SPAN_LLMTRACE_REQUEST, context=parent, kind=SpanKind.SERVER,
-            attributes=attrs, start_time=arrival_ns)
-        ctx = span.get_span_context()
-        sampled = ctx.trace_flags.sampled
-        headers = {**(request.trace_headers or {}), TENANT_HEADER: attrs[sc.LLMTRACE_TENANT]}
+        if parent is None:  # no remote parent: whatever span is current here
+            parent = get_current()
+        trace_id, span_id, sampled, span = self.telemetry.new_root(
+            sc.SPAN_LLMTRACE_REQUEST, parent, arrival_ns)
+        tenant = info.tenant if info else "default"
+        headers = {**(request.trace_headers or {}), TENANT_HEADER: tenant}
         if sampled:
-            traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+            traceparent = f"00-{trace_id:032x}-{span_id:016x}-01"
             headers[CONTEXT_HEADER] = traceparent
             if self.vllm_tracing:
                 # vLLM's own llm_request span becomes a child of ours, in the same trace;
@@ -171,8 +160,10 @@ class FrontendTracer:
         request.trace_headers = headers
         # handed to the engine client right after this hook
         timeline = Timeline(read_ns=arrival_ns, engine_arrival_ns=time.time_ns())
-        rec = RequestState(rid, span, sampled, self.served_model, attrs[sc.LLMTRACE_TENANT],
-                           prompt_tokens, info, timeline)
+        rec = RequestState(rid, trace_id, span_id, sampled, parent, self.served_model, tenant,
+                           prompt_tokens, info, timeline, request.sampling_params,
+                           getattr(request, "priority", 0) or 0,
+                           prompt if self.config.capture_content else None, span)
         self.records[rid] = rec
         return rec
 
@@ -198,9 +189,8 @@ class FrontendTracer:
                 if rec.last_ns == 0:
                     rec.timeline.prompt_done_ns = \
                         int(engine_ts * 1e9) + offset if engine_ts else now
-                    rec.timeline.first_token_ns = now
-                    if rec.sampled:
-                        self._start_decode(rec, now)
+                    rec.timeline.first_token_ns = rec.first_output_ns = now
+                    rec.chunk_start_ns = now
                 else:
                     gap = (now - rec.last_ns) / 1e9
                     rec.gaps.append(gap)
@@ -210,7 +200,7 @@ class FrontendTracer:
                     rec.chunk_tokens += n
                     if rec.chunk_tokens >= self._chunk_tokens or \
                             now - rec.chunk_start_ns >= self._chunk_ns:
-                        self._close_chunk(rec, now)
+                        self._cut_chunk(rec, now)
             if out.finish_reason is not None:
                 self.finish(rec, str(out.finish_reason), now)
 
@@ -227,19 +217,15 @@ class FrontendTracer:
             self.finish(rec, "error", now, error_type="engine_error",
                         message=f"{type(exc).__name__}: {exc}")
 
-    # -- decode chunks ---------------------------------------------------------
-    def _start_decode(self, rec: RequestState, now: int) -> None:
-        rec.span.add_event(sc.EVENT_LLMTRACE_FIRST_TOKEN, timestamp=now)
+    # -- decode chunks (serving path: a tuple append per chunk) ----------------
+    @staticmethod
+    def _cut_chunk(rec: RequestState, now: int) -> None:
+        if rec.chunk_tokens == 0 or rec.timeline.first_token_ns == 0:
+            return
+        rec.chunks.append((rec.chunk_start_ns, now, rec.chunk_tokens, rec.gaps))
+        rec.gaps = []
         rec.chunk_start_ns = now
-
-    def _decode_span(self, rec: RequestState) -> Span:
-        """The decode span, started when first needed: decode begins when the first token
-        was written (for a stream, its first body chunk), where TTFT ends."""
-        if rec.decode_span is None:
-            start = self._first_written(rec)
-            rec.decode_span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, rec.span, start)
-            rec.chunk_start_ns = max(rec.chunk_start_ns, start)
-        return rec.decode_span
+        rec.chunk_tokens = 0
 
     @staticmethod
     def _first_written(rec: RequestState) -> int:
@@ -251,35 +237,7 @@ class FrontendTracer:
             return http.first_body_ns
         return first
 
-    def _close_chunk(self, rec: RequestState, now: int) -> None:
-        """End the decode chunk; its gaps join the request's ITL in chunk order, exactly as
-        the collector merges the chunk spans' bucket counts."""
-        if rec.chunk_tokens == 0 or rec.timeline.first_token_ns == 0:
-            return
-        decode = self._decode_span(rec)
-        chunk = Histogram()
-        chunk.extend(rec.gaps)
-        rec.gaps.clear()
-        attrs: dict[str, Any] = {
-            sc.LLMTRACE_DECODE_CHUNK_INDEX: rec.chunk_index,
-            sc.LLMTRACE_DECODE_CHUNK_TOKENS: rec.chunk_tokens,
-        }
-        gaps = chunk.count
-        if gaps:
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MIN] = chunk.low
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN] = chunk.total / gaps
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MAX] = chunk.high
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_SUM] = chunk.total
-            attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_BUCKET_COUNTS] = chunk.counts
-            rec.itl.merge(chunk)
-        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_CHUNK, decode,
-                                         rec.chunk_start_ns, attrs)
-        span.end(end_time=max(now, rec.chunk_start_ns))
-        rec.chunk_index += 1
-        rec.chunk_start_ns = now
-        rec.chunk_tokens = 0
-
-    # -- finish ----------------------------------------------------------------
+    # -- finish (serving path: final timestamps, then hand-off) -----------------
     def finish(self, rec: RequestState, finish_reason: str, now: int,
                error_type: str | None = None, message: str | None = None) -> None:
         self.records.pop(rec.request_id, None)
@@ -295,50 +253,133 @@ class FrontendTracer:
         tl.first_token_ns = self._first_written(rec)
         tl.end_ns = max(tl.end_ns, tl.first_token_ns)  # a request ends after its first token
         if rec.sampled:
-            self._close_chunk(rec, tl.end_ns)
-        rec.itl.extend(rec.gaps)  # unsampled: every gap, in one pass
+            self._cut_chunk(rec, tl.end_ns)
+        rec.finish_reason, rec.error_type, rec.message, rec.gone = \
+            reason, error_type, message, gone
+        # vLLM's per-request state is read now, while it is final and ours alone
+        rec.cached_tokens = int(getattr(rec.req_state, "num_cached_tokens", 0) or 0)
+        if self.config.capture_content and rec.sampled:  # opt-in only
+            rec.output_text = getattr(getattr(rec.req_state, "detokenizer", None),
+                                      "output_text", None)
+        rec.req_state = None
+        self.telemetry.builder.submit(self.build, rec)
+
+    # -- building (the builder thread) ------------------------------------------
+    def build(self, rec: RequestState) -> None:
+        """One finished request -> its record, spans and metric updates."""
+        tl = rec.timeline
+        itl = Histogram()
+        root = None
+        if rec.sampled:
+            root = rec.span
+            if root is None:
+                root = self.telemetry.build_root(
+                    sc.SPAN_LLMTRACE_REQUEST, rec.parent, rec.trace_id, rec.span_id,
+                    tl.read_ns, self._request_attributes(rec))
+            else:  # started on the serving path (a non-SDK tracer)
+                root.set_attributes(self._request_attributes(rec))
+            if rec.first_output_ns:
+                root.add_event(sc.EVENT_LLMTRACE_FIRST_TOKEN, timestamp=rec.first_output_ns)
+            self._build_decode(rec, root, itl)
+        itl.extend(rec.gaps)
         ph = phases(tl)
         record = RequestRecord(
-            source=SOURCE_LLMTRACE, trace_id=f"{rec.span.get_span_context().trace_id:032x}",
+            source=SOURCE_LLMTRACE, trace_id=f"{rec.trace_id:032x}",
             request_id=rec.request_id, model=rec.model, tenant=rec.tenant,
-            version=self.config.deployment_version, finish_reason=reason,
-            error_type=error_type, start_ns=tl.read_ns, end_ns=tl.end_ns, e2e_s=ph.e2e_s,
-            prompt_tokens=rec.prompt_tokens,
-            cached_tokens=int(getattr(rec.req_state, "num_cached_tokens", 0) or 0),
+            version=self.config.deployment_version, finish_reason=rec.finish_reason,
+            error_type=rec.error_type, start_ns=tl.read_ns, end_ns=tl.end_ns, e2e_s=ph.e2e_s,
+            prompt_tokens=rec.prompt_tokens, cached_tokens=rec.cached_tokens,
             output_tokens=rec.output_tokens,
             preemptions=sum(1 for kind, _ in tl.events if kind == PREEMPTED),
-            itl=rec.itl if rec.itl.count else None)
+            itl=itl if itl.count else None)
         record.set_phases(ph)
         prices = self.telemetry.prices
         if prices is not None:
             price_request(record, prices)
-        if rec.sampled:
-            self._end_span(rec, record, ph, gone, message)
+        if root is not None:
+            self._end_span(rec, root, record, ph)
         if self.config.metrics_enabled:
             self.telemetry.instruments.record_request(record)
 
-    def _end_span(self, rec: RequestState, record: RequestRecord, ph, gone: bool,
-                  message: str | None) -> None:
-        end = record.end_ns
-        if rec.decode_span is not None:
-            rec.decode_span.set_attribute(sc.GEN_AI_USAGE_OUTPUT_TOKENS, rec.output_tokens)
-            rec.decode_span.end(end_time=end)
-        render_phases(self.telemetry, rec.span, ph, {
+    def _request_attributes(self, rec: RequestState) -> dict[str, Any]:
+        info = rec.http
+        attrs: dict[str, Any] = {
+            sc.GEN_AI_OPERATION_NAME: info.operation if info else "text_completion",
+            sc.GEN_AI_PROVIDER_NAME: "vllm",
+            sc.GEN_AI_REQUEST_MODEL: rec.model,
+            sc.LLMTRACE_REQUEST_ID: rec.request_id,
+            sc.LLMTRACE_TENANT: rec.tenant,
+            sc.LLMTRACE_DEPLOYMENT_VERSION: self.config.deployment_version,
+            sc.GEN_AI_USAGE_INPUT_TOKENS: rec.prompt_tokens,
+        }
+        params = rec.params
+        if params is not None:
+            for key, value in (
+                (sc.GEN_AI_REQUEST_MAX_TOKENS, params.max_tokens),
+                (sc.GEN_AI_REQUEST_TEMPERATURE, params.temperature),
+                (sc.GEN_AI_REQUEST_TOP_P, params.top_p),
+                (sc.GEN_AI_REQUEST_TOP_K, params.top_k if params.top_k and params.top_k > 0
+                 else None),
+                (sc.GEN_AI_REQUEST_SEED, params.seed),
+                (sc.GEN_AI_REQUEST_CHOICE_COUNT, params.n if params.n != 1 else None),
+                (sc.GEN_AI_REQUEST_FREQUENCY_PENALTY, params.frequency_penalty or None),
+                (sc.GEN_AI_REQUEST_PRESENCE_PENALTY, params.presence_penalty or None),
+            ):
+                if value is not None:
+                    attrs[key] = value
+        if rec.priority:
+            attrs[sc.LLMTRACE_REQUEST_PRIORITY] = rec.priority
+        if rec.prompt is not None:  # capture_content only
+            attrs[sc.GEN_AI_INPUT_MESSAGES] = json.dumps(
+                [{"role": "user", "parts": [{"type": "text", "content": rec.prompt}]}])
+        return attrs
+
+    def _build_decode(self, rec: RequestState, root: Span, itl: Histogram) -> None:
+        """The decode span, from the first token written to the last, and its chunks.
+
+        Each chunk's gaps join the request's ITL in chunk order, exactly as the
+        collector merges the chunk spans' bucket counts.
+        """
+        if not rec.chunks:
+            return
+        start = self._first_written(rec)
+        decode = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, root, start)
+        for index, (chunk_start, end, tokens, gaps) in enumerate(rec.chunks):
+            if index == 0:
+                chunk_start = max(chunk_start, start)
+            chunk = Histogram()
+            chunk.extend(gaps)
+            attrs: dict[str, Any] = {
+                sc.LLMTRACE_DECODE_CHUNK_INDEX: index,
+                sc.LLMTRACE_DECODE_CHUNK_TOKENS: tokens,
+            }
+            if chunk.count:
+                attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MIN] = chunk.low
+                attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MEAN] = chunk.total / chunk.count
+                attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_MAX] = chunk.high
+                attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_SUM] = chunk.total
+                attrs[sc.LLMTRACE_DECODE_CHUNK_ITL_BUCKET_COUNTS] = chunk.counts
+                itl.merge(chunk)
+            self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_CHUNK, decode, chunk_start,
+                                      attrs).end(end_time=max(end, chunk_start))
+        decode.set_attribute(sc.GEN_AI_USAGE_OUTPUT_TOKENS, rec.output_tokens)
+        decode.end(end_time=rec.timeline.end_ns)
+
+    def _end_span(self, rec: RequestState, root: Span, record: RequestRecord, ph) -> None:
+        render_phases(self.telemetry, root, ph, {
             sc.GEN_AI_USAGE_INPUT_TOKENS: record.prompt_tokens,
             sc.LLMTRACE_PREFILL_CACHED_TOKENS: record.cached_tokens})
         attrs = record_attributes(record)
-        if gone:
+        if rec.gone:
             attrs[sc.LLMTRACE_REQUEST_CLIENT_DISCONNECTED] = True
         if record.error_type:
-            rec.span.set_status(Status(StatusCode.ERROR, message or record.error_type))
-        if self.config.capture_content:  # opt-in only
-            text = getattr(getattr(rec.req_state, "detokenizer", None), "output_text", None)
-            if text is not None:
-                attrs[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([{
-                    "role": "assistant", "parts": [{"type": "text", "content": text}],
-                    "finish_reason": record.finish_reason}])
-        rec.span.set_attributes(attrs)
-        rec.span.end(end_time=end)
+            root.set_status(Status(StatusCode.ERROR, rec.message or record.error_type))
+        if rec.output_text is not None:  # capture_content only
+            attrs[sc.GEN_AI_OUTPUT_MESSAGES] = json.dumps([{
+                "role": "assistant", "parts": [{"type": "text", "content": rec.output_text}],
+                "finish_reason": record.finish_reason}])
+        root.set_attributes(attrs)
+        root.end(end_time=record.end_ns)
 
     # -- hook bodies (guarded by install(), see the hook table) -----------------
     def before_add_request(self, instance, args, kwargs) -> RequestState | None:
