@@ -73,6 +73,9 @@ class Config(BaseModel):
     prices: str | None = None
     #: Benchmark mode: measure llmtrace's own CPU time per hook with thread CPU clocks.
     measure_overhead: bool = False
+    #: Finished requests waiting for their spans and metrics to be built, per process;
+    #: beyond this they are dropped and counted, never waited for.
+    build_queue_size: int = Field(default=8192, ge=1)
     #: Which providers llmtrace emits through. ``auto``: a global OpenTelemetry SDK
     #: provider already set when llmtrace is instrumented (by your code or a distro)
     #: is used, per signal; otherwise llmtrace builds its own. ``private``: always its
@@ -149,6 +152,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "instance_type": ("LLMTRACE_INSTANCE_TYPE",),
     "prices": ("LLMTRACE_PRICES",),
     "pipeline": ("LLMTRACE_PIPELINE",),
+    "build_queue_size": ("LLMTRACE_BUILD_QUEUE_SIZE",),
 }
 
 

@@ -128,6 +128,24 @@ llmtrace.instrument()
 llm.generate(["eighteen nineteen"], params, use_tqdm=False)
 llmtrace.uninstrument()
 summary["global_spans_after_private"] = len(gexporter.get_finished_spans())
+
+# a builder that cannot keep up: finished requests beyond its queue are dropped and
+# counted, and serving goes on (the hooks never wait for it)
+import threading, time
+from llmtrace.instrumentation.vllm import VLLMInstrumentor
+from llmtrace.telemetry import DROPPED
+os.environ["LLMTRACE_BUILD_QUEUE_SIZE"] = "1"
+llmtrace.instrument()
+builder = VLLMInstrumentor().telemetry.builder
+gate, holding = threading.Event(), threading.Event()
+builder.submit(lambda _: (holding.set(), gate.wait(120)), None)
+holding.wait(10)
+before = DROPPED["build_queue_full"]
+outs = llm.generate(["a b c", "d e f", "g h i"], params, use_tqdm=False)
+summary["served_while_blocked"] = sum(len(o.outputs[0].token_ids) for o in outs)
+summary["build_drops"] = DROPPED["build_queue_full"] - before
+gate.set()
+llmtrace.uninstrument()
 print("SUMMARY " + json.dumps(summary))
 '''
 
@@ -163,6 +181,9 @@ def test_user_providers_receive_spans_and_metrics(tiny_models, scratch_dir: Path
     assert sc.SPAN_LLMTRACE_ENGINE_REQUEST in got["global_spans"]
     assert got["global_ttft"] == 1
     assert got["global_spans_after_private"] == len(got["global_spans"])
+    # three requests served in full while the builder was stuck; one queued, two dropped
+    assert got["served_while_blocked"] == 3 * 8
+    assert got["build_drops"] == 2
 
 
 GLOBAL_PROVIDERS = r"""

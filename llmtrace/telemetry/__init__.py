@@ -350,7 +350,8 @@ class Telemetry:
                 if self._builder is None:
                     from llmtrace.telemetry.builder import Builder
 
-                    self._builder = Builder(DROPPED, measure=self.config.measure_overhead)
+                    self._builder = Builder(DROPPED, capacity=self.config.build_queue_size,
+                                            measure=self.config.measure_overhead)
         return self._builder
 
     def _span_exporters(self) -> list[SpanExporter]:
