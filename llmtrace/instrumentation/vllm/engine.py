@@ -12,6 +12,11 @@ root span, whose context arrives in ``trace_headers`` under
 chunks are its children. A chunk runs from its step's schedule call (never
 before the request reached the engine) to the step's output.
 
+The hooks run on the engine's busy loop: they keep timestamps and counts only.
+When vLLM frees a request its usage and (sampled) its spans are handed to the
+builder thread (:mod:`llmtrace.telemetry.builder`), which makes the spans, with
+the recorded timestamps, and the metric updates.
+
 Requests without that header (not sampled, or not seen by an instrumented
 API server) get no spans.
 
@@ -49,10 +54,16 @@ _STATUS_REASONS = {"stopped": "stop", "length_capped": "length", "aborted": "abo
 
 @dataclass(eq=False)
 class EngineRecord:
-    """A sampled request's engine span, open from added to freed."""
+    """A sampled request's engine-side timestamps, from added to freed; built when freed."""
 
-    span: Span
+    traceparent: str  # the request span's context, as the API server sent it
+    added_ns: int
     chunk_index: int = 0
+    #: (start_ns, end_ns, index, tokens computed, tokens computed before, tokens loaded
+    #: through a KV connector, batch size, scheduled tokens, step index) per prefill chunk
+    chunks: list[tuple[int, int, int, int, int, int, int, int, int]] = \
+        field(default_factory=list)
+    preempted_ns: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -120,9 +131,7 @@ class EngineTracer:
         self.usage[request.request_id] = Usage(tenant, now)
         if not headers or CONTEXT_HEADER not in headers:
             return
-        parent = _PROPAGATOR.extract({"traceparent": headers[CONTEXT_HEADER]})
-        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, parent, now)
-        self.records[request.request_id] = EngineRecord(span)
+        self.records[request.request_id] = EngineRecord(headers[CONTEXT_HEADER], now)
 
     def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> None:
         num_scheduled = out.num_scheduled_tokens
@@ -187,40 +196,58 @@ class EngineTracer:
                 u.steps += 1
         self.steps += 1
         for rec, n, computed_before, external in step.chunks:
-            attrs = {
-                sc.LLMTRACE_PREFILL_CHUNK_INDEX: rec.chunk_index,
-                sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS: n,
-                sc.LLMTRACE_STEP_BATCH_SIZE: step.batch_size,
-                sc.LLMTRACE_STEP_SCHEDULED_TOKENS: step.scheduled_tokens,
-                sc.LLMTRACE_STEP_INDEX: step.index,
-            }
-            if rec.chunk_index == 0:
-                attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
-                if external:
-                    attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = external
-            chunk = self.telemetry.child_span(
-                sc.SPAN_LLMTRACE_PREFILL_CHUNK, rec.span, step.sched_ns, attrs)
-            chunk.end(end_time=end_ns)
+            rec.chunks.append((step.sched_ns, end_ns, rec.chunk_index, n, computed_before,
+                               external, step.batch_size, step.scheduled_tokens, step.index))
             rec.chunk_index += 1
 
     def on_preempt(self, request: Any) -> None:
         rec = self.records.get(request.request_id)
         if rec is not None:
-            rec.span.add_event(sc.EVENT_LLMTRACE_PREEMPTED,
-                               {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"},
-                               timestamp=time.time_ns())
+            rec.preempted_ns.append(time.time_ns())
 
     def on_free(self, request: Any) -> None:
         now = time.time_ns()
         rec = self.records.pop(request.request_id, None)
         u = self.usage.pop(request.request_id, None)
-        status = getattr(request, "status", None)
+        if u is None and rec is None:
+            return
+        status = getattr(getattr(request, "status", None), "name", "")
+        self.telemetry.builder.submit(self.build, (u, rec, status, now))
+
+    # -- building (the builder thread) ------------------------------------------
+    def build(self, item: tuple[Usage | None, EngineRecord | None, str, int]) -> None:
+        """One freed request -> its usage metrics and (sampled) its engine-side spans."""
+        u, rec, status, now = item
         if u is not None:
             self._count_usage(u, rec, status, now)
         elif rec is not None:
-            rec.span.end(end_time=now)
+            self._engine_span(rec, {}).end(end_time=now)
 
-    def _count_usage(self, u: Usage, rec: EngineRecord | None, status: Any, now: int) -> None:
+    def _engine_span(self, rec: EngineRecord, attrs: dict[str, Any]) -> Span:
+        parent = _PROPAGATOR.extract({"traceparent": rec.traceparent})
+        span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, parent,
+                                         rec.added_ns, attrs)
+        for (start, end, index, n, computed_before, external, batch, scheduled,
+             step_index) in rec.chunks:
+            chunk_attrs = {
+                sc.LLMTRACE_PREFILL_CHUNK_INDEX: index,
+                sc.LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS: n,
+                sc.LLMTRACE_STEP_BATCH_SIZE: batch,
+                sc.LLMTRACE_STEP_SCHEDULED_TOKENS: scheduled,
+                sc.LLMTRACE_STEP_INDEX: step_index,
+            }
+            if index == 0:
+                chunk_attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
+                if external:
+                    chunk_attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = external
+            self.telemetry.child_span(sc.SPAN_LLMTRACE_PREFILL_CHUNK, span, start,
+                                      chunk_attrs).end(end_time=end)
+        for ts in rec.preempted_ns:
+            span.add_event(sc.EVENT_LLMTRACE_PREEMPTED,
+                           {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"}, timestamp=ts)
+        return span
+
+    def _count_usage(self, u: Usage, rec: EngineRecord | None, name: str, now: int) -> None:
         instance = self.config.instance_type
         usage = UsageRecord(
             trace_id="", model=self.model, tenant=u.tenant,
@@ -240,15 +267,16 @@ class EngineTracer:
             sc.LLMTRACE_DEPLOYMENT_VERSION: usage.version}
         if usage.usd is not None:
             attrs[sc.LLMTRACE_COST_USD] = usage.usd
-        name = getattr(status, "name", "")
         if name.startswith("FINISHED_"):
             reason = name.removeprefix("FINISHED_").lower()
             attrs[sc.LLMTRACE_REQUEST_FINISH_REASON] = _STATUS_REASONS.get(reason, reason)
-        if "ABORTED" in name:
-            rec.span.set_status(Status(StatusCode.ERROR, "aborted"))
+        aborted = "ABORTED" in name
+        if aborted:
             attrs[sc.ERROR_TYPE] = "aborted"
-        rec.span.set_attributes(attrs)
-        rec.span.end(end_time=now)
+        span = self._engine_span(rec, attrs)
+        if aborted:
+            span.set_status(Status(StatusCode.ERROR, "aborted"))
+        span.end(end_time=now)
 
     # -- hook bodies (guarded by install(), see the hook table) -----------------
     def after_scheduler_init(self, instance, args, kwargs, result, token) -> None:
