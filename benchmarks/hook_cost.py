@@ -1,0 +1,129 @@
+"""llmtrace's CPU per request inside one process, with vLLM's real objects. Prints figures.
+
+One process runs vLLM's engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
+the output processor's and the scheduler's hooks run on this thread, with no
+busy-polling engine loop to blur the figures). Rounds of the same batch of
+requests alternate between three arms: bare (llmtrace uninstrumented), llmtrace
+at default sampling (0.1) and llmtrace at 100%. Per arm it reports:
+
+- process CPU per request (``time.process_time``: every thread, the builder
+  and exporters included), and the difference from bare, as the median of
+  per-round differences with a bootstrap 95% interval;
+- with ``LLMTRACE_MEASURE_OVERHEAD``, each hook body's and the builder's thread
+  CPU per request, so the serving path (hooks) and the off-path work (builder,
+  exports) are told apart.
+
+Spans go to an in-memory exporter (no network), metrics to an in-memory reader.
+
+    python benchmarks/hook_cost.py [--rounds 12] [--requests 32] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--requests", type=int, default=32, help="requests per round")
+    p.add_argument("--tokens", type=int, default=32, help="output tokens per request")
+    args = p.parse_args(argv)
+
+    scratch = Path(tempfile.mkdtemp(prefix="llmtrace-hookcost-"))
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
+                      HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
+                      VLLM_CACHE_ROOT=str(scratch / "vllm"), TMPDIR=str(scratch),
+                      TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"),
+                      LLMTRACE_MEASURE_OVERHEAD="1", LLMTRACE_OVERHEAD_DIR=str(scratch))
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from vllm import LLM, SamplingParams
+
+    import llmtrace
+    from llmtrace.telemetry.guard import HOOK_CPU_S
+    from testbed.models import DENSE, ensure_models
+
+    models = ensure_models(REPO / ".cache" / "models")
+    llm = LLM(model=str(models.dense), served_model_name=DENSE, enforce_eager=True,
+              max_model_len=512, disable_log_stats=False)
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+    rng = random.Random(0)
+    prompts = [" ".join(["scheduler"] * rng.randint(4, 40)) for _ in range(args.requests)]
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    providers = {}
+    for arm, ratio in (("default (0.1)", 0.1), ("100%", 1.0)):
+        tp = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+        tp.add_span_processor(BatchSpanProcessor(exporter))  # what a real pipeline uses
+        providers[arm] = tp
+    meter_provider = MeterProvider(metric_readers=[reader])
+    arms = ["bare", *providers]
+    cpu: dict[str, list[float]] = {a: [] for a in arms}
+    hooks: dict[str, dict[str, float]] = {a: {} for a in providers}
+    spans: dict[str, int] = {a: 0 for a in providers}
+    for r in range(args.rounds):
+        order = arms[:]
+        random.Random(r).shuffle(order)
+        for arm in order:
+            if arm != "bare":
+                llmtrace.instrument(tracer_provider=providers[arm], meter_provider=meter_provider)
+            before_hooks = dict(HOOK_CPU_S)
+            exporter.clear()
+            t0 = time.process_time()
+            llm.generate(prompts, params, use_tqdm=False)
+            if arm != "bare":
+                if hasattr(llmtrace, "flush"):  # builds off the serving path: count it here
+                    llmtrace.flush()
+                providers[arm].force_flush()
+                llmtrace.uninstrument()
+            cpu[arm].append((time.process_time() - t0) / args.requests)
+            if arm != "bare":
+                spans[arm] += len(exporter.get_finished_spans())
+                for name, total in HOOK_CPU_S.items():
+                    spent = total - before_hooks.get(name, 0.0)
+                    hooks[arm][name] = hooks[arm].get(name, 0.0) + spent
+    n = args.rounds * args.requests
+    print(f"\n== in-process CPU per request: {args.rounds} rounds x {args.requests} requests x "
+          f"{args.tokens} tokens, arms interleaved ==")
+    bare = statistics.median(cpu["bare"])
+    print(f"{'bare vLLM':>16}: {bare * 1e6:9.1f} us CPU per request (median of rounds)")
+    for arm in providers:
+        diffs = [(a - b) * 1e6 for a, b in zip(cpu[arm], cpu["bare"], strict=True)]
+        lo, hi = bootstrap_ci(diffs)
+        serving = sum(v for k, v in hooks[arm].items()
+                      if k != "builder" and not k.startswith("export"))
+        off_path = hooks[arm].get("builder", 0.0)
+        print(f"{arm:>16}: +{statistics.median(diffs):7.1f} us per request [{lo:6.1f}, {hi:6.1f}] "
+              f"over bare | hooks (serving path) {serving / n * 1e6:6.1f} us, builder "
+              f"{off_path / n * 1e6:6.1f} us per request | {spans[arm] / n:4.2f} spans per request")
+        top = sorted(hooks[arm].items(), key=lambda kv: -kv[1])
+        print(f"{'':>16}  by hook, us per request: "
+              + ", ".join(f"{k}={v / n * 1e6:.1f}" for k, v in top if v > 0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
