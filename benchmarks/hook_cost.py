@@ -13,7 +13,9 @@ at default sampling (0.1) and llmtrace at 100%. Per arm it reports:
   CPU per request, so the serving path (hooks) and the off-path work (builder,
   exports) are told apart.
 
-Spans go to an in-memory exporter (no network), metrics to an in-memory reader.
+Spans go to an in-memory exporter (no network), metrics to an in-memory reader,
+through llmtrace's own pipeline as a server runs it (``--user-providers``: through
+providers the user owns, where llmtrace cannot add its ITL view).
 
     python benchmarks/hook_cost.py [--rounds 12] [--requests 32] [--tokens 32]
 """
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--requests", type=int, default=32, help="requests per round")
     p.add_argument("--tokens", type=int, default=32, help="output tokens per request")
+    p.add_argument("--user-providers", action="store_true",
+                   help="emit through providers the user owns instead of llmtrace's own")
     args = p.parse_args(argv)
 
     scratch = Path(tempfile.mkdtemp(prefix="llmtrace-hookcost-"))
@@ -58,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
     from vllm import LLM, SamplingParams
 
     import llmtrace
+    from llmtrace.config import load_config
+    from llmtrace.instrumentation._patching import install, uninstall
+    from llmtrace.instrumentation.vllm import VLLMInstrumentor, hook_table
+    from llmtrace.telemetry import Telemetry
     from llmtrace.telemetry.guard import HOOK_CPU_S
     from testbed.models import DENSE, ensure_models
 
@@ -73,32 +81,64 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [" ".join(["scheduler"] * rng.randint(4, 40)) for _ in range(args.requests)]
     llm.generate(prompts, params, use_tqdm=False)  # warm-up
 
+    def flush() -> None:
+        if hasattr(llmtrace, "flush"):  # builds off the serving path (since 0.2.0)
+            llmtrace.flush()
+
     exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
-    providers = {}
-    for arm, ratio in (("default (0.1)", 0.1), ("100%", 1.0)):
-        tp = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
-        tp.add_span_processor(BatchSpanProcessor(exporter))  # what a real pipeline uses
-        providers[arm] = tp
-    meter_provider = MeterProvider(metric_readers=[reader])
-    arms = ["bare", *providers]
+    ratios = {"default (0.1)": ParentBased(TraceIdRatioBased(0.1)), "100%": ParentBased(ALWAYS_ON)}
+
+    class Switch(Sampler):
+        """The arms' samplers behind one object, so one instrumentation serves both."""
+
+        current = ratios["default (0.1)"]
+
+        def should_sample(self, *a, **kw):
+            return self.current.should_sample(*a, **kw)
+
+        def get_description(self) -> str:
+            return self.current.get_description()
+
+    switch = Switch()
+    # Instrumented once: the arms differ in the sampler and in whether the hooks are
+    # installed (bare: removed), so one-time set-up (providers, instruments, threads)
+    # is not charged to a round.
+    if args.user_providers:  # providers the user owns: no ITL view, the SDK's processor
+        tp = TracerProvider(sampler=switch)
+        tp.add_span_processor(BatchSpanProcessor(exporter))
+        llmtrace.instrument(tracer_provider=tp,
+                            meter_provider=MeterProvider(metric_readers=[reader]))
+    else:  # llmtrace's own pipeline, as a server runs it, exporting to memory
+        config = load_config()
+        telemetry = Telemetry(config, span_exporter=exporter, metric_reader=reader)
+        VLLMInstrumentor().instrument(telemetry=telemetry, config=config, skip_dep_check=True)
+        telemetry.tracer.sampler = switch  # the tracer asks its sampler per span
+        telemetry._sampler = switch  # ... and the serving path asks the same one
+        tp = telemetry._tracer_provider
+    instrumentor = VLLMInstrumentor()
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up, instrumented
+    flush()
+    arms = ["bare", *ratios]
     cpu: dict[str, list[float]] = {a: [] for a in arms}
-    hooks: dict[str, dict[str, float]] = {a: {} for a in providers}
-    spans: dict[str, int] = {a: 0 for a in providers}
+    hooks: dict[str, dict[str, float]] = {a: {} for a in ratios}
+    spans: dict[str, int] = {a: 0 for a in ratios}
     for r in range(args.rounds):
         order = arms[:]
         random.Random(r).shuffle(order)
         for arm in order:
-            if arm != "bare":
-                llmtrace.instrument(tracer_provider=providers[arm], meter_provider=meter_provider)
+            if arm == "bare":
+                uninstall(instrumentor._installed)
+            else:
+                switch.current = ratios[arm]
+                if not instrumentor._installed:
+                    instrumentor._installed = install(
+                        hook_table(instrumentor.frontend, instrumentor.engine), measure=True)
             before_hooks = dict(HOOK_CPU_S)
             exporter.clear()
             t0 = time.process_time()
             llm.generate(prompts, params, use_tqdm=False)
-            if arm != "bare":
-                if hasattr(llmtrace, "flush"):  # builds off the serving path: count it here
-                    llmtrace.flush()
-                providers[arm].force_flush()
-                llmtrace.uninstrument()
+            flush()  # the builder's work for this round counts to this round
+            tp.force_flush()
             cpu[arm].append((time.process_time() - t0) / args.requests)
             if arm != "bare":
                 spans[arm] += len(exporter.get_finished_spans())
@@ -110,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.tokens} tokens, arms interleaved ==")
     bare = statistics.median(cpu["bare"])
     print(f"{'bare vLLM':>16}: {bare * 1e6:9.1f} us CPU per request (median of rounds)")
-    for arm in providers:
+    for arm in ratios:
         diffs = [(a - b) * 1e6 for a, b in zip(cpu[arm], cpu["bare"], strict=True)]
         lo, hi = bootstrap_ci(diffs)
         serving = sum(v for k, v in hooks[arm].items()

@@ -59,6 +59,9 @@ def test_bulk_itl_histogram_equals_per_value_recording():
         instruments.record_request(record(itls, tenant=f"t{i % 2}"))
         for v in itls:
             ref_hist.record(v, {"tenant": f"t{i % 2}"})
+        if i in (0, 11):  # batches of 1, 11 and 13 requests, as the builder hands them over
+            instruments.flush_pending()
+    instruments.flush_pending()
     want = {p.attributes["tenant"]: p for p in _points(reference)["ref"]}
     for r in (reader, second):
         got = {p.attributes[sc.LLMTRACE_TENANT]: p
@@ -72,6 +75,33 @@ def test_bulk_itl_histogram_equals_per_value_recording():
             assert tuple(p.explicit_bounds) == ITL_BUCKETS
 
 
+def test_batched_histograms_equal_per_value_recording():
+    """Every histogram, not only ITL: a batch summed per series, then one API call and a
+    merge, gives the points per-value recording gives."""
+    rng = random.Random(11)
+    reader = InMemoryMetricReader()
+    _, instruments = build_instruments(load_config(), Resource.create({}), "t", [reader])
+    reference = InMemoryMetricReader()
+    ref = MeterProvider(metric_readers=[reference]).get_meter("r").create_histogram(
+        "ref", explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
+    for batch in range(4):
+        for i in range(rng.randint(1, 30)):
+            ttft = rng.choice([0.0004, 0.02, 0.2, 0.21, 3.0, 120.0]) * rng.uniform(0.9, 1.1)
+            tenant = f"t{(batch + i) % 3}"
+            instruments.record_request(record([], ttft_s=ttft, tenant=tenant))
+            ref.record(ttft, {"tenant": tenant})
+        instruments.flush_pending()
+    want = {p.attributes["tenant"]: p for p in _points(reference)["ref"]}
+    got = {p.attributes[sc.LLMTRACE_TENANT]: p
+           for p in _points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]}
+    assert got.keys() == want.keys() and len(got) == 3
+    for tenant, p in got.items():
+        w = want[tenant]
+        assert tuple(p.bucket_counts) == tuple(w.bucket_counts)
+        assert p.count == w.count and abs(p.sum - w.sum) < 1e-9
+        assert (p.min, p.max) == (w.min, w.max)
+
+
 def test_request_metrics_carry_fleet_labels_and_slo_bucket():
     reader = InMemoryMetricReader()
     _, instruments = build_instruments(load_config(deployment_version="v9"),
@@ -81,6 +111,7 @@ def test_request_metrics_carry_fleet_labels_and_slo_bucket():
         e2e_s=0.5, preprocess_s=0.01, queue_s=None, prefill_s=None,
         first_token_delivery_s=None, decode_s=None, prompt_tokens=7, cached_tokens=3,
         preemptions=1))
+    instruments.flush_pending()
     points = _points(reader)
     [ttft] = points[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
     assert 0.2 in ttft.explicit_bounds and tuple(ttft.explicit_bounds) == TTFT_BUCKETS
@@ -95,6 +126,7 @@ def test_request_metrics_carry_fleet_labels_and_slo_bucket():
     assert sc.METRIC_LLMTRACE_SERVER_QUEUE_DURATION not in points  # unknown, not zero
     # a record from vLLM's built-in span says so on every series it feeds
     instruments.record_request(record([], source="vllm_builtin", version="v9"))
+    instruments.flush_pending()
     sources = {p.attributes.get(sc.LLMTRACE_RECORD_SOURCE) for p in
                _points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]}
     assert sources == {None, "vllm_builtin"}
@@ -111,6 +143,7 @@ def test_prometheus_endpoint_exposes_registry_names(monkeypatch):
                       prometheus_port=port)
     telemetry = Telemetry(cfg)
     telemetry.instruments.record_request(record([0.1] * 4, ttft_s=0.1, cached_tokens=2))
+    telemetry.flush()  # batched histogram updates reach the SDK
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     samples = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     for otel_name in (sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,

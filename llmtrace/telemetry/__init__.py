@@ -350,8 +350,11 @@ class Telemetry:
                 if self._builder is None:
                     from llmtrace.telemetry.builder import Builder
 
-                    self._builder = Builder(DROPPED, capacity=self.config.build_queue_size,
-                                            measure=self.config.measure_overhead)
+                    builder = Builder(DROPPED, capacity=self.config.build_queue_size,
+                                      measure=self.config.measure_overhead)
+                    if self._instruments is not None:  # batched metric updates
+                        builder.after_batch.append(self._instruments.flush_pending)
+                    self._builder = builder
         return self._builder
 
     def _span_exporters(self) -> list[SpanExporter]:
@@ -403,6 +406,8 @@ class Telemetry:
                         self._default_readers()
                     self._meter_provider, self._instruments = build_instruments(
                         self.config, self.resource(), self.scope, readers)
+                if self._builder is not None:  # else the builder registers it when made
+                    self._builder.after_batch.append(self._instruments.flush_pending)
         return self._instruments
 
     def _default_readers(self) -> list:
@@ -450,6 +455,8 @@ class Telemetry:
     def flush(self, timeout_ms: int = 10_000) -> None:
         if self._builder is not None:
             self._builder.flush(timeout_ms / 1000)
+        if self._instruments is not None:  # updates summed outside a builder batch
+            self._instruments.flush_pending()
         if self._tracer_provider is not None:
             self._tracer_provider.force_flush(timeout_ms)
         if self._meter_provider is not None:
@@ -471,12 +478,21 @@ class Telemetry:
         self._instruments = self._meter_provider = None
 
 
+_REPORTER_LOCK = threading.Lock()
+_REPORTER_STARTED = False
+
+
 def start_overhead_reporter(directory: str | None = None, interval_s: float = 0.5) -> None:
     """Benchmark mode: write this process's llmtrace CPU seconds to a JSON file.
 
     ``benchmarks/overhead.py`` sums the files of a server's processes to get the
     CPU llmtrace spent, against the CPU the whole server spent for the same work.
     """
+    global _REPORTER_STARTED
+    with _REPORTER_LOCK:  # one per process, however often it is instrumented
+        if _REPORTER_STARTED:
+            return
+        _REPORTER_STARTED = True
     target = Path(directory or os.environ.get("LLMTRACE_OVERHEAD_DIR", "/tmp"))
     target.mkdir(parents=True, exist_ok=True)
     path = target / f"llmtrace-{os.getpid()}.json"

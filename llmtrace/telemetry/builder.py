@@ -10,8 +10,10 @@ moving the work changes no timing.
 The hand-off queue is bounded: when the builder falls behind (a starved
 thread, an exporter blocking it), new work is dropped and counted
 (``llmtrace.telemetry.dropped{reason="build_queue_full"}``), never waited for.
-The thread releases the GIL between items (``time.sleep(0)``), so a burst of
+The thread releases the GIL every few items (``time.sleep(0)``), so a burst of
 finished requests does not hold the serving loop for a whole switch interval.
+After each batch it runs the ``after_batch`` callbacks: metric updates summed
+over the batch reach the SDK there, one call per series rather than per request.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Builder:
         self._name = name
         self._measure = measure
         self._items: deque[tuple[Callable[[Any], None], Any]] = deque()
+        #: called after each batch of jobs (batched metric updates reach the SDK here)
+        self.after_batch: list[Callable[[], None]] = []
+        self._busy = 0  # drains under way
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -88,9 +93,31 @@ class Builder:
             self.drain()
 
     def drain(self) -> None:
-        """Run every queued job now (the thread's loop; also flush and tests)."""
+        """Run every queued job now, then the after-batch callbacks (the thread's loop;
+        also flush and tests)."""
         items = self._items
         measure = self._measure
+        with self._idle:
+            self._busy += 1
+        try:
+            self._run_jobs(items, measure)
+            for callback in self.after_batch:
+                t0 = time.thread_time() if measure else 0.0
+                try:
+                    callback()
+                except Exception as exc:  # noqa: BLE001 - as for a job
+                    HOOK_ERRORS["builder"] += 1
+                    logger.warning("llmtrace: a batch callback raised %s: %s",
+                                   type(exc).__name__, exc)
+                if measure:
+                    HOOK_CPU_S["builder"] += time.thread_time() - t0
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def _run_jobs(self, items: deque, measure: bool) -> None:
+        done = 0
         while items:
             try:
                 job, item = items.popleft()
@@ -108,9 +135,9 @@ class Builder:
                                    "'builder')", type(exc).__name__, exc, exc_info=exc)
             if measure:
                 HOOK_CPU_S["builder"] += time.thread_time() - t0
-            time.sleep(0)  # let the serving thread run between items
-        with self._idle:
-            self._idle.notify_all()
+            done += 1
+            if done % 8 == 0:
+                time.sleep(0)  # let the serving thread run between small batches
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Build everything queued so far; True when the queue emptied in time."""
@@ -119,10 +146,10 @@ class Builder:
             return not self._items
         deadline = time.monotonic() + timeout_s
         with self._idle:
-            while self._items and time.monotonic() < deadline:
+            while (self._items or self._busy) and time.monotonic() < deadline:
                 self._wake.set()
                 self._idle.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-        return not self._items
+        return not self._items and not self._busy
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self.flush(timeout_s)

@@ -3,15 +3,18 @@
 Which instruments exist, their units, buckets and labels, and which record
 field feeds each, all come from the generated schema (``llmtrace.schema``),
 the same table the collector's Prometheus output iterates. Metrics are
-recorded for every request whatever the trace sampling decision: a fixed
-handful of SDK calls per finished request, and a request's inter-token gaps
-merged into the histogram in one step rather than one call per token.
+recorded for every request whatever the trace sampling decision, off the
+serving thread (the builder), and batched: counters are summed in plain dicts
+and observed at collection; histograms are summed per series in a batch and
+merged into the SDK's state in one step (one API call per series per batch,
+none per token).
 Labels are capped per label (``LabelLimiter``) so a misbehaving tenant header
 cannot explode cardinality.
 """
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 
@@ -109,13 +112,20 @@ class _Sums:
 class Instruments:
     """One instrument per schema metric the SDK publishes; ``record_*`` feed them.
 
-    Histograms are recorded through the API once per request (the SDK keeps the
-    buckets); counters are summed here and observed at collection.
+    Counters are summed here and observed at collection. Histograms with a bulk
+    aggregation (llmtrace's own meter provider) are summed here too, per series,
+    into a :class:`Histogram`, and handed to the SDK by :meth:`flush_pending` (the
+    builder calls it after each batch of records): one API call and one merge
+    per series per batch, however many requests the batch held. Without one (a
+    meter provider the user owns) each value goes through the API as it comes.
     """
 
     def __init__(self, meter, config: Config,
-                 itl_aggregation: BulkHistogramAggregation | None = None) -> None:
-        self._itl_bulk = itl_aggregation
+                 bulks: dict[str, BulkHistogramAggregation] | None = None) -> None:
+        self._bulks = bulks or {}
+        #: (metric, label tuple) -> [instrument, attributes, bulk, running histogram]
+        self._pending: dict[tuple[str, tuple], list] = {}
+        self._pending_lock = threading.Lock()
         self.labels = LabelLimiter(config.max_label_values)
         #: metric -> (instrument: histogram or sums, its series: label tuple -> attribute
         #: dict, one dict per series, shared by every record kind that feeds the metric)
@@ -149,6 +159,7 @@ class Instruments:
         self._record("usage", record)
 
     def _record(self, kind: str, record) -> None:
+        bulks, pending = self._bulks, self._pending
         for spec, (inst, cache), value, labels in self._feeds[kind](record, self.labels):
             attrs = cache.get(labels)
             if attrs is None:
@@ -157,19 +168,42 @@ class Instruments:
             if type(inst) is _Sums:
                 totals = inst.totals
                 totals[labels] = totals.get(labels, 0) + value
-            elif isinstance(value, Histogram):
-                self._record_histogram(inst, value, attrs)
-            else:
-                inst.record(value, attrs, _NO_CONTEXT)
+                continue
+            bulk = bulks.get(spec.name)
+            if bulk is None:  # a meter provider the user owns: through the API now
+                if isinstance(value, Histogram):
+                    self._record_histogram(inst, value, attrs, None)
+                else:
+                    inst.record(value, attrs, _NO_CONTEXT)
+                continue
+            with self._pending_lock:
+                entry = pending.get((spec.name, labels))
+                if entry is None:
+                    entry = pending[(spec.name, labels)] = \
+                        [inst, attrs, bulk, Histogram(bulk.boundaries)]
+                if isinstance(value, Histogram):
+                    entry[3].merge(value)
+                else:
+                    entry[3].add(value)
 
-    def _record_histogram(self, inst, hist: Histogram, attrs: dict) -> None:
+    def flush_pending(self) -> None:
+        """Hand every series' histogram summed since the last call to the SDK."""
+        with self._pending_lock:
+            if not self._pending:
+                return
+            batch, self._pending = self._pending, {}
+        for inst, attrs, bulk, hist in batch.values():
+            self._record_histogram(inst, hist, attrs, bulk)
+
+    def _record_histogram(self, inst, hist: Histogram, attrs: dict,
+                          bulk: BulkHistogramAggregation | None) -> None:
         if not hist.count:
             return
         # One value goes through the API: it creates the attribute set's state.
         inst.record(hist.low, attrs, _NO_CONTEXT)
         if hist.count == 1:
             return
-        if self._itl_bulk is not None and self._itl_bulk.merge(attrs, hist, skip=hist.low):
+        if bulk is not None and bulk.merge(attrs, hist, skip=hist.low):
             return
         # fallback: exact counts, each bucket at its bound, less the value recorded above
         i = _bucket(hist.bounds, hist.low)
@@ -186,31 +220,34 @@ def _observe(counts: dict[str, int] | Iterable[tuple[str, int]], key: str):
 
 def build_instruments(config: Config, resource: Resource, scope: str, readers: list):
     """A private MeterProvider with the request instruments and self-telemetry counters."""
-    itl_bulk = BulkHistogramAggregation(
-        schema.BY_NAME[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY].buckets or ())
+    # every histogram of the schema gets a bulk aggregation with its own buckets: a
+    # batch of records reaches the SDK as one call and one merge per series
+    bulks = {spec.name: BulkHistogramAggregation(spec.buckets or ())
+             for spec in schema.METRICS
+             if spec.instrument == "histogram" and spec.feeds and "sdk" in spec.outputs
+             and spec.buckets}
     provider = MeterProvider(
         resource=resource, metric_readers=readers,
         # exemplars would cost a trace-context check per measurement
         exemplar_filter=AlwaysOffExemplarFilter(),
-        views=[View(instrument_name=sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY,
-                    aggregation=itl_bulk)],  # other instruments keep their defaults
+        views=[View(instrument_name=name, aggregation=bulk) for name, bulk in bulks.items()],
     )
-    instruments = instruments_on(provider.get_meter(scope, __version__), config, itl_bulk)
+    instruments = instruments_on(provider.get_meter(scope, __version__), config, bulks)
     return provider, instruments
 
 
-def instruments_on(meter, config: Config, itl_bulk: BulkHistogramAggregation | None = None
-                   ) -> Instruments:
+def instruments_on(meter, config: Config,
+                   bulks: dict[str, BulkHistogramAggregation] | None = None) -> Instruments:
     """The request instruments and self-telemetry counters on ``meter``.
 
-    On a user's meter provider no View can be added, so the ITL histogram has no
-    bulk merge: gaps are recorded per bucket (exact counts, each gap at its
-    bucket's upper bound in the sum).
+    On a user's meter provider no View can be added, so histograms have no bulk
+    merge: each value is recorded through the API, and the ITL histogram's gaps
+    per bucket (exact counts, each gap at its bucket's upper bound in the sum).
     """
     from llmtrace.telemetry import DROPPED
     from llmtrace.telemetry.guard import HOOK_ERRORS
 
-    instruments = Instruments(meter, config, itl_bulk)
+    instruments = Instruments(meter, config, bulks)
 
     def hook_errors(_: CallbackOptions):
         return _observe(dict(HOOK_ERRORS), sc.LLMTRACE_TELEMETRY_HOOK)
