@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     INVALID_SPAN_ID,
     INVALID_TRACE_ID,
@@ -53,6 +54,7 @@ from opentelemetry.trace import (
 from llmtrace import __version__, semconv
 from llmtrace.config import Config
 from llmtrace.telemetry.guard import HOOK_CPU_S
+from llmtrace.telemetry.spans import DirectSpan, SpanSink, direct_spans_allowed
 
 logger = logging.getLogger("llmtrace")
 
@@ -253,6 +255,7 @@ class Telemetry:
         self._tracer: Tracer | None = None
         self._ids: PresetIdGenerator | None = None  # on llmtrace's own tracer, if SDK
         self._sampler = None
+        self._sink: SpanSink | None = None  # llmtrace's own provider: spans go direct
         self._builder = None
         self._tracer_provider: TracerProvider | None = None
         self._instruments = None
@@ -281,9 +284,16 @@ class Telemetry:
                 if self._tracer is None:
                     provider = TracerProvider(resource=self.resource(),
                                               sampler=make_sampler(self.config))
+                    processors = []
                     for exporter in self._span_exporters():
-                        provider.add_span_processor(_CountingBatchSpanProcessor(
-                            _CountingExporter(exporter, self.config.measure_overhead)))
+                        processor = _CountingBatchSpanProcessor(
+                            _CountingExporter(exporter, self.config.measure_overhead))
+                        provider.add_span_processor(processor)
+                        processors.append(processor)
+                    if direct_spans_allowed():  # finished spans straight to the processors
+                        self._sink = SpanSink(provider.resource,
+                                              InstrumentationScope(self.scope, __version__),
+                                              processors)
                     self._tracer_provider = provider
                     tracer = provider.get_tracer(self.scope, __version__, schema_url=None)
                     self._adopt_ids(tracer)
@@ -335,6 +345,11 @@ class Telemetry:
     def build_root(self, name: str, parent: Context, trace_id: int, span_id: int,
                    start_ns: int, attributes: dict[str, Any]) -> Span:
         """Start, off the serving path, the span :meth:`new_root` gave ids to."""
+        sink = self._sink
+        if sink is not None:
+            parent_ctx = get_current_span(parent).get_span_context()
+            return sink.start(name, parent_ctx if parent_ctx.is_valid else None, trace_id,
+                              span_id, start_ns, attributes, SpanKind.SERVER)
         self._ids.preset(trace_id, span_id)
         try:
             return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
@@ -385,8 +400,17 @@ class Telemetry:
     def child_span(self, name: str, parent: Context | Span, start_ns: int,
                    attributes: dict[str, Any] | None = None) -> Span:
         """Start ``name`` at ``start_ns`` under ``parent`` (a span, or an extracted context)."""
+        tracer = self.tracer
+        sink = self._sink
+        if sink is not None:
+            if isinstance(parent, DirectSpan):
+                return sink.child(name, parent.get_span_context(), start_ns, attributes)
+            span_ctx = get_current_span(parent).get_span_context() \
+                if isinstance(parent, Context) else parent.get_span_context()
+            if span_ctx.is_valid and span_ctx.trace_flags.sampled:
+                return sink.child(name, span_ctx, start_ns, attributes)
         ctx = parent if isinstance(parent, Context) else set_span_in_context(parent)
-        return self.tracer.start_span(name, context=ctx, start_time=start_ns,
+        return tracer.start_span(name, context=ctx, start_time=start_ns,
                                       attributes=attributes)
 
     @property
