@@ -75,7 +75,7 @@ class Config(BaseModel):
     measure_overhead: bool = False
     #: Finished requests waiting for their spans and metrics to be built, per process;
     #: beyond this they are dropped and counted, never waited for.
-    build_queue_size: int = Field(default=8192, ge=1)
+    build_queue_size: int = Field(default=2048, ge=1)
     #: Which providers llmtrace emits through. ``auto``: a global OpenTelemetry SDK
     #: provider already set when llmtrace is instrumented (by your code or a distro)
     #: is used, per signal; otherwise llmtrace builds its own. ``private``: always its

@@ -38,7 +38,7 @@ BUILD_QUEUE_FULL = "build_queue_full"
 class Builder:
     """One background thread per process draining a bounded queue of build jobs."""
 
-    def __init__(self, dropped: dict, capacity: int = 8192, interval_s: float = 0.05,
+    def __init__(self, dropped: dict, capacity: int = 2048, interval_s: float = 0.05,
                  name: str = "llmtrace-builder", measure: bool = False) -> None:
         self.capacity = capacity
         self._dropped = dropped
