@@ -73,6 +73,10 @@ class Config(BaseModel):
     prices: str | None = None
     #: Benchmark mode: measure llmtrace's own CPU time per hook with thread CPU clocks.
     measure_overhead: bool = False
+    #: Exemplars: each sampled request's latencies are recorded with its trace context,
+    #: so histogram buckets link to traces (the L1 heatmap to a waterfall); those
+    #: values skip the per-batch summing. Off by default.
+    exemplars: bool = False
     #: Finished requests waiting for their spans and metrics to be built, per process;
     #: beyond this they are dropped and counted, never waited for.
     build_queue_size: int = Field(default=2048, ge=1)
@@ -153,6 +157,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "prices": ("LLMTRACE_PRICES",),
     "pipeline": ("LLMTRACE_PIPELINE",),
     "build_queue_size": ("LLMTRACE_BUILD_QUEUE_SIZE",),
+    "exemplars": ("LLMTRACE_EXEMPLARS",),
 }
 
 

@@ -154,3 +154,38 @@ def test_prometheus_endpoint_exposes_registry_names(monkeypatch):
         assert prom in samples or f"{prom}_bucket" in samples, (prom, sorted(samples)[:20])
     assert 'le="0.2"' in text and 'llmtrace_tenant="acme"' in text
     telemetry.shutdown()
+
+
+def test_exemplars_link_sampled_requests_to_their_traces():
+    """With exemplars on, a sampled request's latencies carry its trace and span id; an
+    unsampled one's go into the batch and carry none."""
+    from opentelemetry.trace import (
+        NonRecordingSpan,
+        SpanContext,
+        TraceFlags,
+        set_span_in_context,
+    )
+
+    reader = InMemoryMetricReader()
+    _, instruments = build_instruments(load_config(exemplars=True), Resource.create({}), "t",
+                                       [reader])
+    trace_id, span_id = 0x1234_5678_9ABC_DEF0_1122_3344_5566_7788, 0x0BAD_CAFE_F00D_0001
+    context = set_span_in_context(NonRecordingSpan(
+        SpanContext(trace_id, span_id, False, TraceFlags(TraceFlags.SAMPLED))))
+    instruments.record_request(record([0.01, 0.02], ttft_s=0.3), context)  # sampled
+    for _ in range(5):
+        instruments.record_request(record([0.01], ttft_s=0.05))  # not sampled
+    instruments.flush_pending()
+    [ttft] = _points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
+    assert ttft.count == 6
+    linked = [e for e in ttft.exemplars if e.trace_id == trace_id]
+    assert linked and all(e.span_id == span_id for e in linked)
+    assert {e.value for e in linked} == {0.3}
+    assert all(e.trace_id == trace_id for e in ttft.exemplars)  # none from unsampled ones
+    # off (the default): no exemplar even with a context
+    reader_off = InMemoryMetricReader()
+    _, off = build_instruments(load_config(), Resource.create({}), "t", [reader_off])
+    off.record_request(record([], ttft_s=0.3), context)
+    off.flush_pending()
+    [point] = _points(reader_off)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
+    assert point.count == 1 and not point.exemplars

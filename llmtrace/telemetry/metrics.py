@@ -20,7 +20,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics import (
+    AlwaysOffExemplarFilter,
+    MeterProvider,
+    TraceBasedExemplarFilter,
+)
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 
@@ -150,15 +154,20 @@ class Instruments:
         #: SDK call): () -> (busy seconds, steps, idle seconds, model/version labels)
         self.engine_totals: Callable[[], tuple[float, int, float, dict]] | None = None
 
-    def record_request(self, record) -> None:
-        """One finished request (:class:`~llmtrace.record.RequestRecord`)."""
-        self._record("request", record)
+    def record_request(self, record, context: Context | None = None) -> None:
+        """One finished request (:class:`~llmtrace.record.RequestRecord`).
+
+        ``context``: the sampled request's span context, for exemplars; its values
+        then go through the API at once (the exemplar filter sees the trace)
+        instead of into the batch.
+        """
+        self._record("request", record, context)
 
     def record_usage(self, record) -> None:
         """One request's engine usage (:class:`~llmtrace.record.UsageRecord`)."""
         self._record("usage", record)
 
-    def _record(self, kind: str, record) -> None:
+    def _record(self, kind: str, record, context: Context | None = None) -> None:
         bulks, pending = self._bulks, self._pending
         for spec, (inst, cache), value, labels in self._feeds[kind](record, self.labels):
             attrs = cache.get(labels)
@@ -170,11 +179,12 @@ class Instruments:
                 totals[labels] = totals.get(labels, 0) + value
                 continue
             bulk = bulks.get(spec.name)
-            if bulk is None:  # a meter provider the user owns: through the API now
+            if bulk is None or (context is not None and not isinstance(value, Histogram)):
+                # a meter provider the user owns, or an exemplar: through the API now
                 if isinstance(value, Histogram):
                     self._record_histogram(inst, value, attrs, None)
                 else:
-                    inst.record(value, attrs, _NO_CONTEXT)
+                    inst.record(value, attrs, context or _NO_CONTEXT)
                 continue
             with self._pending_lock:
                 entry = pending.get((spec.name, labels))
@@ -228,8 +238,9 @@ def build_instruments(config: Config, resource: Resource, scope: str, readers: l
              and spec.buckets}
     provider = MeterProvider(
         resource=resource, metric_readers=readers,
-        # exemplars would cost a trace-context check per measurement
-        exemplar_filter=AlwaysOffExemplarFilter(),
+        # exemplars cost a trace-context check per measurement: only when asked for
+        exemplar_filter=TraceBasedExemplarFilter() if config.exemplars
+        else AlwaysOffExemplarFilter(),
         views=[View(instrument_name=name, aggregation=bulk) for name, bulk in bulks.items()],
     )
     instruments = instruments_on(provider.get_meter(scope, __version__), config, bulks)

@@ -38,7 +38,15 @@ from typing import Any
 
 from opentelemetry.context import get_current
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    Status,
+    StatusCode,
+    TraceFlags,
+    set_span_in_context,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtrace import semconv as sc
@@ -299,7 +307,11 @@ class FrontendTracer:
         if root is not None:
             self._end_span(rec, root, record, ph)
         if self.config.metrics_enabled:
-            self.telemetry.instruments.record_request(record)
+            context = None
+            if rec.sampled and self.config.exemplars:  # buckets link to this trace
+                context = set_span_in_context(NonRecordingSpan(SpanContext(
+                    rec.trace_id, rec.span_id, False, TraceFlags(TraceFlags.SAMPLED))))
+            self.telemetry.instruments.record_request(record, context)
 
     def _request_attributes(self, rec: RequestState) -> dict[str, Any]:
         info = rec.http
