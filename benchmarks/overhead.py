@@ -12,7 +12,9 @@ for 1% claims (the same bare server against itself varies 0.6-1.6x per pair):
    in interleaved rounds: bare vLLM (twice, for a null control), vLLM's own
    ``--otlp-traces-endpoint`` tracing, llmtrace at default sampling, llmtrace at
    100%. Medians of per-round ratios against bare, with bootstrap 95% intervals,
-   for tokens/s and ITL p50/p99.
+   for tokens/s and ITL p50/p99; and the API server's CPU per request (every
+   thread, from schedstat: it is event-driven, so its CPU follows its work) with
+   the per-round difference from bare: vLLM's own tracing against llmtrace's.
 
     python benchmarks/overhead.py [--pairs 30] [--concurrency 16] [--skip-ab]
 """
@@ -53,6 +55,21 @@ def group_cpu_s(pgid: int) -> float:
         if int(fields[2]) == pgid:  # field 5 (pgrp) after pid and comm
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / TICK
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU time of every thread of one process, in ns resolution (schedstat), as seconds.
+
+    For the API server, which is event-driven: its CPU follows the work it does,
+    unlike the engine core's, which busy-polls and follows wall time.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
 
 
 def llmtrace_cpu_s(directory: Path) -> tuple[float, dict[str, float], dict[str, int]]:
@@ -142,12 +159,17 @@ def ab(pool: ServerPool, models, rx: OTLPReceiver, pairs: int, per_round: int,
     for server in servers.values():
         run_load(server.base_url, DENSE, workload(16, 9), concurrency)  # warm-up
     rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in arms}
+    api_cpu: dict[str, list[float]] = {k: [] for k in arms}  # API server, s per request
     for rnd in range(pairs):
         order = list(arms)
         random.Random(rnd).shuffle(order)
         for name in order:
+            pid = servers[name].proc.pid
+            cpu0 = process_cpu_s(pid)
             timings = run_load(servers[name].base_url, DENSE, workload(per_round, rnd),
                                concurrency)
+            time.sleep(0.3)  # the builder's batch and the span export of this round
+            api_cpu[name].append((process_cpu_s(pid) - cpu0) / per_round)
             s = summarize(timings)
             itls = [g for t in timings for g in t.itl_s]
             rows[name].append((s.tokens_per_s, percentile(itls, 50), percentile(itls, 99)))
@@ -163,6 +185,12 @@ def ab(pool: ServerPool, models, rx: OTLPReceiver, pairs: int, per_round: int,
             cells.append(f"{statistics.median(ratios):6.3f} [{lo:5.3f}, {hi:5.3f}]")
         tps = statistics.median(v[0] for v in vals)
         print(f"{name:>28} {tps:9.1f} {cells[0]:>26} {cells[1]:>24} {cells[2]:>24}")
+    print("\nAPI-server process CPU per request (all its threads, schedstat), against bare:")
+    for name, vals in api_cpu.items():
+        diffs = [(v - b) * 1e6 for v, b in zip(vals, api_cpu["bare"], strict=True)]
+        lo, hi = bootstrap_ci(diffs)
+        print(f"{name:>28} {statistics.median(vals) * 1e6:9.1f} us | "
+              f"{statistics.median(diffs):+8.1f} us [{lo:+8.1f}, {hi:+8.1f}] over bare")
 
 
 def main(argv: list[str] | None = None) -> int:
