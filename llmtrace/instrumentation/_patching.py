@@ -28,7 +28,7 @@ import wrapt
 from opentelemetry.instrumentation.utils import unwrap
 
 from llmtrace.instrumentation.targets import Target, params_problem
-from llmtrace.telemetry.guard import DISABLED_HOOKS, HookGuard, disable_hook
+from llmtrace.telemetry.guard import DISABLED_HOOKS, HookGuard, disable_hook, hook_failed
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,31 @@ class Hook:
 
 
 def guarded(hook: Hook, measure: bool = False) -> Callable:
-    """The wrapt wrapper running ``hook``'s bodies under the guard of ``hook.name``."""
+    """The wrapt wrapper running ``hook``'s bodies under the guard of ``hook.name``.
+
+    Without ``measure`` the guard is inlined (a try/except and a dict lookup, no
+    guard object per call): these wrappers run per engine step and per output batch.
+    """
     name, before, after, gate = hook.name, hook.before, hook.after, hook.gate
+    if not measure:
+        disabled = DISABLED_HOOKS
+
+        def fast(wrapped, instance, args, kwargs):
+            token = None
+            if before is not None and name not in disabled and (gate is None or gate()):
+                try:
+                    token = before(instance, args, kwargs)
+                except Exception as exc:  # noqa: BLE001 - the host must never see it
+                    hook_failed(name, exc)
+            result = wrapped(*args, **kwargs)
+            if after is not None and name not in disabled and (gate is None or gate()):
+                try:
+                    after(instance, args, kwargs, result, token)
+                except Exception as exc:  # noqa: BLE001 - the host must never see it
+                    hook_failed(name, exc)
+            return result
+
+        return fast
 
     def wrapper(wrapped, instance, args, kwargs):
         token = None

@@ -64,6 +64,15 @@ def disable_hook(name: str, reason: str) -> None:
                    name, reason)
 
 
+def hook_failed(name: str, exc: BaseException) -> None:
+    """A hook body raised: count it, disable the hook, log once (with the traceback)."""
+    HOOK_ERRORS[name] += 1
+    if name not in DISABLED_HOOKS:
+        DISABLED_HOOKS[name] = f"{type(exc).__name__}: {exc}"
+        logger.warning("llmtrace: hook %s raised %s: %s; hook disabled, host unaffected",
+                       name, type(exc).__name__, exc, exc_info=exc)
+
+
 class HookGuard:
     """Context manager around a hook body: swallow, count, disable on first error."""
 
@@ -85,10 +94,6 @@ class HookGuard:
             HOOK_CPU_S[self.name] += time.thread_time() - self._t0
         if exc_type is None:
             return False
-        HOOK_ERRORS[self.name] += 1
         self.enabled = False
-        if self.name not in DISABLED_HOOKS:
-            DISABLED_HOOKS[self.name] = f"{exc_type.__name__}: {exc}"
-            logger.warning("llmtrace: hook %s raised %s: %s; hook disabled, host unaffected",
-                           self.name, exc_type.__name__, exc, exc_info=(exc_type, exc, tb))
+        hook_failed(self.name, exc)
         return True  # swallow: the host must never see our exception
