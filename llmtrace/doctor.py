@@ -96,8 +96,9 @@ def diagnose() -> dict[str, Any]:
         problems.append(str(conflict))
     if cfg.pipeline == "auto":
         adopted = global_sdk_providers()
-        report["pipeline"] = {s.split("_")[0] + "s": "global SDK provider" if s in adopted
-                              else "llmtrace's own" for s in ("tracer_provider", "meter_provider")}
+        report["pipeline"] = {key: "global SDK provider" if signal in adopted
+                              else "llmtrace's own" for key, signal in
+                              (("tracers", "tracer_provider"), ("meters", "meter_provider"))}
     else:
         report["pipeline"] = {"tracers": "llmtrace's own", "meters": "llmtrace's own"}
     telemetry = Telemetry(cfg)  # providers are built lazily: nothing starts here

@@ -367,8 +367,7 @@ class Telemetry:
 
                     builder = Builder(DROPPED, capacity=self.config.build_queue_size,
                                       measure=self.config.measure_overhead)
-                    if self._instruments is not None:  # batched metric updates
-                        builder.after_batch.append(self._instruments.flush_pending)
+                    builder.after_batch.append(self._flush_metrics)  # batched updates
                     self._builder = builder
         return self._builder
 
@@ -410,8 +409,7 @@ class Telemetry:
             if span_ctx.is_valid and span_ctx.trace_flags.sampled:
                 return sink.child(name, span_ctx, start_ns, attributes)
         ctx = parent if isinstance(parent, Context) else set_span_in_context(parent)
-        return tracer.start_span(name, context=ctx, start_time=start_ns,
-                                      attributes=attributes)
+        return tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes)
 
     @property
     def instruments(self):
@@ -430,9 +428,12 @@ class Telemetry:
                         self._default_readers()
                     self._meter_provider, self._instruments = build_instruments(
                         self.config, self.resource(), self.scope, readers)
-                if self._builder is not None:  # else the builder registers it when made
-                    self._builder.after_batch.append(self._instruments.flush_pending)
         return self._instruments
+
+    def _flush_metrics(self) -> None:
+        """Hand the histogram updates summed so far to the SDK (after each builder batch)."""
+        if self._instruments is not None:
+            self._instruments.flush_pending()
 
     def _default_readers(self) -> list:
         readers = []
@@ -479,8 +480,7 @@ class Telemetry:
     def flush(self, timeout_ms: int = 10_000) -> None:
         if self._builder is not None:
             self._builder.flush(timeout_ms / 1000)
-        if self._instruments is not None:  # updates summed outside a builder batch
-            self._instruments.flush_pending()
+        self._flush_metrics()  # updates summed outside a builder batch
         if self._tracer_provider is not None:
             self._tracer_provider.force_flush(timeout_ms)
         if self._meter_provider is not None:

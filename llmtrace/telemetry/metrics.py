@@ -168,7 +168,7 @@ class Instruments:
         self._record("usage", record)
 
     def _record(self, kind: str, record, context: Context | None = None) -> None:
-        bulks, pending = self._bulks, self._pending
+        bulks = self._bulks
         for spec, (inst, cache), value, labels in self._feeds[kind](record, self.labels):
             attrs = cache.get(labels)
             if attrs is None:
@@ -186,7 +186,8 @@ class Instruments:
                 else:
                     inst.record(value, attrs, context or _NO_CONTEXT)
                 continue
-            with self._pending_lock:
+            with self._pending_lock:  # flush_pending may swap the dict from another thread
+                pending = self._pending
                 entry = pending.get((spec.name, labels))
                 if entry is None:
                     entry = pending[(spec.name, labels)] = \

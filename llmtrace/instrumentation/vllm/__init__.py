@@ -43,11 +43,10 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
     bodies (and the guard) while there is nothing to follow.
     """
     f, e = frontend, engine
+    ingress = dict(before=http.before_data_received, after=http.after_data_received)
     bodies: dict[str, dict] = {
-        "uvicorn.httptools.data_received": dict(before=http.before_data_received,
-                                                after=http.after_data_received),
-        "uvicorn.h11.data_received": dict(before=http.before_data_received,
-                                          after=http.after_data_received),
+        "uvicorn.httptools.data_received": ingress,  # either HTTP parser uvicorn runs
+        "uvicorn.h11.data_received": ingress,
         "vllm.api_server.build_app": dict(after=f.after_build_app),
         "vllm.async_llm.init": dict(after=f.after_async_llm_init),
         "vllm.output_processor.add_request": dict(before=f.before_add_request,

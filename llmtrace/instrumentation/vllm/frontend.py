@@ -354,7 +354,7 @@ class FrontendTracer:
         """
         if not rec.chunks:
             return
-        start = self._first_written(rec)
+        start = rec.timeline.first_token_ns  # finish() set it: where TTFT ends
         decode = self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE, root, start)
         for index, (chunk_start, end, tokens, gaps) in enumerate(rec.chunks):
             if index == 0:
