@@ -80,6 +80,11 @@ class Config(BaseModel):
     #: Finished requests waiting for their spans and metrics to be built, per process;
     #: beyond this they are dropped and counted, never waited for.
     build_queue_size: int = Field(default=2048, ge=1)
+    #: Where llmtrace's own spans are encoded and exported: ``thread``, the SDK's batch
+    #: processor in the emitting process; ``process``, a separate span export process
+    #: fed through a pipe, which takes OTLP encoding and network work out of vLLM's
+    #: processes (see ``llmtrace.telemetry.span_pipe``).
+    span_export: Literal["thread", "process"] = "thread"
     #: Which providers llmtrace emits through. ``auto``: a global OpenTelemetry SDK
     #: provider already set when llmtrace is instrumented (by your code or a distro)
     #: is used, per signal; otherwise llmtrace builds its own. ``private``: always its
@@ -158,6 +163,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "pipeline": ("LLMTRACE_PIPELINE",),
     "build_queue_size": ("LLMTRACE_BUILD_QUEUE_SIZE",),
     "exemplars": ("LLMTRACE_EXEMPLARS",),
+    "span_export": ("LLMTRACE_SPAN_EXPORT",),
 }
 
 

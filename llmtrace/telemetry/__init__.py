@@ -29,7 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from opentelemetry.context import Context
-from opentelemetry.sdk.environment_variables import OTEL_BSP_MAX_QUEUE_SIZE
+from opentelemetry.sdk.environment_variables import (
+    OTEL_BSP_MAX_EXPORT_BATCH_SIZE,
+    OTEL_BSP_MAX_QUEUE_SIZE,
+    OTEL_BSP_SCHEDULE_DELAY,
+)
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -129,19 +133,23 @@ class PresetIdGenerator(IdGenerator):
 _DEFAULT_MAX_QUEUE_SIZE = 2048  # the SDK's default for OTEL_BSP_MAX_QUEUE_SIZE
 
 
+def _bsp_setting(name: str, default: int) -> int:
+    """An OTEL_BSP_* integer as the SDK reads it, with a warning for a bad value."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        logger.warning("llmtrace: %s=%r is not an integer; using %d", name, raw, default)
+        return default
+
+
 def _max_queue_size(given: int | None) -> int:
     """The batch queue's size as the SDK resolves it: argument, OTEL_BSP_MAX_QUEUE_SIZE, 2048."""
     if given is not None:
         return given
-    raw = os.environ.get(OTEL_BSP_MAX_QUEUE_SIZE)
-    if raw is None:
-        return _DEFAULT_MAX_QUEUE_SIZE
-    try:
-        return int(raw)
-    except ValueError:
-        logger.warning("llmtrace: %s=%r is not an integer; using %d",
-                       OTEL_BSP_MAX_QUEUE_SIZE, raw, _DEFAULT_MAX_QUEUE_SIZE)
-        return _DEFAULT_MAX_QUEUE_SIZE
+    return _bsp_setting(OTEL_BSP_MAX_QUEUE_SIZE, _DEFAULT_MAX_QUEUE_SIZE)
 
 
 class _CountingBatchSpanProcessor(BatchSpanProcessor):
@@ -237,6 +245,26 @@ def _otlp_exporter(config: Config, signal: str):
     return cls(endpoint=f"{config.endpoint.rstrip('/')}/v1/{signal}")
 
 
+class FrozenResource(Resource):
+    """A resource whose hash is computed once.
+
+    The SDK's OTLP encoder groups every span by its resource, and ``Resource``
+    hashes by serialising its attributes to JSON each time: about a tenth of the
+    encoder's CPU per span. A resource's attributes are immutable, so the hash
+    is too. Used for llmtrace's own providers only.
+    """
+
+    def __init__(self, attributes, schema_url: str | None = None) -> None:
+        super().__init__(attributes, schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 class Telemetry:
     """This process's tracer and metric instruments for one instrumentation scope."""
 
@@ -270,7 +298,8 @@ class Telemetry:
         if self.config.instance_type != "unknown":  # prices this engine's accelerator time
             attrs[semconv.LLMTRACE_COST_INSTANCE_TYPE] = self.config.instance_type
         # Resource.create honours OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
-        return Resource.create(attrs)
+        created = Resource.create(attrs)
+        return FrozenResource(created.attributes, created.schema_url)
 
     @property
     def tracer(self) -> Tracer:
@@ -284,16 +313,16 @@ class Telemetry:
                 if self._tracer is None:
                     provider = TracerProvider(resource=self.resource(),
                                               sampler=make_sampler(self.config))
-                    processors = []
-                    for exporter in self._span_exporters():
-                        processor = _CountingBatchSpanProcessor(
-                            _CountingExporter(exporter, self.config.measure_overhead))
+                    scope = InstrumentationScope(self.scope, __version__)
+                    pipe = self._span_pipe(provider.resource, scope)
+                    processors = [pipe] if pipe is not None else []
+                    for exporter in self._span_exporters() if pipe is None else ():
+                        processors.append(_CountingBatchSpanProcessor(
+                            _CountingExporter(exporter, self.config.measure_overhead)))
+                    for processor in processors:
                         provider.add_span_processor(processor)
-                        processors.append(processor)
                     if direct_spans_allowed():  # finished spans straight to the processors
-                        self._sink = SpanSink(provider.resource,
-                                              InstrumentationScope(self.scope, __version__),
-                                              processors)
+                        self._sink = SpanSink(provider.resource, scope, processors, pipe)
                     self._tracer_provider = provider
                     tracer = provider.get_tracer(self.scope, __version__, schema_url=None)
                     self._adopt_ids(tracer)
@@ -370,6 +399,27 @@ class Telemetry:
                     builder.after_batch.append(self._flush_metrics)  # batched updates
                     self._builder = builder
         return self._builder
+
+    def _span_pipe(self, resource: Resource, scope: InstrumentationScope):
+        """The span export process's processor, when configured and applicable.
+
+        Only for exporters llmtrace builds from its configuration: an exporter
+        object passed in (tests, ``span_exporter=``) cannot cross a process boundary.
+        """
+        if self.config.span_export != "process" or self._span_exporter is not None \
+                or not self.config.span_exporters:
+            return None
+        from llmtrace.telemetry.span_pipe import PipeSpanProcessor
+
+        handshake = {"config": self.config.model_dump_json(),
+                     "resource": _plain_attributes(resource.attributes),
+                     "schema_url": resource.schema_url or "",
+                     "scope": (scope.name, scope.version or "")}
+        # batched as the SDK's batch processor would: the same OTEL_BSP_* settings
+        return PipeSpanProcessor(
+            handshake, DROPPED, _max_queue_size(None),
+            batch=_bsp_setting(OTEL_BSP_MAX_EXPORT_BATCH_SIZE, 512),
+            interval_s=_bsp_setting(OTEL_BSP_SCHEDULE_DELAY, 5000) / 1000)
 
     def _span_exporters(self) -> list[SpanExporter]:
         if self._span_exporter is not None:
@@ -477,14 +527,17 @@ class Telemetry:
         return PeriodicExportingMetricReader(
             exporter, export_interval_millis=self.config.metric_export_interval_ms)
 
-    def flush(self, timeout_ms: int = 10_000) -> None:
+    def flush(self, timeout_ms: int = 10_000) -> bool:
+        """Build what is queued and export it; True when every stage finished in time."""
+        ok = True
         if self._builder is not None:
-            self._builder.flush(timeout_ms / 1000)
+            ok = self._builder.flush(timeout_ms / 1000)
         self._flush_metrics()  # updates summed outside a builder batch
         if self._tracer_provider is not None:
-            self._tracer_provider.force_flush(timeout_ms)
+            ok = self._tracer_provider.force_flush(timeout_ms) and ok
         if self._meter_provider is not None:
-            self._meter_provider.force_flush(timeout_ms)
+            ok = self._meter_provider.force_flush(timeout_ms) and ok
+        return ok
 
     def stop_builder(self) -> None:
         """Build what is queued and end the builder thread (a later use starts one)."""
@@ -502,15 +555,22 @@ class Telemetry:
         self._instruments = self._meter_provider = None
 
 
+def _plain_attributes(attributes) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in attributes.items()}
+
+
 _REPORTER_LOCK = threading.Lock()
 _REPORTER_STARTED = False
 
 
-def start_overhead_reporter(directory: str | None = None, interval_s: float = 0.5) -> None:
+def start_overhead_reporter(directory: str | None = None, interval_s: float = 0.5,
+                            role: str | None = None) -> None:
     """Benchmark mode: write this process's llmtrace CPU seconds to a JSON file.
 
     ``benchmarks/overhead.py`` sums the files of a server's processes to get the
     CPU llmtrace spent, against the CPU the whole server spent for the same work.
+    ``role``: a process that is all llmtrace's (the span export process) reports
+    its whole CPU time under that name.
     """
     global _REPORTER_STARTED
     with _REPORTER_LOCK:  # one per process, however often it is instrumented
@@ -524,8 +584,9 @@ def start_overhead_reporter(directory: str | None = None, interval_s: float = 0.
     def loop() -> None:
         while True:
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "cpu_s": dict(HOOK_CPU_S),
-                                       "dropped": dict(DROPPED)}))
+            cpu = {role: time.process_time()} if role else dict(HOOK_CPU_S)
+            tmp.write_text(json.dumps({"pid": os.getpid(), "role": role or "vllm",
+                                       "cpu_s": cpu, "dropped": dict(DROPPED)}))
             tmp.replace(path)
             time.sleep(interval_s)
 

@@ -46,10 +46,13 @@ class SpanSink:
     """Where :class:`DirectSpan` s go: the processors of llmtrace's own provider."""
 
     def __init__(self, resource: Resource, scope: InstrumentationScope,
-                 processors: list) -> None:
+                 processors: list, pipe=None) -> None:
         self.resource = resource
         self.scope = scope
         self.processors = processors
+        #: the span export process's queue (``LLMTRACE_SPAN_EXPORT=process``): spans go
+        #: there as tuples, no ``ReadableSpan`` is built in this process
+        self.pipe = pipe
 
     def start(self, name: str, parent: SpanContext | None, trace_id: int, span_id: int,
               start_ns: int, attributes: dict[str, Any] | None = None,
@@ -108,9 +111,30 @@ class DirectSpan:
             return
         self._ended = True
         sink = self._sink
+        end_ns = end_time if end_time is not None else self.start_ns
+        if sink.pipe is not None:
+            sink.pipe.put(self.wire(end_ns))
+            return
         span = ReadableSpan(
             self.name, self._context, self.parent, sink.resource, self.attributes,
             tuple(self.events), (), self.kind, None, self.status, self.start_ns,
-            end_time if end_time is not None else self.start_ns, sink.scope)
+            end_ns, sink.scope)
         for processor in sink.processors:
             processor.on_end(span)
+
+    def wire(self, end_ns: int) -> tuple:
+        """This span as ``span_pipe.span_tuple`` would flatten its ``ReadableSpan``."""
+        ctx = self._context
+        parent = self.parent
+        state = ctx.trace_state
+        attributes = self.attributes
+        return (
+            self.name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
+            tuple(state.items()) if state else None,
+            (parent.span_id, parent.is_remote) if parent is not None else None,
+            self.kind.value, self.start_ns, end_ns,
+            {k: (tuple(v) if isinstance(v, list) else v) for k, v in attributes.items()}
+            if attributes else None,
+            tuple((e.name, e.timestamp, dict(e.attributes) if e.attributes else None)
+                  for e in self.events),
+            (), self.status.status_code.value, self.status.description)
