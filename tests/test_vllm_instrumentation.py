@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -419,6 +420,72 @@ def test_missing_internal_disables_one_hook_and_serving_continues(
         assert len({w.split("[llmtrace]")[1] for w in warnings}) == 1
     healthy = server.log_path.read_text(errors="replace").count("hook vllm.scheduler.schedule")
     assert healthy == 0
+
+
+def exporter_processes(root_pid: int) -> dict[int, int]:
+    """Span export processes under a server's process tree: pid -> parent pid."""
+    parents: dict[int, int] = {}
+    commands: dict[int, bytes] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat[1])
+
+    def under_root(pid: int) -> bool:
+        while pid > 1:
+            if pid == root_pid:
+                return True
+            pid = parents.get(pid, 0)
+        return False
+
+    return {pid: parents[pid] for pid, cmd in commands.items()
+            if b"llmtrace.telemetry.exporter_process" in cmd and under_root(pid)}
+
+
+def test_vllm_keeps_serving_when_its_span_export_process_dies(
+        instrumented_servers, otlp_receiver):
+    """The broken-internals server exports through span export processes: kill the
+    API server's while it holds spans; requests go on, the loss is counted, and a
+    new one exports the traces after it."""
+    server = instrumented_servers["broken"]
+    send(server, MOE, [chat("warm both exporters", 4)])
+    before = exporter_processes(server.proc.pid)
+    # one per vLLM process that emits spans: the API server and the engine core
+    assert len(before) == 2, before
+    (api_exporter,) = [pid for pid, parent in before.items() if parent == server.proc.pid]
+    os.kill(api_exporter, signal.SIGSTOP)  # takes spans, exports none
+    held = send(server, MOE, [chat(f"held {i}", 4) for i in range(2)])
+    otlp_receiver.wait_for(lambda r: False, 2.0)  # > OTEL_BSP_SCHEDULE_DELAY: written to it
+    os.kill(api_exporter, signal.SIGKILL)
+    after = send(server, MOE, [chat(f"after {i}", 6) for i in range(4)], concurrency=2)
+    assert len(after) == 4  # every request served (send asserts each one succeeded)
+    for (trace_id, client_span), _ in after:  # full trees, through a new exporter process
+        check_tree(trace_of(otlp_receiver, trace_id), client_span)
+    now = exporter_processes(server.proc.pid)
+    assert len(now) == 2 and api_exporter not in now
+    for (trace_id, _), _ in held:  # the engine core's spans arrived, the API server's not
+        spans = [s for s in otlp_receiver.spans() if s.trace_id == trace_id]
+        assert by_name(spans, sc.SPAN_LLMTRACE_ENGINE_REQUEST)
+        assert not by_name(spans, sc.SPAN_LLMTRACE_REQUEST)
+
+    def died(r: OTLPReceiver) -> float:
+        return max((p.value or 0 for p in r.points()
+                    if p.metric == sc.METRIC_LLMTRACE_TELEMETRY_DROPPED
+                    and p.resource.get("service.name") == "llmtrace-broken"
+                    and p.attributes.get(sc.LLMTRACE_TELEMETRY_REASON)
+                    == "export_process_died"), default=0)
+
+    # the held requests' API-server spans, at least: counted, not silently gone
+    assert otlp_receiver.wait_for(lambda r: died(r) >= 2 * 5, 15), died(otlp_receiver)
+    log = server.log_path.read_text(errors="replace")
+    warnings = [line for line in log.splitlines()
+                if f"span export process (pid {api_exporter})" in line]
+    assert len(warnings) == 1 and "restarting it" in warnings[0]
 
 
 def test_entry_points_are_registered():

@@ -90,6 +90,27 @@ def _plain(attributes) -> dict | None:
             for k, v in attributes.items()}
 
 
+def exporter_environment(environ) -> dict[str, str]:
+    """The exporter process's environment: the parent's, minus auto-instrumentation.
+
+    Under ``opentelemetry-instrument`` the parent's PYTHONPATH holds the SDK's
+    auto-instrumentation ``sitecustomize``, which would set up a second pipeline
+    and load every instrumentor (vLLM's included) in the exporter process.
+    """
+    env = dict(environ)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+             if p and not p.rstrip("/").endswith(_AUTO_INSTRUMENTATION)]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    else:
+        env.pop("PYTHONPATH", None)
+    env["LLMTRACE_ENABLED"] = "0"  # nothing here is to be instrumented
+    return env
+
+
+_AUTO_INSTRUMENTATION = os.path.join("opentelemetry", "instrumentation", "auto_instrumentation")
+
+
 class PipeSpanProcessor(SpanProcessor):
     """Ships finished spans to an exporter process; see the module docstring."""
 
@@ -205,7 +226,8 @@ class PipeSpanProcessor(SpanProcessor):
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "llmtrace.telemetry.exporter_process"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                env=exporter_environment(os.environ))
             proc.stdin.write(encode(self._handshake))
             proc.stdin.flush()
         except OSError as exc:
