@@ -4,10 +4,13 @@ Two figures, because wall-clock throughput on this 2-core machine is too noisy
 for 1% claims (the same bare server against itself varies 0.6-1.6x per pair):
 
 1. Attributed cost (primary). Servers run with ``LLMTRACE_MEASURE_OVERHEAD=1``:
-   every hook body and every export is timed with the thread's CPU clock and
-   written to a file per process. That CPU, per request and per 1,000 output
-   tokens, is compared with the CPU all of the server's processes used for the
-   same work (from /proc). Run at default sampling and at 100%.
+   every hook body, the builder and every export is timed with the thread's CPU
+   clock and written to a file per process; a span export process
+   (``LLMTRACE_SPAN_EXPORT=process``) reports its whole CPU. Four arms (default
+   sampling and 100%, spans exported in-process or through span export
+   processes), loaded in interleaved, shuffled rounds: per arm, llmtrace's CPU
+   per request in vLLM's processes and in its span export processes (medians,
+   bootstrap 95% intervals) and spans received per request.
 2. End-to-end A/B (sanity). Servers kept up side by side, loaded one at a time
    in interleaved rounds: bare vLLM (twice, for a null control), vLLM's own
    ``--otlp-traces-endpoint`` tracing, llmtrace at default sampling, llmtrace at
@@ -16,14 +19,14 @@ for 1% claims (the same bare server against itself varies 0.6-1.6x per pair):
    thread, from schedstat: it is event-driven, so its CPU follows its work) with
    the per-round difference from bare: vLLM's own tracing against llmtrace's.
 
-    python benchmarks/overhead.py [--pairs 30] [--concurrency 16] [--skip-ab]
+    python benchmarks/overhead.py [--rounds 10] [--requests 32] [--pairs 30]
+        [--concurrency 16] [--skip-ab] [--skip-attributed]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -39,22 +42,6 @@ from testbed.stream_client import percentile, run_load, summarize
 from testbed.vllm_server import ServerConfig, ServerPool, VLLMServer
 
 REPO = Path(__file__).resolve().parents[1]
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_s(pgid: int) -> float:
-    """utime+stime of every live process in a process group (the whole vLLM server)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:  # field 5 (pgrp) after pid and comm
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
 
 
 def process_cpu_s(pid: int) -> float:
@@ -72,9 +59,12 @@ def process_cpu_s(pid: int) -> float:
     return total / 1e9
 
 
-def llmtrace_cpu_s(directory: Path) -> tuple[float, dict[str, float], dict[str, int]]:
+def llmtrace_cpu_s(directory: Path) -> tuple[float, float, dict[str, float], dict[str, int]]:
+    """llmtrace's CPU seconds so far: (in vLLM's processes, in span export processes,
+    per hook, drops by reason). A span export process is all llmtrace's: its whole CPU."""
     per_hook: dict[str, float] = {}
     dropped: dict[str, int] = {}
+    in_vllm = exporter = 0.0
     for f in directory.glob("llmtrace-*.json"):
         try:
             data = json.loads(f.read_text())
@@ -82,9 +72,14 @@ def llmtrace_cpu_s(directory: Path) -> tuple[float, dict[str, float], dict[str, 
             continue
         for k, v in data["cpu_s"].items():
             per_hook[k] = per_hook.get(k, 0.0) + v
-        for k, v in data["dropped"].items():
-            dropped[k] = dropped.get(k, 0) + v
-    return sum(per_hook.values()), per_hook, dropped
+        total = sum(data["cpu_s"].values())
+        if data.get("role") == "exporter_process":
+            exporter += total
+        else:
+            in_vllm += total
+            for k, v in data["dropped"].items():
+                dropped[k] = dropped.get(k, 0) + v
+    return in_vllm, exporter, per_hook, dropped
 
 
 def workload(n: int, seed: int) -> list[dict]:
@@ -94,8 +89,9 @@ def workload(n: int, seed: int) -> list[dict]:
              "max_tokens": 64} for _ in range(n)]
 
 
-def llmtrace_env(rx: OTLPReceiver, ratio: str | None, measure_dir: Path | None) -> tuple:
-    env = {"LLMTRACE_ENABLED": "1", "LLMTRACE_OTLP_ENDPOINT": rx.grpc_endpoint}
+def llmtrace_env(rx: OTLPReceiver, ratio: str | None, measure_dir: Path | None,
+                 **extra: str) -> tuple:
+    env = {"LLMTRACE_ENABLED": "1", "LLMTRACE_OTLP_ENDPOINT": rx.grpc_endpoint, **extra}
     if ratio is not None:
         env["LLMTRACE_SAMPLE_RATIO"] = ratio
     if measure_dir is not None:
@@ -104,34 +100,75 @@ def llmtrace_env(rx: OTLPReceiver, ratio: str | None, measure_dir: Path | None) 
     return tuple(sorted(env.items()))
 
 
-def attributed_cost(pool: ServerPool, models, rx: OTLPReceiver, scratch: Path, n: int,
-                    concurrency: int) -> None:
-    print(f"\n== attributed cost: {n} requests x 64 tokens, {concurrency} concurrent streams ==")
-    arms = {}
-    for label, ratio in (("default sampling (0.1)", None), ("100% sampling", "1")):
-        d = scratch / f"measure-{len(arms)}"
-        cfg = ServerConfig(models.dense, DENSE, env=llmtrace_env(rx, ratio, d))
-        arms[label] = (cfg, d)
-    servers = pool.get_many([cfg for cfg, _ in arms.values()])
-    for (label, (_, d)), server in zip(arms.items(), servers, strict=True):
+def attributed_cost(pool: ServerPool, models, rx: OTLPReceiver, scratch: Path, rounds: int,
+                    per_round: int, concurrency: int) -> None:
+    """llmtrace's own CPU per request, per arm, from interleaved rounds.
+
+    Arms: default sampling and 100%, each with spans exported in-process (``thread``)
+    and through span export processes (``process``). Each round loads every server
+    once, in shuffled order; per round and arm, llmtrace's CPU in vLLM's processes
+    (hooks, builder, exports) and in its span export processes, per request. Medians
+    over rounds with bootstrap 95% intervals; spans received per request.
+    """
+    print(f"\n== attributed cost: {rounds} interleaved rounds x {per_round} requests x 64 "
+          f"tokens per arm, {concurrency} concurrent streams ==")
+    arms: dict[str, tuple[ServerConfig, Path, str]] = {}
+    for ratio_label, ratio in (("default (0.1)", None), ("100%", "1")):
+        for mode in ("thread", "process"):
+            n = len(arms)
+            service = f"overhead-arm-{n}"
+            env = llmtrace_env(rx, ratio, scratch / f"measure-{n}", LLMTRACE_SPAN_EXPORT=mode,
+                               OTEL_SERVICE_NAME=service,
+                               # exports within a round's pause, so each round pays its own
+                               OTEL_BSP_SCHEDULE_DELAY="300")
+            arms[f"{ratio_label}, {mode}"] = (ServerConfig(models.dense, DENSE, env=env),
+                                              scratch / f"measure-{n}", service)
+    servers = dict(zip(arms, pool.get_many([cfg for cfg, _, _ in arms.values()]),
+                       strict=True))
+    for server in servers.values():
         run_load(server.base_url, DENSE, workload(32, 1), concurrency)  # warm-up
-        time.sleep(1.5)
-        lt0, _, _ = llmtrace_cpu_s(d)
-        cpu0 = group_cpu_s(server.proc.pid)
-        timings = run_load(server.base_url, DENSE, workload(n, 2), concurrency)
-        time.sleep(2.5)  # let the exporters drain and the reporters write
-        cpu = group_cpu_s(server.proc.pid) - cpu0
-        lt1, per_hook, dropped = llmtrace_cpu_s(d)
-        lt = lt1 - lt0
-        s = summarize(timings)
-        print(f"{label:>24}: llmtrace {lt * 1e3:8.1f} ms CPU / server {cpu:7.2f} s CPU "
-              f"= {100 * lt / cpu:5.2f}% | {lt / n * 1e6:7.1f} us per request | "
-              f"{lt / s.output_tokens * 1000 * 1e3:6.2f} ms per 1,000 output tokens | "
-              f"{s.tokens_per_s:6.1f} tok/s, errors {s.errors}, dropped {dropped or 0}")
-        top = sorted(per_hook.items(), key=lambda kv: -kv[1])
-        print(f"{'':>24}  by hook (cumulative s): "
-              + ", ".join(f"{k}={v:.3f}" for k, v in top))
-    for cfg, _ in arms.values():
+    time.sleep(2.0)
+
+    def spans_of(service: str) -> int:
+        return sum(1 for sp in rx.spans() if sp.resource.get("service.name") == service)
+
+    in_vllm: dict[str, list[float]] = {k: [] for k in arms}
+    exporter: dict[str, list[float]] = {k: [] for k in arms}
+    spans: dict[str, list[float]] = {k: [] for k in arms}
+    errors: dict[str, int] = dict.fromkeys(arms, 0)
+    for rnd in range(rounds):
+        order = list(arms)
+        random.Random(100 + rnd).shuffle(order)
+        for label in order:
+            _, d, service = arms[label]
+            v0, e0, _, _ = llmtrace_cpu_s(d)
+            s0 = spans_of(service)
+            timings = run_load(servers[label].base_url, DENSE, workload(per_round, rnd),
+                               concurrency)
+            time.sleep(1.5)  # the builder's batch, the span export, the reporters' write
+            v1, e1, _, _ = llmtrace_cpu_s(d)
+            in_vllm[label].append((v1 - v0) / per_round * 1e6)
+            exporter[label].append((e1 - e0) / per_round * 1e6)
+            spans[label].append((spans_of(service) - s0) / per_round)
+            errors[label] += summarize(timings).errors
+        print(f"round {rnd + 1}/{rounds} done", file=sys.stderr)
+    print(f"{'arm':>24} {'in vLLM processes, us/req':>30} {'span export process':>28} "
+          f"{'total':>8} {'spans/req':>9}")
+    for label in arms:
+        cells = []
+        for values in (in_vllm[label], exporter[label]):
+            lo, hi = bootstrap_ci(values)
+            cells.append(f"{statistics.median(values):8.1f} [{lo:7.1f}, {hi:7.1f}]")
+        total = statistics.median(v + e for v, e in zip(in_vllm[label], exporter[label],
+                                                          strict=True))
+        print(f"{label:>24} {cells[0]:>30} {cells[1]:>28} {total:8.1f} "
+              f"{statistics.median(spans[label]):9.2f}")
+    for label, (_, d, _) in arms.items():
+        _, _, per_hook, dropped = llmtrace_cpu_s(d)
+        top = sorted(per_hook.items(), key=lambda kv: -kv[1])[:6]
+        print(f"{label:>24}: cumulative s " + ", ".join(f"{k}={v:.3f}" for k, v in top)
+              + f" | errors {errors[label]} | dropped {dropped or 0}")
+    for cfg, _, _ in arms.values():
         pool.stop(cfg)
 
 
@@ -195,7 +232,9 @@ def ab(pool: ServerPool, models, rx: OTLPReceiver, pairs: int, per_round: int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--requests", type=int, default=160, help="attributed-cost requests per arm")
+    p.add_argument("--rounds", type=int, default=10, help="attributed-cost rounds")
+    p.add_argument("--requests", type=int, default=32,
+                   help="attributed-cost requests per arm per round")
     p.add_argument("--pairs", type=int, default=30)
     p.add_argument("--per-round", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=16)
@@ -208,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     with OTLPReceiver() as rx:
         try:
             if not args.skip_attributed:
-                attributed_cost(pool, models, rx, scratch, args.requests, args.concurrency)
+                attributed_cost(pool, models, rx, scratch, args.rounds, args.requests,
+                                args.concurrency)
             if not args.skip_ab:
                 ab(pool, models, rx, args.pairs, args.per_round, args.concurrency)
         finally:

@@ -62,3 +62,20 @@ def test_flush_from_another_thread_waits_for_the_queue_to_empty():
     assert builder.flush(10)  # wakes the thread and waits, well before 5 s
     assert built == list(range(100))
     builder.shutdown()
+
+
+def test_an_idle_builder_does_not_wake_up():
+    """No periodic work on an idle server: batch callbacks run after jobs, not on a timer."""
+    builder = Builder(Counter(), interval_s=0.01)
+    batches = []
+    builder.after_batch.append(lambda: batches.append(builder.pending))
+    built = []
+    builder.submit(built.append, 1)
+    assert builder.flush(10) and built == [1]
+    after_job = len(batches)
+    assert after_job >= 1
+    threading.Event().wait(0.3)  # thirty former polling intervals
+    assert len(batches) == after_job
+    builder.submit(built.append, 2)  # the next job wakes it again
+    assert builder.flush(10) and built == [1, 2]
+    builder.shutdown()

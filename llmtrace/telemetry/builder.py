@@ -10,8 +10,11 @@ moving the work changes no timing.
 The hand-off queue is bounded: when the builder falls behind (a starved
 thread, an exporter blocking it), new work is dropped and counted
 (``llmtrace.telemetry.dropped{reason="build_queue_full"}``), never waited for.
-The thread releases the GIL every few items (``time.sleep(0)``), so a burst of
-finished requests does not hold the serving loop for a whole switch interval.
+The thread sleeps while there is nothing to build (no wake-ups on an idle
+server): the first job of a batch wakes it, and it gathers the batch for
+``interval_s`` before building. It releases the GIL every few items
+(``time.sleep(0)``), so a burst of finished requests does not hold the serving
+loop for a whole switch interval.
 After each batch it runs the ``after_batch`` callbacks: metric updates summed
 over the batch reach the SDK there, one call per series rather than per request.
 """
@@ -73,6 +76,8 @@ class Builder:
         items.append((job, item))
         if self._thread is None:
             self._start()
+        elif len(items) == 1:  # the first of a batch wakes the thread; the rest ride along
+            self._wake.set()
         return True
 
     @property
@@ -87,21 +92,31 @@ class Builder:
                 thread.start()
 
     def _run(self) -> None:
+        # Asleep while there is nothing to build: no periodic wake-ups on an idle
+        # server. Woken by the first job of a batch, it waits ``interval`` for the
+        # rest to arrive, so a busy server's requests are built (and their metric
+        # updates handed to the SDK) in batches.
         while not self._stopped:
-            self._wake.wait(self._interval)
+            if not self._items:
+                self._wake.wait(1.0)
             self._wake.clear()
-            self.drain()
+            if self._stopped:
+                break
+            if self._items:
+                self._wake.wait(self._interval)  # gather a batch; a flush cuts it short
+                self._wake.clear()
+                self.drain(callbacks=False)
 
-    def drain(self) -> None:
-        """Run every queued job now, then the after-batch callbacks (the thread's loop;
-        also flush and tests)."""
+    def drain(self, callbacks: bool = True) -> None:
+        """Run every queued job now, then the after-batch callbacks: always if
+        ``callbacks`` (flush, tests), else only when a job ran (the thread's loop)."""
         items = self._items
         measure = self._measure
         with self._idle:
             self._busy += 1
         try:
-            self._run_jobs(items, measure)
-            for callback in self.after_batch:
+            ran = self._run_jobs(items, measure)
+            for callback in self.after_batch if (callbacks or ran) else ():
                 t0 = time.thread_time() if measure else 0.0
                 try:
                     callback()
@@ -116,7 +131,7 @@ class Builder:
                 self._busy -= 1
                 self._idle.notify_all()
 
-    def _run_jobs(self, items: deque, measure: bool) -> None:
+    def _run_jobs(self, items: deque, measure: bool) -> int:
         done = 0
         while items:
             try:
@@ -138,6 +153,7 @@ class Builder:
             done += 1
             if done % 8 == 0:
                 time.sleep(0)  # let the serving thread run between small batches
+        return done
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Build everything queued so far; True when the queue emptied in time."""

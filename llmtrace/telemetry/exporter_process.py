@@ -6,10 +6,9 @@ from stdin: first the handshake (llmtrace's configuration, the resource and the
 instrumentation scope), then batches of span tuples and flush markers. It
 rebuilds each span as the SDK's ``ReadableSpan`` and hands each batch to the same
 exporters llmtrace would use in-process (the parent batches as the SDK's batch
-processor does), so what reaches the backend is identical. Once a second, and
-after each flush, it writes one JSON
-line of cumulative counts (exported, failed, dropped by reason) to stdout for
-the parent's self-telemetry.
+processor does), so what reaches the backend is identical. Once a second when
+they changed, and after each flush, it writes one JSON line of cumulative counts
+(received, settled, dropped by reason) to stdout for the parent's self-telemetry.
 
 It exits when stdin closes (the parent ended, or shut llmtrace down), after
 exporting what it holds. Ctrl-C in the server's terminal reaches the whole
@@ -107,8 +106,12 @@ def main() -> int:
                 pass
 
     def reporter() -> None:
+        last = None
         while not stop.wait(1.0):
-            report()
+            now = (counts["received"], counts["settled"], sum(DROPPED.values()))
+            if now != last:  # an idle exporter process writes nothing
+                last = now
+                report()
 
     threading.Thread(target=reporter, name="llmtrace-export-reports", daemon=True).start()
     if config.measure_overhead:
