@@ -76,7 +76,7 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error
 _EVENTS = {2: SCHEDULED, 3: PREEMPTED}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestState:
     """Serving-path state of one request: ids, timestamps and counts, nothing built.
 
