@@ -145,35 +145,25 @@ class EngineTracer:
             self._idle_s += max(0.0, (start_ns - self._last_end_ns) / 1e9)
         step = StepPending(start_ns, sched_ns, self.step_index, len(num_scheduled),
                            out.total_num_scheduled_tokens)
-        request_of = scheduler.requests.get
-        usage_of = self.usage.get
+        requests = scheduler.requests
+        usage = self.usage
         records = self.records
         pw, dw = self._prefill_w, self._decode_w
-        share = step.shares.append
-        weight = 0.0
-        # per scheduled request, every step: the one per-token loop of the engine core
+        shares = step.shares
         for rid, n in num_scheduled.items():
-            request = request_of(rid)
+            request = requests.get(rid)
             if request is None:
                 continue
             # tokens of the prompt still uncomputed before this step are prefill
             before = request.num_computed_tokens - n
             prefill = request.num_prompt_tokens - before
-            if prefill <= 0:  # decode, the common case
-                u = usage_of(rid)
-                if u is not None:
-                    w = dw * n
-                    share((u, w))
-                    weight += w
-                continue
-            if prefill > n:
-                prefill = n
-            u = usage_of(rid)
+            prefill = 0 if prefill < 0 else (n if prefill > n else prefill)
+            u = usage.get(rid)
             if u is not None:
                 w = pw * prefill + dw * (n - prefill)
-                share((u, w))
-                weight += w
-            if records:
+                shares.append((u, w))
+                step.weight += w
+            if prefill and records:
                 rec = records.get(rid)
                 if rec is not None:
                     external = 0
@@ -181,7 +171,6 @@ class EngineTracer:
                         stats = getattr(request, "prefill_stats", None)
                         external = getattr(stats, "num_external_cached_tokens", 0) or 0
                     step.chunks.append((rec, n, before, external))
-        step.weight = weight
         if len(self.pending) > 64:  # a step that never completed must not leak
             self.pending.pop(next(iter(self.pending)))
         self.pending[id(out)] = step
