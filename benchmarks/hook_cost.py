@@ -3,15 +3,21 @@
 One process runs vLLM's engine in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
 the output processor's and the scheduler's hooks run on this thread, with no
 busy-polling engine loop to blur the figures). Rounds of the same batch of
-requests alternate between three arms: bare (llmtrace uninstrumented), llmtrace
-at default sampling (0.1) and llmtrace at 100%. Per arm it reports:
+requests alternate between four arms: bare (llmtrace uninstrumented, vLLM's
+tracing off), vLLM's own tracing (``otlp_traces_endpoint``, to a real OTLP
+receiver in this process; switched per arm through the output processor's
+``tracing_enabled``), llmtrace at default sampling (0.1) and llmtrace at 100%.
+Per arm it reports:
 
 - process CPU per request (``time.process_time``: every thread, the builder
   and exporters included), and the difference from bare, as the median of
   per-round differences with a bootstrap 95% interval;
 - with ``LLMTRACE_MEASURE_OVERHEAD``, each hook body's and the builder's thread
   CPU per request, so the serving path (hooks) and the off-path work (builder,
-  exports) are told apart.
+  exports) are told apart;
+- for vLLM's own tracing, measured the same way by this script: the thread CPU
+  of ``OutputProcessor.do_tracing`` (its one span, on the serving path) and of
+  its OTLP exporter's ``export`` (its batch thread), per request.
 
 Spans go to an in-memory exporter (no network), metrics to an in-memory reader,
 through llmtrace's own pipeline as a server runs it (``--user-providers``: through
@@ -57,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                       VLLM_CACHE_ROOT=str(scratch / "vllm"), TMPDIR=str(scratch),
                       TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"),
                       LLMTRACE_MEASURE_OVERHEAD="1", LLMTRACE_OVERHEAD_DIR=str(scratch))
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
     from vllm import LLM, SamplingParams
+    from vllm.v1.engine.output_processor import OutputProcessor
 
     import llmtrace
     from llmtrace.config import load_config
@@ -72,10 +81,33 @@ def main(argv: list[str] | None = None) -> int:
     from llmtrace.telemetry import Telemetry
     from llmtrace.telemetry.guard import HOOK_CPU_S
     from testbed.models import DENSE, ensure_models
+    from testbed.otlp_receiver import OTLPReceiver
+
+    # vLLM's own tracing, timed the way llmtrace's measure mode times llmtrace: its
+    # span (do_tracing, on the serving path) and its exporter (the batch thread)
+    vllm_cpu = {"do_tracing": 0.0, "export": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            t0 = time.thread_time()
+            try:
+                return fn(*a, **kw)
+            finally:
+                vllm_cpu[key] += time.thread_time() - t0
+        return wrapper
+
+    OutputProcessor.do_tracing = timed(OutputProcessor.do_tracing, "do_tracing")
+    OTLPSpanExporter.export = timed(OTLPSpanExporter.export, "export")
+    receiver = OTLPReceiver().start()
+    os.environ["OTEL_EXPORTER_OTLP_TRACES_INSECURE"] = "true"
 
     models = ensure_models(REPO / ".cache" / "models")
     llm = LLM(model=str(models.dense), served_model_name=DENSE, enforce_eager=True,
-              max_model_len=512, disable_log_stats=False)
+              max_model_len=512, disable_log_stats=False,
+              otlp_traces_endpoint=receiver.grpc_endpoint)
+    output_processor = llm.llm_engine.output_processor
+    output_processor.tracing_enabled = False  # on in its own arm only
+    vllm_provider = otel_trace.get_tracer_provider()  # vLLM's, set by its init_tracer
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     rng = random.Random(0)
     prompts = [" ".join(["scheduler"] * rng.randint(4, 40)) for _ in range(args.requests)]
@@ -118,15 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     instrumentor = VLLMInstrumentor()
     llm.generate(prompts, params, use_tqdm=False)  # warm-up, instrumented
     flush()
-    arms = ["bare", *ratios]
+    vllm_arm = "vLLM's own tracing"
+    arms = ["bare", vllm_arm, *ratios]
     cpu: dict[str, list[float]] = {a: [] for a in arms}
+    vllm_spent = {"do_tracing": 0.0, "export": 0.0}
+    vllm_spans = 0
     hooks: dict[str, dict[str, float]] = {a: {} for a in ratios}
     spans: dict[str, int] = {a: 0 for a in ratios}
     for r in range(args.rounds):
         order = arms[:]
         random.Random(r).shuffle(order)
         for arm in order:
-            if arm == "bare":
+            output_processor.tracing_enabled = arm == vllm_arm
+            if arm in ("bare", vllm_arm):
                 uninstall(instrumentor._installed)
             else:
                 switch.current = ratios[arm]
@@ -134,13 +170,22 @@ def main(argv: list[str] | None = None) -> int:
                     instrumentor._installed = install(
                         hook_table(instrumentor.frontend, instrumentor.engine), measure=True)
             before_hooks = dict(HOOK_CPU_S)
+            before_vllm = dict(vllm_cpu)
+            received = len(receiver.spans())
             exporter.clear()
             t0 = time.process_time()
             llm.generate(prompts, params, use_tqdm=False)
             flush()  # the builder's work for this round counts to this round
             tp.force_flush()
+            vllm_provider.force_flush()
             cpu[arm].append((time.process_time() - t0) / args.requests)
-            if arm != "bare":
+            if arm == vllm_arm:
+                for key, total in vllm_cpu.items():
+                    vllm_spent[key] += total - before_vllm[key]
+                want = received + args.requests
+                receiver.wait_for(lambda r, want=want: len(r.spans()) >= want, 10)
+                vllm_spans += len(receiver.spans()) - received
+            elif arm != "bare":
                 spans[arm] += len(exporter.get_finished_spans())
                 for name, total in HOOK_CPU_S.items():
                     spent = total - before_hooks.get(name, 0.0)
@@ -150,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.tokens} tokens, arms interleaved ==")
     bare = statistics.median(cpu["bare"])
     print(f"{'bare vLLM':>16}: {bare * 1e6:9.1f} us CPU per request (median of rounds)")
+    diffs = [(a - b) * 1e6 for a, b in zip(cpu[vllm_arm], cpu["bare"], strict=True)]
+    lo, hi = bootstrap_ci(diffs)
+    print(f"{vllm_arm:>16}: +{statistics.median(diffs):7.1f} us per request [{lo:6.1f}, "
+          f"{hi:6.1f}] over bare | do_tracing (serving path) "
+          f"{vllm_spent['do_tracing'] / n * 1e6:6.1f} us, span export "
+          f"{vllm_spent['export'] / n * 1e6:6.1f} us per request | "
+          f"{vllm_spans / n:4.2f} spans per request")
     for arm in ratios:
         diffs = [(a - b) * 1e6 for a, b in zip(cpu[arm], cpu["bare"], strict=True)]
         lo, hi = bootstrap_ci(diffs)
@@ -162,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         top = sorted(hooks[arm].items(), key=lambda kv: -kv[1])
         print(f"{'':>16}  by hook, us per request: "
               + ", ".join(f"{k}={v / n * 1e6:.1f}" for k, v in top if v > 0))
+    receiver.stop()
     return 0
 
 

@@ -120,7 +120,7 @@ def attributed_cost(pool: ServerPool, models, rx: OTLPReceiver, scratch: Path, r
             env = llmtrace_env(rx, ratio, scratch / f"measure-{n}", LLMTRACE_SPAN_EXPORT=mode,
                                OTEL_SERVICE_NAME=service,
                                # exports within a round's pause, so each round pays its own
-                               OTEL_BSP_SCHEDULE_DELAY="300")
+                               OTEL_BSP_SCHEDULE_DELAY="1000")
             arms[f"{ratio_label}, {mode}"] = (ServerConfig(models.dense, DENSE, env=env),
                                               scratch / f"measure-{n}", service)
     servers = dict(zip(arms, pool.get_many([cfg for cfg, _, _ in arms.values()]),
