@@ -67,19 +67,23 @@ def encode(message: Any) -> bytes:
 
 def span_tuple(span: ReadableSpan) -> tuple:
     """A finished SDK span as plain values (the exporter process rebuilds it)."""
-    ctx = span.context
-    parent = span.parent
-    state = ctx.trace_state
+    return wire(span.name, span.context, span.parent, span.kind, span.start_time,
+                span.end_time, span.attributes, span.events, span.links, span.status)
+
+
+def wire(name, context, parent, kind, start_ns, end_ns, attributes, events, links,
+         status) -> tuple:
+    """The pipe's span tuple, from a span's parts (an SDK span's or a ``DirectSpan``'s)."""
+    state = context.trace_state
     return (
-        span.name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
+        name, context.trace_id, context.span_id, int(context.trace_flags),
         tuple(state.items()) if state else None,
         (parent.span_id, parent.is_remote) if parent is not None else None,
-        int(span.kind.value), span.start_time, span.end_time,
-        _plain(span.attributes),
-        tuple((e.name, e.timestamp, _plain(e.attributes)) for e in span.events),
+        kind.value, start_ns, end_ns, _plain(attributes),
+        tuple((e.name, e.timestamp, _plain(e.attributes)) for e in events),
         tuple((link.context.trace_id, link.context.span_id, int(link.context.trace_flags),
-               _plain(link.attributes)) for link in span.links),
-        int(span.status.status_code.value), span.status.description,
+               _plain(link.attributes)) for link in links),
+        status.status_code.value, status.description,
     )
 
 

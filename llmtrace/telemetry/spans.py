@@ -32,6 +32,8 @@ from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from llmtrace.telemetry.span_pipe import wire
+
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _UNSET = Status(StatusCode.UNSET)
 
@@ -123,18 +125,6 @@ class DirectSpan:
             processor.on_end(span)
 
     def wire(self, end_ns: int) -> tuple:
-        """This span as ``span_pipe.span_tuple`` would flatten its ``ReadableSpan``."""
-        ctx = self._context
-        parent = self.parent
-        state = ctx.trace_state
-        attributes = self.attributes
-        return (
-            self.name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
-            tuple(state.items()) if state else None,
-            (parent.span_id, parent.is_remote) if parent is not None else None,
-            self.kind.value, self.start_ns, end_ns,
-            {k: (tuple(v) if isinstance(v, list) else v) for k, v in attributes.items()}
-            if attributes else None,
-            tuple((e.name, e.timestamp, dict(e.attributes) if e.attributes else None)
-                  for e in self.events),
-            (), self.status.status_code.value, self.status.description)
+        """This span as the span export process's pipe carries it."""
+        return wire(self.name, self._context, self.parent, self.kind, self.start_ns, end_ns,
+                    self.attributes, self.events, (), self.status)
