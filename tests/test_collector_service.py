@@ -603,12 +603,21 @@ def test_oversize_payloads_and_unknown_paths(start_collector, monkeypatch):
     assert len(bomb) < 4096
     reply = run.post(bomb, PROTOBUF, "gzip")
     assert reply.status == 400 and b"decompresses to more than" in reply.body
+    # several gzip members, the first exactly at the bound: the rest must not inflate
+    # unbounded (a zero "room" meant "no limit" to zlib)
+    members = gzip.compress(bytes(1 << 20)) + gzip.compress(bytes(2 << 20))
+    assert len(members) < 4096
+    reply = run.post(members, PROTOBUF, "gzip")
+    assert reply.status == 400 and b"decompresses to more than" in reply.body, reply.body
+    # deflate has one stream: bytes after it are refused, not ignored
+    reply = run.post(zlib.compress(_VALID) + b"more", PROTOBUF, "deflate")
+    assert reply.status == 400 and b"after the end" in reply.body, reply.body
 
     reply = run.post(_VALID, path="/v1/metrics")
     assert reply.status == 404 and b"/v1/metrics" in reply.body
     samples = run.scrape()
     assert total(samples, REJECTED, **{REASON: "too_large"}) == 3
-    assert total(samples, REJECTED, **{REASON: "malformed"}) == 1
+    assert total(samples, REJECTED, **{REASON: "malformed"}) == 3  # bomb, members, deflate tail
     assert total(samples, RECEIVED) == 0
     p = payloads(make_spans(1))[0]
     assert run.post(p.body).status == 200

@@ -64,16 +64,20 @@ def decompress(body: bytes, encoding: str | None) -> bytes:
         parts: list[bytes] = []
         size = 0
         while True:  # gzip allows several members back to back
-            out = d.decompress(body, MAX_DECODED_BYTES - size)
+            # one byte past the bound: never 0, which zlib reads as "no limit"
+            out = d.decompress(body, MAX_DECODED_BYTES - size + 1)
             size += len(out)
             parts.append(out)
-            if d.unconsumed_tail:
+            if size > MAX_DECODED_BYTES or d.unconsumed_tail:
                 raise OTLPError(f"payload decompresses to more than {MAX_DECODED_BYTES} bytes")
             if not d.eof:  # a cut-off stream must not pass as a shorter payload
                 raise OTLPError(f"bad {encoding} body: compressed stream is truncated")
             body = d.unused_data
-            if encoding != "gzip" or not body:
+            if not body:
                 return b"".join(parts)
+            if encoding != "gzip":
+                raise OTLPError(f"bad {encoding} body: {len(body)} bytes after the end of "
+                                "the compressed stream")
             d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     except (zlib.error, gzip.BadGzipFile, EOFError) as exc:
         raise OTLPError(f"bad {encoding} body: {exc}") from exc
