@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llmtrace.record.labels import MAX_LABEL_LENGTH
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -58,6 +60,9 @@ class Config(BaseModel):
     capture_content: bool = False
     #: Distinct values kept per metric label before values collapse to ``__overflow__``.
     max_label_values: int = Field(default=100, ge=1)
+    #: Longest value, in characters, a label or span attribute takes from a request
+    #: (the tenant header): longer ones are cut, ending in an ellipsis, and counted.
+    max_label_length: int = Field(default=MAX_LABEL_LENGTH, ge=8, le=4096)
     metrics_enabled: bool = True
     #: Metric exporters, as OTEL_METRICS_EXPORTER: any of otlp, prometheus, none.
     metrics_exporter: str = "otlp"
@@ -149,6 +154,7 @@ _ENV: dict[str, tuple[str, ...]] = {
     "deployment_version": ("LLMTRACE_DEPLOYMENT_VERSION",),
     "capture_content": ("LLMTRACE_CAPTURE_CONTENT",),
     "max_label_values": ("LLMTRACE_MAX_LABEL_VALUES",),
+    "max_label_length": ("LLMTRACE_MAX_LABEL_LENGTH",),
     "metrics_enabled": ("LLMTRACE_METRICS_ENABLED",),
     "metrics_exporter": ("LLMTRACE_METRICS_EXPORTER", "OTEL_METRICS_EXPORTER"),
     "prometheus_host": ("OTEL_EXPORTER_PROMETHEUS_HOST",),

@@ -228,7 +228,7 @@ LLMTRACE_STEP_SCHEDULED_TOKENS: Final = 'llmtrace.step.scheduled_tokens'
 LLMTRACE_TELEMETRY_HOOK: Final = 'llmtrace.telemetry.hook'
 """Instrumentation hook a self-telemetry figure refers to."""
 LLMTRACE_TELEMETRY_REASON: Final = 'llmtrace.telemetry.reason'
-"""Why telemetry was dropped or a label overflowed."""
+"""Why telemetry was dropped or a label value changed."""
 LLMTRACE_TENANT: Final = 'llmtrace.tenant'
 """Tenant the request is billed to, from a configured request header or API-key mapping."""
 SERVER_ADDRESS: Final = 'server.address'
@@ -758,7 +758,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.server.requests': 'Finished requests by finish reason and server-side error type.',
     'llmtrace.telemetry.dropped': 'Spans or records dropped because a queue was full or export failed.',
     'llmtrace.telemetry.hook_errors': 'Exceptions caught inside instrumentation hooks (never raised into the host).',
-    'llmtrace.telemetry.label_overflows': 'Label values replaced by `__overflow__` by the cardinality cap.',
+    'llmtrace.telemetry.label_overflows': 'Label values changed before use: cut to the maximum length (`too_long`), characters that are not printable replaced (`unprintable`), or replaced by `__overflow__` by the cardinality cap (`cardinality_cap`).',
     'llmtrace.user.regenerations': 'Requests that regenerate an earlier answer (user retry signal).',
 }
 

@@ -66,6 +66,7 @@ from llmtrace.collector import CollectorConfig, CollectorService, Refused, load_
 from llmtrace.collector.otlp import EXPORT_PATH, TRACE_SERVICE
 from llmtrace.config import ConfigError
 from llmtrace.record import RequestRecord, UsageRecord
+from llmtrace.record.labels import CUT_MARK, MAX_LABEL_LENGTH
 from testbed.otlp_receiver import OTLPReceiver
 from testbed.synthetic import ACCELERATOR_S, TTFT_S, make_payload, make_spans
 
@@ -314,6 +315,61 @@ def block_worker(service: CollectorService) -> tuple[threading.Event, threading.
 
 
 # -- 1. real SDK exporters in, derived metrics out ---------------------------------------------
+
+
+def test_one_bad_record_loses_only_itself_counted(start_collector):
+    """Out-of-range values in one request of a payload: that request is refused and
+    counted, its neighbours are derived, and no sum or counter is poisoned."""
+    run = start_collector()
+    spans = make_spans(5, tenants=5)
+    bad = {"t1": {sc.GEN_AI_USAGE_OUTPUT_TOKENS: -5},
+           "t2": {sc.LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN: float("nan")},
+           "t3": {sc.GEN_AI_USAGE_INPUT_TOKENS: 2**63 - 1},
+           "t4": {sc.LLMTRACE_LATENCY_E2E: float("inf")}}
+    for span in spans:
+        change = bad.get(span.attributes.get(sc.LLMTRACE_TENANT))
+        if change and span.name == sc.SPAN_LLMTRACE_REQUEST:
+            span._attributes = {**span.attributes, **change}
+        if span.name == sc.SPAN_LLMTRACE_ENGINE_REQUEST and \
+                span.attributes.get(sc.LLMTRACE_TENANT) == "t0":
+            span._attributes = {**span.attributes, sc.LLMTRACE_COST_ACCELERATOR_SECONDS: -1.0}
+    assert run.post(encode_spans(spans).SerializeToString()).status == 200
+    wait_until(lambda: len(run.records) == 1 and len(run.usage) == 4, what="good records")
+    wait_until(lambda: total(run.scrape(), DROPPED, **{REASON: "invalid_record"}) == 5,
+               what="refused records counted")
+    assert [r.tenant for r in run.records] == ["t0"]
+    assert sorted(u.tenant for u in run.usage) == ["t1", "t2", "t3", "t4"]
+    samples = run.scrape()
+    for sample in samples:  # nothing non-finite or negative reached a series
+        assert sample.value == sample.value and abs(sample.value) != float("inf"), sample
+    assert total(samples, f"{TTFT}_count") == 1
+    assert total(samples, f"{TTFT}_sum") == pytest.approx(TTFT_S)
+
+
+def test_hostile_label_values_are_cut_and_counted(start_collector):
+    """A 1 MB model attribute, a tenant with line breaks, a non-ASCII version: every
+    /metrics label value stays within the length bound, cut values are recognisable
+    and the changes are counted by reason; the records themselves are derived."""
+    run = start_collector()
+    huge = "m" * (1 << 20)
+    spans = make_spans(2, model=huge, tenants=1) + make_spans(1, model="ok", version="v-ü")
+    for span in spans:  # tenants with a control character and a line break
+        if span.attributes.get(sc.LLMTRACE_TENANT) == "t0" and span.attributes.get(
+                sc.GEN_AI_REQUEST_MODEL) == huge:
+            span._attributes = {**span.attributes, sc.LLMTRACE_TENANT: "acme\n\x07evil"}
+    body = encode_spans(spans).SerializeToString()
+    assert run.post(body).status == 200
+    run.wait_derived(root_ids(spans))
+    reply = run.admin("/metrics")
+    assert reply.status == 200 and len(reply.body) < 1 << 20  # not a copy of the 1 MB value
+    samples = parse_samples(reply.body.decode())
+    values = {v for s in samples for v in s.labels.values()}
+    assert max(len(v) for v in values) <= MAX_LABEL_LENGTH
+    assert "m" * (MAX_LABEL_LENGTH - 1) + CUT_MARK in values
+    assert "acme\ufffd\ufffdevil" in values and "v-ü" in values and "ok" in values
+    overflows = "llmtrace_telemetry_label_overflows_total"
+    assert total(samples, overflows, **{REASON: "too_long"}) >= 1
+    assert total(samples, overflows, **{REASON: "unprintable"}) >= 1
 
 
 @pytest.mark.parametrize("transport", ["grpc", "http", "http+gzip"])

@@ -14,6 +14,14 @@ from llmtrace.instrumentation.targets import Target as T
 from llmtrace.instrumentation.vllm import VLLMInstrumentor, hook_table
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
+from llmtrace.record.labels import (
+    CLEANED,
+    CUT_MARK,
+    MAX_LABEL_LENGTH,
+    TOO_LONG,
+    UNPRINTABLE,
+    clean_label,
+)
 from llmtrace.telemetry import Telemetry
 from llmtrace.telemetry.guard import DISABLED_HOOKS, HOOK_ERRORS, HookGuard
 from llmtrace.telemetry.metrics import OVERFLOW, LabelLimiter
@@ -215,6 +223,21 @@ def test_label_cardinality_is_capped_and_counted():
     assert limit("tenant", "t1") == "t1"
     assert limit.overflows == {"tenant": 2}
     assert limit("model", "m") == "m"  # caps are per label
+
+
+def test_label_values_from_outside_are_cut_cleaned_and_counted():
+    before = dict(CLEANED)
+    assert clean_label("acme") == "acme"
+    cut = clean_label("x" * 100_000)
+    assert len(cut) == MAX_LABEL_LENGTH and cut.endswith(CUT_MARK)
+    assert clean_label("a\nb\x07c\u200bd") == "a\ufffdb\ufffdc\ufffdd"  # line break, BEL, ZWSP
+    assert clean_label("café-ü 東京") == "café-ü 東京"  # printable Unicode is kept
+    assert CLEANED[TOO_LONG] - before.get(TOO_LONG, 0) == 1
+    assert CLEANED[UNPRINTABLE] - before.get(UNPRINTABLE, 0) == 1
+    limit = LabelLimiter(3, max_length=16)
+    assert limit("tenant", "t" * 40) == "t" * 15 + CUT_MARK
+    # the same long value again is the same (cut) series, not a new one each time
+    assert limit("tenant", "t" * 40) == "t" * 15 + CUT_MARK and not limit.overflows
 
 
 def test_llmtrace_warnings_stay_visible_when_root_logging_is_reset(capfd):

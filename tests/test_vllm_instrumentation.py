@@ -16,6 +16,7 @@ import pytest
 
 from llmtrace import semconv as sc
 from llmtrace.pricing import PriceTable
+from llmtrace.record.labels import CUT_MARK, MAX_LABEL_LENGTH
 from testbed.models import DENSE, MOE
 from testbed.otlp_receiver import OTLPReceiver, ReceivedSpan
 from testbed.registry import assert_in_registry
@@ -420,6 +421,33 @@ def test_missing_internal_disables_one_hook_and_serving_continues(
         assert len({w.split("[llmtrace]")[1] for w in warnings}) == 1
     healthy = server.log_path.read_text(errors="replace").count("hook vllm.scheduler.schedule")
     assert healthy == 0
+
+
+def test_tenant_header_is_utf8_bounded_and_the_same_on_spans_and_metrics(
+        instrumented_servers, otlp_receiver):
+    """A 10,000-character tenant header is cut to the label bound on the span and
+    on /metrics (and counted); a UTF-8 tenant arrives as sent, not as latin-1."""
+    server = instrumented_servers["dense"]
+    sent = {"long": b"z" * 10_000, "utf8": "café-ü 東京".encode()}
+    ids = {}
+    for key, tenant in sent.items():
+        (trace_id, _), request = traced(chat(f"tenant {key}", 4))
+        request["headers"]["x-tenant-id"] = tenant  # bytes on the wire, as given
+        [timing] = run_load(server.base_url, DENSE, [request], 1)
+        assert timing.ok, timing.error
+        ids[key] = trace_id
+    tenants = {}
+    for key, trace_id in ids.items():
+        [root] = by_name(trace_of(otlp_receiver, trace_id), sc.SPAN_LLMTRACE_REQUEST)
+        tenants[key] = root.attributes[sc.LLMTRACE_TENANT]
+    cut = "z" * (MAX_LABEL_LENGTH - 1) + CUT_MARK
+    assert tenants == {"long": cut, "utf8": "café-ü 東京"}
+    metrics = httpx.get(f"{server.base_url}/metrics", timeout=30).text
+    assert f'llmtrace_tenant="{cut}"' in metrics
+    assert "z" * MAX_LABEL_LENGTH not in metrics
+    assert 'llmtrace_tenant="café-ü 東京"' in metrics
+    assert 'llmtrace_telemetry_label_overflows_total{llmtrace_telemetry_reason="too_long"' \
+        in metrics
 
 
 def exporter_processes(root_pid: int) -> dict[int, int]:

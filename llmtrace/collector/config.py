@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmtrace.config import ConfigError
+from llmtrace.record.labels import MAX_LABEL_LENGTH
 
 
 class CollectorConfig(BaseModel):
@@ -43,6 +44,9 @@ class CollectorConfig(BaseModel):
     #: price table (YAML) for USD cost; without it only accelerator-seconds are counted
     prices: Path | None = None
     max_label_values: int = Field(default=100, ge=1)
+    #: longest model, tenant or version value, in characters, taken from a span into
+    #: a label; longer ones are cut, ending in an ellipsis, and counted (the SDK's rule)
+    max_label_length: int = Field(default=MAX_LABEL_LENGTH, ge=8, le=4096)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
 
 

@@ -69,7 +69,8 @@ class CollectorService:
                  on_record=None, on_usage=None) -> None:
         self.config = config
         prices = PriceTable.load(config.prices) if config.prices else None
-        self.metrics = DerivedMetrics(max_label_values=config.max_label_values, prices=prices)
+        self.metrics = DerivedMetrics(max_label_values=config.max_label_values,
+                                      max_label_length=config.max_label_length, prices=prices)
         self._on_record, self._on_usage = on_record, on_usage
         self.assembler = TraceAssembler(self._record, on_usage=self._usage,
                                         window_s=config.window_s, max_traces=config.max_traces,

@@ -17,6 +17,7 @@ and are aggregated at once, never held.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
@@ -26,8 +27,13 @@ from llmtrace.pipeline.inputs import ROOTS, USAGE, request_record, usage_record
 from llmtrace.pipeline.inputs.llm_d import routing_of
 from llmtrace.pipeline.view import SpanView
 from llmtrace.record import RequestRecord, UsageRecord
+from llmtrace.record.validate import request_problem, usage_problem
 
 _REQUEST_SIDE = frozenset({sc.SPAN_LLMTRACE_DECODE, sc.SPAN_LLMTRACE_DECODE_CHUNK})
+#: drop reasons of spans whose record is refused (out-of-range values) or raised
+INVALID_RECORD = "invalid_record"
+DERIVATION_FAILED = "derivation_failed"
+log = logging.getLogger("llmtrace.collector")
 
 
 class TraceAssembler:
@@ -48,6 +54,7 @@ class TraceAssembler:
         self.router_wait_s = router_wait_s
         #: roots held for their router spans: trace id -> [(deadline, root)], oldest first
         self._held: OrderedDict[bytes, list[tuple[float, SpanView]]] = OrderedDict()
+        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._open)
@@ -66,7 +73,7 @@ class TraceAssembler:
                 routed.add(span.trace_id)
             if span.name in USAGE:
                 if self.on_usage is not None:
-                    self.on_usage(usage_record(span))
+                    self._usage(span)
                 continue
             entry = self._open.get(span.trace_id)
             if entry is None:
@@ -116,11 +123,38 @@ class TraceAssembler:
                     self._open[root.trace_id] = (entry[0], rest)
                 else:
                     del self._open[root.trace_id]
-        record = request_record(root, children)
-        if router:
-            record.routing = routing_of(router, trace_id=root.trace_id)
+        try:  # one bad request loses only itself, counted; its neighbours go on
+            record = request_record(root, children)
+            if router:
+                record.routing = routing_of(router, trace_id=root.trace_id)
+        except Exception as exc:  # noqa: BLE001 - input the derivation did not foresee
+            self._refuse(DERIVATION_FAILED, root, f"{type(exc).__name__}: {exc}")
+            return
+        if problem := request_problem(record):
+            self._refuse(INVALID_RECORD, root, problem)
+            return
         self.derived += 1
         self.on_record(record)
+
+    def _usage(self, span: SpanView) -> None:
+        try:
+            usage = usage_record(span)
+        except Exception as exc:  # noqa: BLE001 - as for a request
+            self._refuse(DERIVATION_FAILED, span, f"{type(exc).__name__}: {exc}")
+            return
+        if problem := usage_problem(usage):
+            self._refuse(INVALID_RECORD, span, problem)
+            return
+        self.on_usage(usage)
+
+    def _refuse(self, reason: str, span: SpanView, problem: str) -> None:
+        """Count a span whose record cannot be used; the first of each reason is logged."""
+        self.dropped[reason] += 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            log.warning("%s span of trace %s not derived (%s): %s; counted as "
+                        "llmtrace_pipeline_dropped_spans_total{reason=%r}, later ones too",
+                        span.name, span.trace_id.hex(), reason, problem, reason)
 
     def expire(self, now: float | None = None) -> None:
         """Derive held roots past their deadline; evict traces whose root never came."""

@@ -17,12 +17,20 @@ series at the source.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from llmtrace import schema
+from llmtrace import semconv as sc
 from llmtrace.pricing import PriceTable, price_request, price_usage
 from llmtrace.record import Histogram as Distribution
 from llmtrace.record import RequestRecord, UsageRecord
-from llmtrace.record.labels import OVERFLOW, Feed, LabelLimiter
+from llmtrace.record.labels import (
+    MAX_LABEL_LENGTH,
+    OVERFLOW,
+    Feed,
+    LabelLimiter,
+    label_changes,
+)
 
 
 def _label(name: str) -> str:
@@ -52,14 +60,33 @@ def _observe_many(hist, dist: Distribution) -> None:
             buckets[i].inc(c)
 
 
+class _LabelChanges:
+    """``llmtrace.telemetry.label_overflows`` in the collector, as the SDK counts it: label
+    values cut, cleaned or collapsed to ``__overflow__``, by reason."""
+
+    def __init__(self, limiter: LabelLimiter) -> None:
+        self._limiter = limiter
+
+    def collect(self):
+        name = sc.METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS
+        family = CounterMetricFamily(
+            sc.PROMETHEUS_NAMES[name].removesuffix("_total"), sc.METRIC_BRIEFS[name],
+            labels=[_label(sc.LLMTRACE_TELEMETRY_REASON)])
+        for reason, count in sorted(label_changes(self._limiter).items()):
+            family.add_metric([reason], count)
+        yield family
+
+
 class DerivedMetrics:
     """One Prometheus metric per schema metric the collector publishes, in its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None,
-                 max_label_values: int = 100, prices: PriceTable | None = None) -> None:
+                 max_label_values: int = 100, prices: PriceTable | None = None,
+                 max_label_length: int = MAX_LABEL_LENGTH) -> None:
         self.registry = registry or CollectorRegistry()
         self.prices = prices
-        self.labels = LabelLimiter(max_label_values)
+        self.labels = LabelLimiter(max_label_values, max_label_length)
+        self.registry.register(_LabelChanges(self.labels))
         self._metrics: dict[str, Counter | Histogram] = {}
         for spec in schema.METRICS:
             if not spec.feeds or "collector" not in spec.outputs:

@@ -1,8 +1,18 @@
-"""Metric label values of a record, capped per label; shared by both metric outputs."""
+"""Label values from outside, made safe; capped per label; shared by the SDK and collector.
+
+Values that reach labels and span attributes from outside (a tenant header, a
+model or tenant attribute on an ingested span) are cleaned by one rule,
+:func:`clean_label`, in the SDK and in the collector alike: at most
+:data:`MAX_LABEL_LENGTH` characters, printable characters only. One 1 MB
+``x-tenant-id`` must not make every ``/metrics`` scrape 200 MB. Each change is
+counted by reason (``llmtrace.telemetry.label_overflows``), like the cap on
+distinct values.
+"""
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
@@ -10,14 +20,52 @@ from typing import Any, Generic, TypeVar
 from llmtrace.schema import RECORD_LABELS, MetricSpec
 
 OVERFLOW = "__overflow__"
+#: longest value, in characters, a label or attribute takes from outside (default)
+MAX_LABEL_LENGTH = 128
+#: what a cut value ends with, and what replaces a character that is not printable
+CUT_MARK = "\u2026"
+REPLACEMENT = "\ufffd"
+#: the reasons a label value was changed (``llmtrace.telemetry.reason``)
+CARDINALITY_CAP = "cardinality_cap"
+TOO_LONG = "too_long"
+UNPRINTABLE = "unprintable"
+#: reason -> values changed by :func:`clean_label` in this process
+CLEANED: Counter[str] = Counter()
 T = TypeVar("T")
 
 
-class LabelLimiter:
-    """Keeps at most ``limit`` distinct values per label; the rest become ``__overflow__``."""
+def clean_label(value: str, max_length: int = MAX_LABEL_LENGTH) -> str:
+    """``value`` as a label or attribute may carry it; every change is counted.
 
-    def __init__(self, limit: int) -> None:
+    Longer than ``max_length`` characters: cut, ending in an ellipsis (so a cut
+    value is recognisable). Characters that are not printable (control and
+    format characters, line breaks) become U+FFFD.
+    """
+    if len(value) > max_length:
+        CLEANED[TOO_LONG] += 1
+        value = value[:max_length - 1] + CUT_MARK
+    if not value.isprintable():
+        CLEANED[UNPRINTABLE] += 1
+        value = "".join(c if c.isprintable() else REPLACEMENT for c in value)
+    return value
+
+
+def label_changes(limiter: LabelLimiter | None) -> dict[str, int]:
+    """Label values changed so far in this process, by reason (for the overflow counter)."""
+    out = {k: v for k, v in CLEANED.items() if v}
+    capped = sum(limiter.overflows.values()) if limiter is not None else 0
+    if capped:
+        out[CARDINALITY_CAP] = capped
+    return out
+
+
+class LabelLimiter:
+    """Cleans values (:func:`clean_label`) and keeps at most ``limit`` distinct values per
+    label; the rest become ``__overflow__``."""
+
+    def __init__(self, limit: int, max_length: int = MAX_LABEL_LENGTH) -> None:
         self.limit = limit
+        self.max_length = max_length
         self._seen: dict[str, set[str]] = {}
         self.overflows: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -26,6 +74,8 @@ class LabelLimiter:
         seen = self._seen.get(label)
         if seen is not None and value in seen:
             return value
+        if len(value) > self.max_length or not value.isprintable():
+            value = clean_label(value, self.max_length)
         with self._lock:
             seen = self._seen.setdefault(label, set())
             if value in seen:

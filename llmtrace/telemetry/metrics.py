@@ -32,7 +32,7 @@ from llmtrace import __version__, schema
 from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.record import Histogram
-from llmtrace.record.labels import OVERFLOW, Feed, LabelLimiter
+from llmtrace.record.labels import OVERFLOW, Feed, LabelLimiter, label_changes
 
 # Passing an explicit empty context skips a context-variable lookup per record.
 _NO_CONTEXT = NO_CONTEXT = Context()
@@ -130,7 +130,7 @@ class Instruments:
         #: (metric, label tuple) -> [instrument, attributes, bulk, running histogram]
         self._pending: dict[tuple[str, tuple], list] = {}
         self._pending_lock = threading.Lock()
-        self.labels = LabelLimiter(config.max_label_values)
+        self.labels = LabelLimiter(config.max_label_values, config.max_label_length)
         #: metric -> (instrument: histogram or sums, its series: label tuple -> attribute
         #: dict, one dict per series, shared by every record kind that feeds the metric)
         self._instruments: dict[str, tuple[object, dict[tuple, dict]]] = {}
@@ -268,9 +268,7 @@ def instruments_on(meter, config: Config,
         return _observe(dict(DROPPED), sc.LLMTRACE_TELEMETRY_REASON)
 
     def overflows(_: CallbackOptions):
-        total = sum(instruments.labels.overflows.values())
-        return [Observation(total, {sc.LLMTRACE_TELEMETRY_REASON: "cardinality_cap"})] \
-            if total else []
+        return _observe(label_changes(instruments.labels), sc.LLMTRACE_TELEMETRY_REASON)
 
     def busy(_: CallbackOptions):
         totals = instruments.engine_totals

@@ -439,7 +439,8 @@ class FrontendTracer:
 
     def http_info(self, scope: dict) -> HttpInfo | None:
         return http_info(scope, self._tenant_header,
-                         self.config.tenant_for_api_key if self.config.tenant_api_keys else None)
+                         self.config.tenant_for_api_key if self.config.tenant_api_keys else None,
+                         self.config.max_label_length)
 
     def has_requests(self) -> bool:
         return bool(self.records)

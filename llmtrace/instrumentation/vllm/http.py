@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from llmtrace.record.labels import MAX_LABEL_LENGTH, clean_label
 from llmtrace.telemetry.guard import HookGuard
 
 #: ASGI scope key holding the time the request's bytes reached the HTTP server.
@@ -53,14 +54,17 @@ CURRENT: contextvars.ContextVar[HttpInfo | None] = contextvars.ContextVar(
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """A header's value; UTF-8 (what clients send for non-ASCII tenant names), with
+    undecodable bytes replaced rather than read as latin-1 mojibake."""
     for key, value in headers:
         if key == name:
-            return value.decode("latin-1")
+            return value.decode("utf-8", "replace")
     return None
 
 
 def http_info(scope: dict, tenant_header: bytes,
-              tenant_for_api_key: Callable[[str], str | None] | None) -> HttpInfo | None:
+              tenant_for_api_key: Callable[[str], str | None] | None,
+              max_length: int = MAX_LABEL_LENGTH) -> HttpInfo | None:
     """What the middleware learns of one HTTP request; None for paths llmtrace skips."""
     operation = _OPERATIONS.get(scope.get("path", ""))
     if operation is None:
@@ -78,7 +82,9 @@ def http_info(scope: dict, tenant_header: bytes,
         auth = header(headers, b"authorization") or ""
         if auth.lower().startswith("bearer "):
             tenant = tenant_for_api_key(auth[7:].strip())
-    return HttpInfo(now, operation, parent, tenant or "default")
+    # the tenant becomes a span attribute and a metric label: one cleaning rule for both
+    return HttpInfo(now, operation, parent,
+                    clean_label(tenant, max_length) if tenant else "default")
 
 
 def before_data_received(instance, args, kwargs) -> int:
@@ -120,7 +126,13 @@ class LlmtraceASGIMiddleware:
             elif kind == "http.response.start":
                 ctype = header(message.get("headers") or [], b"content-type") or ""
                 info.streaming = ctype.startswith("text/event-stream")
-            await send(message)
+            try:
+                await send(message)
+            except Exception:
+                # the client is gone: the server may notice here first, not through
+                # receive() (then the stream runs on for nobody until collected)
+                info.disconnected_ns = info.disconnected_ns or time.time_ns()
+                raise
 
         async def watched_receive():
             message = await receive()

@@ -10,6 +10,11 @@ def num(attrs: dict, key: str | None, default=None):
     return value if type(value) in _NUMBER else default  # bool is not a number here
 
 
-def count(attrs: dict, key: str) -> int:
+def count(attrs: dict, key: str) -> int | float:
+    """A count as sent: an integral float becomes an int; anything else (negative,
+    fractional, NaN, infinite) is passed on for the record's range check to refuse,
+    counted, rather than clamped here without a trace."""
     value = num(attrs, key, 0)
-    return int(value) if value >= 0 else 0
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value

@@ -107,5 +107,5 @@ def usage_record(span: SpanView) -> UsageRecord:
         trace_id=span.trace_id.hex(), model=str(a.get(sc.GEN_AI_REQUEST_MODEL, UNKNOWN)),
         tenant=str(a.get(sc.LLMTRACE_TENANT, "default")), version=_version(a, res),
         instance_type=str(instance) if instance else None,
-        accelerator_s=max(0.0, float(num(a, sc.LLMTRACE_COST_ACCELERATOR_SECONDS, 0.0))),
+        accelerator_s=float(num(a, sc.LLMTRACE_COST_ACCELERATOR_SECONDS, 0.0)),
         steps=count(a, sc.LLMTRACE_ENGINE_STEPS))

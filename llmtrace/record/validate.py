@@ -1,0 +1,63 @@
+"""Range checks on records derived from spans someone else sent.
+
+The collector derives records from spans it did not make. A record with a NaN,
+infinite or negative duration, or a token count no request can have, would be
+added to histogram sums and counters that never recover (a Prometheus counter
+cannot go back down). Such a record is refused as a whole, with the reason
+counted (``llmtrace_pipeline_dropped_spans_total{reason="invalid_record"}``),
+and its neighbours in the same payload are derived as usual.
+"""
+
+from __future__ import annotations
+
+import math
+
+from llmtrace.record.request import RequestRecord, UsageRecord
+
+#: longest duration a request or its share of the accelerator can have, in seconds
+MAX_DURATION_S = 7 * 24 * 3600.0
+#: most tokens (prompt, cached, output) or preemptions or steps one request can count
+MAX_COUNT = 1_000_000_000
+
+_DURATIONS = ("e2e_s", "ttft_s", "preprocess_s", "queue_s", "prefill_s",
+              "first_token_delivery_s", "decode_s")
+_COUNTS = ("prompt_tokens", "cached_tokens", "output_tokens", "preemptions")
+
+
+def _duration_problem(name: str, value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, int | float) or not math.isfinite(value) \
+            or not 0.0 <= value <= MAX_DURATION_S:
+        return f"{name}={value!r} is not a duration in [0, {MAX_DURATION_S:.0f}] s"
+    return None
+
+
+def _count_problem(name: str, value) -> str | None:
+    if not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        return f"{name}={value!r} is not a count in [0, {MAX_COUNT}]"
+    return None
+
+
+def request_problem(record: RequestRecord) -> str | None:
+    """What makes ``record`` unusable for metrics, or None."""
+    for name in _DURATIONS:
+        if problem := _duration_problem(name, getattr(record, name)):
+            return problem
+    for name in _COUNTS:
+        if problem := _count_problem(name, getattr(record, name)):
+            return problem
+    itl = record.itl
+    if itl is not None and (any(c < 0 for c in itl.counts) or not math.isfinite(itl.total)
+                            or itl.total < 0):
+        return "the inter-token latency histogram has negative or non-finite values"
+    return None
+
+
+def usage_problem(usage: UsageRecord) -> str | None:
+    """What makes ``usage`` unusable for metrics, or None."""
+    return _duration_problem("accelerator_s", usage.accelerator_s) or \
+        _count_problem("steps", usage.steps)
+
+
+__all__ = ["MAX_COUNT", "MAX_DURATION_S", "request_problem", "usage_problem"]
