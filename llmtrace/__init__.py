@@ -27,8 +27,10 @@ def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
     """Patch every supported integration in this process (currently vLLM).
 
     Keyword arguments override ``LLMTRACE_*`` / ``OTEL_*`` settings; see
-    :class:`llmtrace.config.Config`. A bad setting raises
-    :class:`llmtrace.config.ConfigError` naming it. Calling it twice is a no-op.
+    :class:`llmtrace.config.Config`. Bad keyword arguments raise
+    :class:`llmtrace.config.ConfigError` naming every one; a bad environment
+    variable falls back on its own, with one warning naming every bad variable
+    (see :func:`llmtrace.config.load_config`). Calling it twice is a no-op.
     ``tracer_provider`` / ``meter_provider``: use these OpenTelemetry providers
     (their samplers, processors and readers) instead of llmtrace's private ones.
     ``skip_dep_check``: instrument even when neither the ``vllm`` nor the
@@ -45,7 +47,7 @@ def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
     instrumentor = VLLMInstrumentor()
     if instrumentor.is_instrumented_by_opentelemetry:
         return
-    cfg = load_config(**config)
+    cfg = load_config(lenient_env=True, **config)  # a bad variable costs only what it sets
     if switched_off(cfg):
         return
     if not skip_dep_check:

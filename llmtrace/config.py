@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmtrace.record.labels import MAX_LABEL_LENGTH
+
+logger = logging.getLogger("llmtrace")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -222,29 +225,89 @@ def _sampler_from_otel() -> dict[str, Any]:
     return out
 
 
-def load_config(**overrides: Any) -> Config:
-    """Build the configuration; raise :class:`ConfigError` naming any bad setting."""
-    values: dict[str, Any] = _sampler_from_otel()
+#: what an invalid environment setting falls back to, where not its default: the
+#: smallest safe choice, so a bad value disables only what it configures
+_FALLBACK: dict[str, Any] = {"enabled": False, "traces_exporter": "none",
+                             "metrics_exporter": "none", "capture_content": False}
+
+_warned_env: set[str] = set()
+
+
+def load_config(*, lenient_env: bool = False, **overrides: Any) -> Config:
+    """Build the configuration from ``overrides``, ``LLMTRACE_*`` and ``OTEL_*``.
+
+    Every bad setting is found, not only the first, and named as it was given
+    (the environment variable, or the keyword). A bad keyword raises
+    :class:`ConfigError` listing them all. A bad environment setting does too,
+    unless ``lenient_env`` (the activation paths: zero-code must never cost all
+    telemetry for one typo): then that setting alone falls back (exporters to
+    ``none``, ``LLMTRACE_ENABLED`` to off, the rest to their defaults), with one
+    warning per process listing every problem.
+    """
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}  # field -> the environment variable that set it
+    problems: dict[str, str] = {}  # field -> problem, named as given
+    try:
+        values.update(_sampler_from_otel())
+        source.update(dict.fromkeys(values, "OTEL_TRACES_SAMPLER"))
+    except ConfigError as exc:
+        problems["sampler"] = str(exc)
     if os.environ.get("LLMTRACE_SAMPLE_RATIO", "").strip() or "sample_ratio" in overrides:
         values["sampler"] = "parentbased_traceidratio"  # llmtrace's own ratio wins
+        problems.pop("sampler", None)
     for field, names in _ENV.items():
         for name in names:
             raw = os.environ.get(name)
             if raw is not None and raw != "":
-                parsed = _parse(field, raw)
+                try:
+                    parsed = _parse(field, raw)
+                except ConfigError as exc:
+                    problems[field] = f"{name}={raw!r}: {_strip_field(str(exc), field)}"
+                    break
                 if parsed is not None:
                     values[field] = parsed
+                    source[field] = name
                 break
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    for k in given:
+        source.pop(k, None)
     if overrides.get("protocol") and not overrides.get("metrics_protocol"):
         values["metrics_protocol"] = overrides["protocol"]  # one protocol= sets both signals
     try:
-        return Config(**values)
+        config = Config(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid llmtrace configuration: {problems}") from None
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            name = source.get(field)
+            shown = f"{name}={os.environ.get(name)!r}" if name else field
+            problems.setdefault(field, f"{shown}: {error['msg']}")
+        config = None
+    if not problems:
+        return config
+    listed = "; ".join(problems.values())
+    if not lenient_env or any(f in given for f in problems):
+        raise ConfigError(f"invalid llmtrace configuration: {listed}")
+    for field in problems:  # each bad environment setting falls back on its own
+        values.pop(field, None)
+        if field in _FALLBACK:
+            values[field] = _FALLBACK[field]
+    if "sampler" in problems:
+        values.pop("sample_ratio", None)
+    config = Config(**values)
+    if listed not in _warned_env:  # once per process for the same problems
+        _warned_env.add(listed)
+        logger.warning("llmtrace: ignored invalid settings, each falls back on its own "
+                       "(exporters to none, LLMTRACE_ENABLED to off, the rest to defaults); "
+                       "the rest of the telemetry works: %s", listed)
+    return config
+
+
+def _strip_field(message: str, field: str) -> str:
+    """A parse error's message without the name it starts with (the caller names it)."""
+    for name in (field, *_ENV.get(field, ())):
+        message = message.removeprefix(f"{name}: ")
+    return message
 
 
 def switched_off(config: Config, env: dict[str, str] | None = None) -> str | None:

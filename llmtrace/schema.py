@@ -425,6 +425,17 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         outputs=frozenset({'sdk', 'collector'}),
     ),
     MetricSpec(
+        name='llmtrace.telemetry.disabled_hooks',
+        instrument='gauge',
+        unit='{hook}',
+        brief='Instrumentation hooks disabled in this process (1 per hook, by name): their part of the telemetry is missing while this is non-zero.',
+        prometheus='llmtrace_telemetry_disabled_hooks',
+        labels=('llmtrace.telemetry.hook', ),
+        feeds={},
+        buckets=None,
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
         name='llmtrace.telemetry.dropped',
         instrument='counter',
         unit='{item}',

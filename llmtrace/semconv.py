@@ -345,6 +345,7 @@ METRIC_LLMTRACE_SERVER_QUEUE_DURATION: Final = 'llmtrace.server.queue.duration'
 METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS: Final = 'llmtrace.server.request.generation_tokens'
 METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS: Final = 'llmtrace.server.request.prompt_tokens'
 METRIC_LLMTRACE_SERVER_REQUESTS: Final = 'llmtrace.server.requests'
+METRIC_LLMTRACE_TELEMETRY_DISABLED_HOOKS: Final = 'llmtrace.telemetry.disabled_hooks'
 METRIC_LLMTRACE_TELEMETRY_DROPPED: Final = 'llmtrace.telemetry.dropped'
 METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS: Final = 'llmtrace.telemetry.hook_errors'
 METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS: Final = 'llmtrace.telemetry.label_overflows'
@@ -674,6 +675,7 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': 'histogram',
     'llmtrace.server.request.prompt_tokens': 'histogram',
     'llmtrace.server.requests': 'counter',
+    'llmtrace.telemetry.disabled_hooks': 'gauge',
     'llmtrace.telemetry.dropped': 'counter',
     'llmtrace.telemetry.hook_errors': 'counter',
     'llmtrace.telemetry.label_overflows': 'counter',
@@ -715,6 +717,7 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': '{token}',
     'llmtrace.server.request.prompt_tokens': '{token}',
     'llmtrace.server.requests': '{request}',
+    'llmtrace.telemetry.disabled_hooks': '{hook}',
     'llmtrace.telemetry.dropped': '{item}',
     'llmtrace.telemetry.hook_errors': '{error}',
     'llmtrace.telemetry.label_overflows': '{value}',
@@ -756,6 +759,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': 'Output length per request.',
     'llmtrace.server.request.prompt_tokens': 'Prompt length per request.',
     'llmtrace.server.requests': 'Finished requests by finish reason and server-side error type.',
+    'llmtrace.telemetry.disabled_hooks': 'Instrumentation hooks disabled in this process (1 per hook, by name): their part of the telemetry is missing while this is non-zero.',
     'llmtrace.telemetry.dropped': 'Spans or records dropped because a queue was full or export failed.',
     'llmtrace.telemetry.hook_errors': 'Exceptions caught inside instrumentation hooks (never raised into the host).',
     'llmtrace.telemetry.label_overflows': 'Label values changed before use: cut to the maximum length (`too_long`), characters that are not printable replaced (`unprintable`), or replaced by `__overflow__` by the cardinality cap (`cardinality_cap`).',
@@ -946,6 +950,9 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.request.finish_reason',
         'error.type',
     }),
+    'llmtrace.telemetry.disabled_hooks': frozenset({
+        'llmtrace.telemetry.hook',
+    }),
     'llmtrace.telemetry.dropped': frozenset({
         'llmtrace.telemetry.reason',
     }),
@@ -997,6 +1004,7 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': 'llmtrace_server_request_generation_tokens',
     'llmtrace.server.request.prompt_tokens': 'llmtrace_server_request_prompt_tokens',
     'llmtrace.server.requests': 'llmtrace_server_requests_total',
+    'llmtrace.telemetry.disabled_hooks': 'llmtrace_telemetry_disabled_hooks',
     'llmtrace.telemetry.dropped': 'llmtrace_telemetry_dropped_total',
     'llmtrace.telemetry.hook_errors': 'llmtrace_telemetry_hook_errors_total',
     'llmtrace.telemetry.label_overflows': 'llmtrace_telemetry_label_overflows_total',

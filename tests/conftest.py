@@ -154,7 +154,8 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
     ``dense``: chunked prefill (256-token step budget) and a 12-block KV cache
     (1,536 tokens) so concurrency forces preemptions. ``broken``: the MoE model
     under a launcher that removes one hooked vLLM internal and changes another, its
-    spans exported through span export processes (``LLMTRACE_SPAN_EXPORT=process``).
+    spans exported through span export processes (``LLMTRACE_SPAN_EXPORT=process``)
+    and one invalid optional setting (``LLMTRACE_DECODE_CHUNK_MS``).
     """
     dense = dense_config(
         tiny_models, "--max-num-batched-tokens", "256", "--num-gpu-blocks-override", "12",
@@ -174,7 +175,9 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
     broken = moe_config(
         tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
         # spans leave through a span export process per vLLM process (not the default)
-        env=instrumented_env(otlp_receiver, "llmtrace-broken", LLMTRACE_SPAN_EXPORT="process"))
+        env=instrumented_env(otlp_receiver, "llmtrace-broken", LLMTRACE_SPAN_EXPORT="process",
+                             # one invalid optional setting: it alone falls back
+                             LLMTRACE_DECODE_CHUNK_MS="soon"))
     started = server_pool.get_many([dense, broken])
     for server, model in zip(started, (DENSE, MOE), strict=True):
         # one request each so one-time start-up work (telemetry providers, exporter

@@ -146,6 +146,39 @@ summary["served_while_blocked"] = sum(len(o.outputs[0].token_ids) for o in outs)
 summary["build_drops"] = DROPPED["build_queue_full"] - before
 gate.set()
 llmtrace.uninstrument()
+
+# a hook body that fails mid-request: the hooks sharing its per-request state are
+# disabled with it and that state is released (nothing leaks), serving goes on, and
+# the loss shows on the disabled-hooks gauge
+from llmtrace.instrumentation.vllm.frontend import FrontendTracer
+from llmtrace.telemetry.guard import DISABLED_HOOKS
+del os.environ["LLMTRACE_BUILD_QUEUE_SIZE"]
+original = FrontendTracer.on_outputs
+
+def faulty(self, outputs, engine_ts=None):
+    if self.records and any(len(o.new_token_ids) for o in outputs):
+        raise RuntimeError("injected fault")
+    return original(self, outputs, engine_ts)
+
+FrontendTracer.on_outputs = faulty
+freader = InMemoryMetricReader()
+llmtrace.instrument(meter_provider=MeterProvider(metric_readers=[freader]))
+inst = VLLMInstrumentor()
+outs = llm.generate(["j k l", "m n o"], params, use_tqdm=False)
+summary["served_at_fault"] = sum(len(o.outputs[0].token_ids) for o in outs)
+summary["records_at_fault"] = len(inst.frontend.records)
+outs = llm.generate(["p q r", "s t u"], params, use_tqdm=False)
+summary["served_later"] = sum(len(o.outputs[0].token_ids) for o in outs)
+summary["records_later"] = len(inst.frontend.records)
+summary["engine_state_later"] = len(inst.engine.records) + len(inst.engine.usage)
+summary["disabled"] = sorted(DISABLED_HOOKS)
+summary["gauge"] = sorted(
+    p.attributes["llmtrace.telemetry.hook"]
+    for rm in freader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
+    for m in sm.metrics if m.name == "llmtrace.telemetry.disabled_hooks"
+    for p in m.data.data_points)
+FrontendTracer.on_outputs = original
+llmtrace.uninstrument()
 print("SUMMARY " + json.dumps(summary))
 '''
 
@@ -186,6 +219,13 @@ def test_user_providers_receive_spans_and_metrics(tiny_models, scratch_dir: Path
     # one fits the queue, the other five are dropped and counted
     assert got["served_while_blocked"] == 3 * 8
     assert got["build_drops"] == 2 * 3 - 1
+    # the failed process_outputs hook took its group with it and released its state
+    group = ["vllm.output_processor.abort_requests", "vllm.output_processor.add_request",
+             "vllm.output_processor.process_outputs", "vllm.output_processor.propagate_error"]
+    assert got["served_at_fault"] == got["served_later"] == 2 * 8
+    assert got["records_at_fault"] == got["records_later"] == 0  # nothing left to leak
+    assert got["engine_state_later"] == 0  # the engine core's hooks still free theirs
+    assert got["disabled"] == group and got["gauge"] == group
 
 
 GLOBAL_PROVIDERS = r"""

@@ -184,11 +184,11 @@ def test_config_reads_env_and_names_bad_settings(monkeypatch):
     monkeypatch.delenv("LLMTRACE_SAMPLE_RATIO")
     assert load_config().sample_ratio == 1.0
     monkeypatch.setenv("LLMTRACE_SAMPLE_RATIO", "1.5")
-    with pytest.raises(ConfigError, match="sample_ratio"):
+    with pytest.raises(ConfigError, match="LLMTRACE_SAMPLE_RATIO='1.5'"):
         load_config()
     monkeypatch.setenv("LLMTRACE_SAMPLE_RATIO", "0.5")
     monkeypatch.setenv("LLMTRACE_CAPTURE_CONTENT", "perhaps")
-    with pytest.raises(ConfigError, match="capture_content"):
+    with pytest.raises(ConfigError, match="LLMTRACE_CAPTURE_CONTENT='perhaps'"):
         load_config()
     monkeypatch.delenv("LLMTRACE_CAPTURE_CONTENT")
     monkeypatch.setenv("LLMTRACE_TENANT_API_KEYS", "{not json")
@@ -197,6 +197,32 @@ def test_config_reads_env_and_names_bad_settings(monkeypatch):
     monkeypatch.delenv("LLMTRACE_TENANT_API_KEYS")
     with pytest.raises(ConfigError, match="no_such_setting"):
         load_config(no_such_setting=1)
+
+
+def test_bad_environment_settings_are_all_named_and_fall_back_one_by_one(monkeypatch, caplog):
+    bad = {"LLMTRACE_SAMPLE_RATIO": "1.5", "LLMTRACE_CAPTURE_CONTENT": "perhaps",
+           "OTEL_TRACES_EXPORTER": "zipkin", "LLMTRACE_BUILD_QUEUE_SIZE": "-3",
+           "LLMTRACE_TENANT_API_KEYS": "{not json"}
+    for name, value in bad.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LLMTRACE_DECODE_CHUNK_TOKENS", "4")  # a good one among them
+    with pytest.raises(ConfigError) as err:
+        load_config()  # strict (the doctor): every problem at once, by variable name
+    for name, value in bad.items():
+        assert f"{name}={value!r}" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="llmtrace"):
+        cfg = load_config(lenient_env=True)  # the activation paths
+        load_config(lenient_env=True)
+    # each bad setting falls back on its own; the good one and the rest still apply
+    assert cfg.traces_exporter == "none" and cfg.metrics_exporter == "otlp"
+    assert (cfg.sample_ratio, cfg.capture_content, cfg.build_queue_size) == (0.1, False, 2048)
+    assert cfg.tenant_api_keys == {} and cfg.decode_chunk_tokens == 4 and cfg.enabled
+    warnings = [r.getMessage() for r in caplog.records if "ignored invalid" in r.getMessage()]
+    assert len(warnings) == 1 and all(name in warnings[0] for name in bad)
+    with pytest.raises(ConfigError, match="sample_ratio"):  # a bad keyword still raises
+        load_config(lenient_env=True, sample_ratio=7)
+    monkeypatch.setenv("LLMTRACE_ENABLED", "maybe")
+    assert load_config(lenient_env=True).enabled is False  # unsure: stay off
 
 
 def test_tenant_from_api_key_mapping():

@@ -516,6 +516,25 @@ def test_vllm_keeps_serving_when_its_span_export_process_dies(
     assert len(warnings) == 1 and "restarting it" in warnings[0]
 
 
+def test_one_invalid_setting_costs_only_itself(instrumented_servers, otlp_receiver):
+    """The broken-internals server has ``LLMTRACE_DECODE_CHUNK_MS=soon``: that one
+    setting falls back to its default with a warning naming the variable, once per
+    process, and the rest of its telemetry works (spans and metrics)."""
+    server = instrumented_servers["broken"]
+    [((trace_id, _), _)] = send(server, MOE, [chat("invalid setting", 4)])
+    spans = trace_of(otlp_receiver, trace_id, expect=(sc.SPAN_LLMTRACE_REQUEST,
+                                                      sc.SPAN_LLMTRACE_DECODE_CHUNK))
+    assert by_name(spans, sc.SPAN_LLMTRACE_DECODE_CHUNK)
+    assert otlp_receiver.wait_for(lambda r: any(
+        p.resource.get("service.name") == "llmtrace-broken"
+        and p.metric == sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN for p in r.points()), 15)
+    log = server.log_path.read_text(errors="replace")
+    warnings = [line for line in log.splitlines() if "ignored invalid settings" in line]
+    assert warnings and all("LLMTRACE_DECODE_CHUNK_MS='soon'" in w for w in warnings)
+    # once per vLLM process that activates llmtrace, never once per request
+    assert len(warnings) <= 4, warnings
+
+
 def test_entry_points_are_registered():
     plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
     assert plugins["llmtrace"] == "llmtrace.instrumentation.vllm.plugin:register"

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 
 logger = logging.getLogger("llmtrace")
 
@@ -55,22 +56,68 @@ DISABLED_HOOKS: dict[str, str] = {}
 HOOK_CPU_S: Counter[str] = Counter()
 
 
+#: hook name -> (group name, every member, the group's state release)
+_GROUP_OF: dict[str, tuple[str, tuple[str, ...], Callable[[], None]]] = {}
+#: how often a reminder names the hooks still disabled (seconds)
+REMIND_EVERY_S = 600.0
+_reminded = [0.0]
+
+
+def register_group(group: str, members: tuple[str, ...], release: Callable[[], None]) -> None:
+    """Hooks that share state: when one fails at run time, all go, and ``release`` frees
+    what they held (see ``llmtrace.instrumentation.vllm.hooks.GROUPS``)."""
+    for name in members:
+        _GROUP_OF[name] = (group, members, release)
+
+
 def disable_hook(name: str, reason: str) -> None:
     """Disable one hook with one clear warning (repeated calls stay silent)."""
     if name in DISABLED_HOOKS:
         return
     DISABLED_HOOKS[name] = reason
+    _reminded[0] = time.monotonic()
     logger.warning("llmtrace: hook %s disabled: %s; the host keeps running without it",
                    name, reason)
 
 
 def hook_failed(name: str, exc: BaseException) -> None:
-    """A hook body raised: count it, disable the hook, log once (with the traceback)."""
+    """A hook body raised: count it, disable the hook (and its group), log once."""
     HOOK_ERRORS[name] += 1
     if name not in DISABLED_HOOKS:
         DISABLED_HOOKS[name] = f"{type(exc).__name__}: {exc}"
+        _reminded[0] = time.monotonic()
         logger.warning("llmtrace: hook %s raised %s: %s; hook disabled, host unaffected",
                        name, type(exc).__name__, exc, exc_info=exc)
+        disable_group_of(name)
+
+
+def disable_group_of(name: str) -> None:
+    """Disable every hook sharing state with ``name`` and release that state."""
+    entry = _GROUP_OF.get(name)
+    if entry is None:
+        return
+    group, members, release = entry
+    for other in members:
+        if other != name:
+            disable_hook(other, f"it shares per-request state with {name}, which is "
+                                f"disabled (group {group})")
+    try:
+        release()
+    except Exception as exc:  # noqa: BLE001 - releasing must not break the host either
+        logger.warning("llmtrace: releasing the state of group %s raised %s", group, exc)
+
+
+def remind_disabled(now: float | None = None) -> None:
+    """While hooks stay disabled, say so again every :data:`REMIND_EVERY_S` (called from
+    the metric collection, which runs periodically without costing the serving path)."""
+    if not DISABLED_HOOKS:
+        return
+    now = time.monotonic() if now is None else now
+    if now - _reminded[0] < REMIND_EVERY_S:
+        return
+    _reminded[0] = now
+    logger.warning("llmtrace: %d hook(s) still disabled, their telemetry missing: %s",
+                   len(DISABLED_HOOKS), ", ".join(sorted(DISABLED_HOOKS)))
 
 
 class HookGuard:

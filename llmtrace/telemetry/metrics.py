@@ -257,12 +257,17 @@ def instruments_on(meter, config: Config,
     per bucket (exact counts, each gap at its bucket's upper bound in the sum).
     """
     from llmtrace.telemetry import DROPPED
-    from llmtrace.telemetry.guard import HOOK_ERRORS
+    from llmtrace.telemetry.guard import DISABLED_HOOKS, HOOK_ERRORS, remind_disabled
 
     instruments = Instruments(meter, config, bulks)
 
     def hook_errors(_: CallbackOptions):
         return _observe(dict(HOOK_ERRORS), sc.LLMTRACE_TELEMETRY_HOOK)
+
+    def disabled_hooks(_: CallbackOptions):
+        remind_disabled()  # collection runs periodically: the reminder costs nothing more
+        return [Observation(1, {sc.LLMTRACE_TELEMETRY_HOOK: name})
+                for name in sorted(DISABLED_HOOKS)]
 
     def dropped(_: CallbackOptions):
         return _observe(dict(DROPPED), sc.LLMTRACE_TELEMETRY_REASON)
@@ -300,6 +305,9 @@ def instruments_on(meter, config: Config,
         spec = schema.BY_NAME[name]
         meter.create_observable_counter(name, [callback], unit=spec.unit,
                                         description=spec.brief)
+    spec = schema.BY_NAME[sc.METRIC_LLMTRACE_TELEMETRY_DISABLED_HOOKS]
+    meter.create_observable_gauge(spec.name, [disabled_hooks], unit=spec.unit,
+                                  description=spec.brief)
     return instruments
 
 

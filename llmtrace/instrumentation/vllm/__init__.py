@@ -20,9 +20,10 @@ from llmtrace.instrumentation._patching import Hook, Installed, install, uninsta
 from llmtrace.instrumentation.vllm import http
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
-from llmtrace.instrumentation.vllm.hooks import CHECKED_RELEASES, HOOKS
+from llmtrace.instrumentation.vllm.hooks import CHECKED_RELEASES, GROUPS, HOOKS
 from llmtrace.instrumentation.vllm.package import _instruments, _instruments_cpu
 from llmtrace.telemetry import Telemetry
+from llmtrace.telemetry.guard import DISABLED_HOOKS, disable_group_of, register_group
 
 logger = logging.getLogger("llmtrace")
 
@@ -138,7 +139,7 @@ class VLLMInstrumentor(BaseInstrumentor):
     def _instrument(self, **kwargs: Any) -> None:
         telemetry = kwargs.pop("telemetry", None)
         providers = {k: kwargs.pop(k, None) for k in ("tracer_provider", "meter_provider")}
-        self.config = kwargs.pop("config", None) or load_config(**kwargs)
+        self.config = kwargs.pop("config", None) or load_config(lenient_env=True, **kwargs)
         off = switched_off(self.config)
         if off:  # every activation path, opentelemetry-instrument included
             logger.info("llmtrace: vLLM not instrumented: %s", off)
@@ -159,12 +160,33 @@ class VLLMInstrumentor(BaseInstrumentor):
             logger.info(notice)
         self._installed = install(hook_table(self.frontend, self.engine),
                                   measure=self.config.measure_overhead)
+        self._bind_groups()
         if self.config.measure_overhead:
             from llmtrace.telemetry import start_overhead_reporter
 
             start_overhead_reporter()
         logger.info("llmtrace: vLLM instrumented (%d hooks, sampler %s, ratio %s)",
                     len(self._installed), self.config.sampler, self.config.sample_ratio)
+
+    def _bind_groups(self) -> None:
+        """Hooks sharing per-request state fail together and release it (``GROUPS``)."""
+        frontend, engine = self.frontend, self.engine
+
+        def release_frontend() -> None:
+            frontend.records.clear()
+
+        def release_engine() -> None:
+            engine.records.clear()
+            engine.usage.clear()
+            engine.pending.clear()
+
+        releases = {"api-server.requests": release_frontend,
+                    "engine-core.requests": release_engine}
+        for group, (required, optional) in GROUPS.items():
+            register_group(group, required + optional, releases[group])
+            missing = [name for name in required if name in DISABLED_HOOKS]
+            if missing:  # the group cannot work: none of it opens state no one frees
+                disable_group_of(missing[0])
 
     def _uninstrument(self, **kwargs: Any) -> None:
         uninstall(self._installed)

@@ -101,3 +101,19 @@ HOOKS: tuple[HookSpec, ...] = (
 )
 
 SPECS = {spec.name: spec for spec in HOOKS}
+
+#: Hooks that share per-request state, per process. When one of them fails at run
+#: time, the whole group is disabled and its state released: a request that one hook
+#: opens and a disabled one would close must not accumulate (about 10 KB each). The
+#: first tuple holds the members without which the group cannot work; if one of them
+#: is missing at start-up, the whole group is disabled then. The second holds the
+#: members whose absence only loses their events (aborts, engine failures).
+GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "api-server.requests": (
+        ("vllm.output_processor.add_request", "vllm.output_processor.process_outputs"),
+        ("vllm.output_processor.abort_requests", "vllm.output_processor.propagate_error")),
+    "engine-core.requests": (
+        ("vllm.scheduler.add_request", "vllm.scheduler.free_request"),
+        ("vllm.scheduler.schedule", "vllm.scheduler.update_from_output",
+         "vllm.scheduler.preempt_request")),
+}
