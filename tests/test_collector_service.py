@@ -23,6 +23,7 @@ import os
 import queue
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -524,6 +525,42 @@ def test_downstream_outage_is_counted_and_derivation_goes_on(start_collector):
 # -- 3. authentication -------------------------------------------------------------------------
 
 
+def test_a_second_collector_on_the_same_grpc_port_refuses_to_start(start_collector):
+    """gRPC's default SO_REUSEPORT let a second collector take half the traffic."""
+    first = start_collector()
+    port = first.ports["grpc"]
+    with pytest.raises(OSError, match=f"127.0.0.1:{port}"):
+        launch(grpc_endpoint=f"127.0.0.1:{port}")
+    http_port = first.ports["http"]
+    with pytest.raises(OSError, match=f"127.0.0.1:{http_port}"):
+        launch(grpc_endpoint="", http_endpoint=f"127.0.0.1:{http_port}")
+
+
+def test_stalled_senders_and_connection_floods_are_cut_off_and_counted(start_collector):
+    run = start_collector(read_timeout_s=0.5, max_connections=4)
+    port = run.ports["http"]
+    # a body shorter than its Content-Length: the thread is freed, the sender told why
+    stalled = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stalled.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                    b"application/x-protobuf\r\nContent-Length: 100\r\n\r\n0123456789")
+    reply = stalled.recv(4096)
+    stalled.close()
+    assert reply.startswith(b"HTTP/1.1 408"), reply
+    # more idle connections than the cap: the extra ones are closed at once, counted
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    time.sleep(0.2)  # the four hold their threads (waiting for a request line)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert extra.recv(1) == b""  # closed by the receiver, not left hanging
+    extra.close()
+    for s in idle:
+        s.close()
+    samples = run.scrape()
+    assert total(samples, REJECTED, **{REASON: "timeout"}) == 1
+    assert total(samples, REJECTED, **{REASON: "too_many_connections"}) >= 1
+    time.sleep(0.7)  # the idle ones time out and free their slots
+    assert run.post(_VALID).status == 200  # and the receiver serves again
+
+
 def test_bearer_token_is_required_on_both_transports(start_collector):
     run = start_collector(bearer_token="s3cret")
     good, bad_http, via_grpc = payloads(make_spans(3))
@@ -542,6 +579,8 @@ def test_bearer_token_is_required_on_both_transports(start_collector):
         refused_sdk.shutdown()
 
     assert run.post(good.body, auth="Bearer s3cret").status == 200
+    lower = payloads(make_spans(1))[0]
+    assert run.post(lower.body, auth="bearer s3cret").status == 200  # the scheme: any case
     grpc_export(grpc_port, via_grpc.body, (("authorization", "Bearer s3cret"),))
     sdk = GrpcSpanExporter(endpoint=f"127.0.0.1:{grpc_port}", insecure=True, timeout=5,
                            headers={"authorization": "Bearer s3cret"})
@@ -550,7 +589,7 @@ def test_bearer_token_is_required_on_both_transports(start_collector):
         assert sdk.export(spans) == SpanExportResult.SUCCESS
     finally:
         sdk.shutdown()
-    accepted = good.roots | via_grpc.roots | root_ids(spans)
+    accepted = good.roots | via_grpc.roots | root_ids(spans) | lower.roots
     run.wait_derived(accepted)
     assert run.derived() == set(accepted), "nothing from a refused payload was derived"
     assert not bad_http.roots & run.derived()
@@ -558,7 +597,7 @@ def test_bearer_token_is_required_on_both_transports(start_collector):
     samples = run.scrape()
     assert total(samples, REJECTED, **{REASON: "unauthenticated"}) == 4 + 2 + 1
     assert total(samples, REJECTED) == 7
-    assert total(samples, RECEIVED) == good.spans + via_grpc.spans + len(spans)
+    assert total(samples, RECEIVED) == good.spans + via_grpc.spans + len(spans) + lower.spans
 
 
 # -- 4. malformed input ------------------------------------------------------------------------

@@ -12,8 +12,9 @@ refusal (backpressure, shutdown) becomes gRPC ``UNAVAILABLE`` or HTTP 503 with
 from __future__ import annotations
 
 import hmac
+import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 import grpc
@@ -35,11 +36,14 @@ class Refused(Exception):
 
 
 def check_bearer(token: str | None, header: str | None) -> None:
-    """Refuse unless ``header`` is ``Bearer <token>`` (constant-time); no token: all pass."""
+    """Refuse unless ``header`` is ``Bearer <token>`` (constant-time); no token: all pass.
+
+    The scheme is matched case-insensitively, as HTTP authentication schemes are
+    (RFC 9110); the token itself exactly."""
     if not token:
         return
-    expected = f"Bearer {token}".encode()
-    if header is None or not hmac.compare_digest(header.encode(), expected):
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
         raise Refused("unauthenticated", "missing or wrong bearer token")
 
 
@@ -65,14 +69,54 @@ def grpc_receiver(service: CollectorService, endpoint: str) -> tuple[grpc.Server
         return ExportTraceServiceResponse().SerializeToString()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[
-        ("grpc.max_receive_message_length", service.config.max_payload_bytes)])
+        ("grpc.max_receive_message_length", service.config.max_payload_bytes),
+        # gRPC sets SO_REUSEPORT by default: a second collector on the same port would
+        # silently take half the traffic and break trace assembly. Refuse instead.
+        ("grpc.so_reuseport", 0)])
     handler = grpc.unary_unary_rpc_method_handler(
         export, request_deserializer=None, response_serializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         TRACE_SERVICE, {"Export": handler}),))
-    port = server.add_insecure_port(endpoint)
+    try:
+        port = server.add_insecure_port(endpoint)
+    except RuntimeError as exc:  # grpc's way of saying the bind failed
+        raise OSError(f"cannot listen for OTLP/gRPC on {endpoint}: {exc} (is another "
+                      "collector or process using that port?)") from exc
+    if port == 0:  # older grpc returns 0 instead of raising
+        raise OSError(f"cannot listen for OTLP/gRPC on {endpoint} (is another collector "
+                      "or process using that port?)")
     server.start()
     return server, port
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """The standard library's threading HTTP server with the limits a receiver needs:
+    a real listen backlog, and a cap on connections (one thread each) beyond which
+    new ones are closed at once and counted, instead of one thread per sender."""
+
+    def __init__(self, address, handler, *, backlog: int, max_connections: int,
+                 on_refused) -> None:
+        self.request_queue_size = backlog  # read by server_activate()'s listen()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._on_refused = on_refused
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._on_refused()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 # -- HTTP --------------------------------------------------------------------------------
@@ -87,6 +131,8 @@ def ingest_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
 
     class Ingest(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        #: socket timeout for every read: a stalled sender loses its connection
+        timeout = service.config.read_timeout_s
 
         def log_message(self, *args) -> None:
             pass
@@ -117,7 +163,16 @@ def ingest_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 self._reply(413, b"missing or too large Content-Length", "text/plain")
                 return
-            body = self.rfile.read(length)
+            try:
+                body = self.rfile.read(length)
+            except TimeoutError:
+                body = b""
+            if len(body) < length:  # the sender stalled or went away mid-body
+                service.rejected.labels("timeout").inc()
+                self.close_connection = True
+                self._reply(408, b"request body incomplete: timed out or connection "
+                                 b"closed", "text/plain")
+                return
             if path != "/v1/traces":
                 self._reply(404, f"{path}: only /v1/traces is accepted".encode(), "text/plain")
                 return

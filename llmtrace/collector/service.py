@@ -39,7 +39,13 @@ from llmtrace import semconv as sc
 from llmtrace.collector.config import CollectorConfig
 from llmtrace.collector.forwarder import Forwarder
 from llmtrace.collector.otlp import OTLPError, decode_traces
-from llmtrace.collector.receivers import Refused, check_bearer, grpc_receiver, ingest_handler
+from llmtrace.collector.receivers import (
+    BoundedHTTPServer,
+    Refused,
+    check_bearer,
+    grpc_receiver,
+    ingest_handler,
+)
 from llmtrace.pipeline.assembler import TraceAssembler
 from llmtrace.pipeline.metrics import DerivedMetrics
 from llmtrace.pipeline.spans import spans_from_request
@@ -209,7 +215,15 @@ class CollectorService:
         self._threads.append(t)
 
     def _serve_http(self, kind: str, endpoint: str, handler) -> None:
-        server = ThreadingHTTPServer(_split(endpoint), handler)
+        cfg = self.config
+        try:
+            server = BoundedHTTPServer(
+                _split(endpoint), handler, backlog=cfg.listen_backlog,
+                max_connections=cfg.max_connections,
+                on_refused=lambda: self.rejected.labels("too_many_connections").inc())
+        except OSError as exc:
+            raise OSError(f"cannot listen for {kind} on {endpoint}: {exc.strerror or exc}"
+                          ) from exc
         server.daemon_threads = True
         self.ports[kind] = server.server_address[1]
         self._http.append(server)
