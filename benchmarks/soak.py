@@ -28,6 +28,7 @@ import httpx
 
 from testbed.models import DENSE, ensure_models
 from testbed.ports import free_port
+from testbed.procs import descendants
 from testbed.stream_client import run_load
 from testbed.vllm_server import ServerConfig, ServerPool
 
@@ -59,31 +60,10 @@ class Blackhole:
 
 
 def tree(root: int) -> dict[int, str]:
-    """pid -> short command of every process under ``root`` (itself included)."""
-    parents: dict[int, int] = {}
-    names: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        names[pid] = stat[stat.index("(") + 1:stat.rindex(")")]
-        if "exporter_process" in cmd:
-            names[pid] = "span-export"
-    out = {}
-    for pid in names:
-        p = pid
-        while p > 1:
-            if p == root:
-                out[pid] = "api-server" if pid == root else names[pid]
-                break
-            p = parents.get(p, 0)
-    return out
+    """pid -> short name of every process under ``root`` (itself included)."""
+    return {pid: "api-server" if pid == root else
+            "span-export" if "exporter_process" in proc.command else proc.name
+            for pid, proc in descendants(root).items()}
 
 
 def rss_mib(pid: int) -> float:

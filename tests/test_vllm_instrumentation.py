@@ -19,6 +19,7 @@ from llmtrace.pricing import PriceTable
 from llmtrace.record.labels import CUT_MARK, MAX_LABEL_LENGTH
 from testbed.models import DENSE, MOE
 from testbed.otlp_receiver import OTLPReceiver, ReceivedSpan
+from testbed.procs import descendants
 from testbed.registry import assert_in_registry
 from testbed.stream_client import StreamTiming, run_load
 
@@ -452,27 +453,8 @@ def test_tenant_header_is_utf8_bounded_and_the_same_on_spans_and_metrics(
 
 def exporter_processes(root_pid: int) -> dict[int, int]:
     """Span export processes under a server's process tree: pid -> parent pid."""
-    parents: dict[int, int] = {}
-    commands: dict[int, bytes] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            commands[int(entry.name)] = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(stat[1])
-
-    def under_root(pid: int) -> bool:
-        while pid > 1:
-            if pid == root_pid:
-                return True
-            pid = parents.get(pid, 0)
-        return False
-
-    return {pid: parents[pid] for pid, cmd in commands.items()
-            if b"llmtrace.telemetry.exporter_process" in cmd and under_root(pid)}
+    return {pid: proc.parent for pid, proc in descendants(root_pid).items()
+            if "llmtrace.telemetry.exporter_process" in proc.command}
 
 
 def test_vllm_keeps_serving_when_its_span_export_process_dies(

@@ -1,0 +1,37 @@
+"""The processes under a server's root process, read from /proc (Linux)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+
+class Proc(NamedTuple):
+    parent: int
+    name: str  # the kernel's short name (vLLM renames its processes, e.g. VLLM::EngineCore)
+    command: str  # the full command line, arguments space-separated
+
+
+def descendants(root: int) -> dict[int, Proc]:
+    """Every live process under ``root``, ``root`` included."""
+    procs: dict[int, Proc] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:
+            continue
+        procs[int(entry.name)] = Proc(int(stat.rsplit(")", 1)[1].split()[1]),
+                                      stat[stat.index("(") + 1:stat.rindex(")")], command)
+
+    def under_root(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = procs[pid].parent if pid in procs else 0
+        return False
+
+    return {pid: proc for pid, proc in procs.items() if under_root(pid)}
