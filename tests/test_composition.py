@@ -172,6 +172,7 @@ summary["served_later"] = sum(len(o.outputs[0].token_ids) for o in outs)
 summary["records_later"] = len(inst.frontend.records)
 summary["engine_state_later"] = len(inst.engine.records) + len(inst.engine.usage)
 summary["disabled"] = sorted(DISABLED_HOOKS)
+llmtrace.flush()  # the instruments (and the gauge) exist once the builder ran a record
 summary["gauge"] = sorted(
     p.attributes["llmtrace.telemetry.hook"]
     for rm in freader.get_metrics_data().resource_metrics for sm in rm.scope_metrics
