@@ -74,3 +74,38 @@ def test_queue_full_count_matches_the_spans_never_exported(monkeypatch):
         exporter.release.set()
         telemetry.shutdown()
     assert exporter.received == 30 - 15
+
+
+def test_drops_are_logged_naming_the_endpoint_once_a_minute_not_per_span(monkeypatch, caplog):
+    """http/protobuf to a port nobody listens on: the failure names the endpoint; a
+    flood of drops logs once per reason, not once per span."""
+    import logging
+    import time
+
+    from opentelemetry.context import Context
+
+    import llmtrace.telemetry as telemetry_module
+
+    with socket.socket() as s:  # a free port, closed again: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "8")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "8")
+    monkeypatch.setattr(telemetry_module, "_drop_logged", {})
+    t = Telemetry(load_config(endpoint=f"http://127.0.0.1:{port}", protocol="http/protobuf",
+                              sample_ratio=1.0, metrics_enabled=False))
+    before = dict(DROPPED)
+    with caplog.at_level(logging.WARNING, logger="llmtrace"):
+        for _ in range(50):  # far more than the queue holds
+            trace_id, span_id, _, _ = t.new_root("req", Context(), time.time_ns())
+            t.build_root("req", Context(), trace_id, span_id, time.time_ns(), {}).end()
+        t.flush(5_000)
+    lines = [r.getMessage() for r in caplog.records if "dropping spans" in r.getMessage()]
+    failed = [m for m in lines if "(export_failed)" in m]
+    full = [m for m in lines if "(queue_full)" in m]
+    assert len(failed) == 1 and f"http://127.0.0.1:{port}/v1/traces" in failed[0]
+    assert len(full) == 1 and "OTEL_BSP_MAX_QUEUE_SIZE" in full[0]
+    assert DROPPED["queue_full"] - before.get("queue_full", 0) >= 40
+    assert DROPPED["export_failed"] > before.get("export_failed", 0)
+    t.shutdown()

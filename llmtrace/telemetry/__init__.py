@@ -64,6 +64,25 @@ logger = logging.getLogger("llmtrace")
 
 #: reason -> spans dropped in this process (queue full, export failed).
 DROPPED: Counter[str] = Counter()
+#: a drop reason is logged when first seen, then at most this often (seconds)
+DROP_LOG_EVERY_S = 60.0
+_drop_logged: dict[str, float] = {}
+
+
+def log_drop(reason: str, detail: str) -> None:
+    """Say that spans are being dropped: the first time per reason, then once a minute.
+
+    The counter (``llmtrace.telemetry.dropped``) is the record; the log line is for
+    whoever reads the server's log during an outage. Called only when a drop happens.
+    """
+    now = time.monotonic()
+    last = _drop_logged.get(reason)
+    if last is not None and now - last < DROP_LOG_EVERY_S:
+        return
+    _drop_logged[reason] = now
+    logger.warning("llmtrace: dropping spans (%s): %s; %d so far in this process, counted "
+                   "in llmtrace.telemetry.dropped{reason=%r}", reason, detail,
+                   DROPPED[reason], reason)
 
 
 class _CountingExporter(SpanExporter):
@@ -90,6 +109,7 @@ class _CountingExporter(SpanExporter):
             result = SpanExportResult.FAILURE
         if result is not SpanExportResult.SUCCESS:
             DROPPED["export_failed"] += len(spans)
+            log_drop("export_failed", f"export to {_endpoint_of(self._inner)} failed")
         if self._measure:
             HOOK_CPU_S["export.spans"] += time.thread_time() - t0
         return result
@@ -99,6 +119,11 @@ class _CountingExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)
+
+
+def _endpoint_of(exporter: SpanExporter) -> str:
+    """Where an exporter sends (the SDK's OTLP exporters keep it in ``_endpoint``)."""
+    return str(getattr(exporter, "_endpoint", None) or type(exporter).__name__)
 
 
 class PresetIdGenerator(IdGenerator):
@@ -199,6 +224,8 @@ class _CountingBatchSpanProcessor(BatchSpanProcessor):
                 # a racing drop may store a smaller total; the next drop stores the true one
                 self._dropped = next(self._drops)
                 DROPPED["queue_full"] += 1
+                log_drop("queue_full", f"the export queue is full ({self._max_queue} spans, "
+                                       "OTEL_BSP_MAX_QUEUE_SIZE): the backend is slow or down")
         super().on_end(span)
 
     def shutdown(self) -> None:

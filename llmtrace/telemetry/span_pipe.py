@@ -163,6 +163,10 @@ class PipeSpanProcessor(SpanProcessor):
         spans = self._spans
         if len(spans) >= self.max_queue:
             self._dropped[QUEUE_FULL] += 1
+            from llmtrace.telemetry import log_drop
+
+            log_drop(QUEUE_FULL, f"the queue to the span export process is full "
+                                 f"({self.max_queue} spans): it or its backend is slow")
             return
         spans.append(item)
         if self._thread is None:
