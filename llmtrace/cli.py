@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                             "the effective configuration and where each value came from, "
                             "and check the OTLP endpoint. Exit 1 if something cannot work.")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument("--metrics-url", metavar="URL",
+                        help="also read a running server's /metrics (e.g. "
+                             "http://localhost:8000/metrics): hooks disabled at run time, drops")
     assets = sub.add_parser("assets", help="write the shipped dashboards, SLO rules, scrape "
                             "and collector configs and example price table to a directory")
     assets.add_argument("--out", required=True, type=Path, help="directory to write into")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         from llmtrace.doctor import main as doctor_main
 
-        return doctor_main(args.json)
+        return doctor_main(args.json, args.metrics_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from prometheus_client import disable_created_metrics
     disable_created_metrics()  # _created series double the count for no dashboard use

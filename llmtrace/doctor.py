@@ -3,7 +3,9 @@
 Run in the environment that serves vLLM. It resolves every hook of the hook
 table against the installed vLLM (active, or disabled and why), prints the
 effective configuration and where each value came from, the activation
-switches, and whether the OTLP endpoint answers. It exits non-zero when
+switches, and whether the OTLP endpoint answers. With ``--metrics-url`` it also
+reads a running server's ``/metrics``: hooks disabled at run time, and drops. It
+exits non-zero when
 something the configuration asks for cannot work: a bad setting, no vLLM or
 one outside the supported range, a disabled hook, an unreachable endpoint.
 It patches nothing and starts no exporter.
@@ -148,12 +150,53 @@ def render(report: dict[str, Any]) -> str:
         lines.append("configuration (value <- source):")
         for field, item in report["config"].items():
             lines.append(f"  {field:<28} {item['value']!r} <- {item['from']}")
+    server = report.get("server")
+    if server and "error" not in server:
+        lines.append(f"running server {server['url']}: disabled hooks "
+                     f"{server['disabled_hooks'] or 'none'}, drops {server['dropped'] or 'none'}")
     problems = report["problems"]
     lines.append("OK" if not problems else "problems:\n  " + "\n  ".join(problems))
     return "\n".join(lines)
 
 
-def main(as_json: bool = False) -> int:
+def running_server(metrics_url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """What a running server says about itself on its ``/metrics``: the hooks it has
+    disabled at run time (a failure, or a group that went with one) and its drops."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmtrace import semconv as sc
+
+    names = {sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_TELEMETRY_DISABLED_HOOKS]: "disabled_hooks",
+             sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_TELEMETRY_DROPPED]: "dropped"}
+    out: dict[str, Any] = {"url": metrics_url, "disabled_hooks": [], "dropped": {}}
+    try:
+        text = httpx.get(metrics_url, timeout=timeout_s).raise_for_status().text
+    except httpx.HTTPError as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        return out
+    hook, reason = "llmtrace_telemetry_hook", "llmtrace_telemetry_reason"
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            kind = names.get(sample.name)
+            if kind == "disabled_hooks" and sample.value:
+                out["disabled_hooks"].append(sample.labels.get(hook, "?"))
+            elif kind == "dropped":
+                key = sample.labels.get(reason, "?")
+                out["dropped"][key] = out["dropped"].get(key, 0) + sample.value
+    out["disabled_hooks"].sort()
+    return out
+
+
+def main(as_json: bool = False, metrics_url: str | None = None) -> int:
     report = diagnose()
+    if metrics_url:
+        server = report["server"] = running_server(metrics_url)
+        if "error" in server:
+            report["problems"].append(f"cannot read {metrics_url}: {server['error']}")
+        elif server["disabled_hooks"]:
+            report["problems"].append(
+                f"the server at {metrics_url} runs with hooks disabled (their telemetry is "
+                f"missing): {', '.join(server['disabled_hooks'])}; see its log for why")
     print(json.dumps(report, default=str, indent=2) if as_json else render(report))
     return 1 if report["problems"] else 0

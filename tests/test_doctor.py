@@ -47,3 +47,38 @@ def test_doctor_is_happy_with_a_live_endpoint_and_names_a_moved_internal():
     assert hook["status"].startswith("disabled") and "not found" in hook["status"]
     others = [h for n, h in report["hooks"].items() if n != "vllm.output_processor.propagate_error"]
     assert all(h["status"] == "active" for h in others)
+
+
+SERVING_PROCESS = r"""
+import sys, time
+from llmtrace.config import load_config
+from llmtrace.telemetry import DROPPED, Telemetry
+from llmtrace.telemetry.guard import hook_failed
+t = Telemetry(load_config(metrics_exporter="prometheus", prometheus_host="127.0.0.1",
+                          prometheus_port=int(sys.argv[1]), traces_exporter="none"))
+t.instruments  # the self-telemetry instruments, served on /metrics
+hook_failed("vllm.output_processor.process_outputs", RuntimeError("injected"))
+DROPPED["queue_full"] += 7
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_doctor_reads_a_running_servers_disabled_hooks_and_drops():
+    """The doctor runs in another process than the server: it reads what the server
+    publishes on /metrics (hooks disabled at run time, drops) and exits non-zero."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", SERVING_PROCESS, str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        out = subprocess.run([sys.executable, "-m", "llmtrace.cli", "doctor", "--json",
+                              "--metrics-url", f"http://127.0.0.1:{port}/metrics"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        server.kill()
+    report = json.loads(out.stdout)
+    assert out.returncode == 1
+    assert report["server"]["disabled_hooks"] == ["vllm.output_processor.process_outputs"]
+    assert report["server"]["dropped"] == {"queue_full": 7}
+    assert any("hooks disabled" in p and "process_outputs" in p for p in report["problems"])
