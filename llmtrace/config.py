@@ -177,18 +177,20 @@ _ENV: dict[str, tuple[str, ...]] = {
 
 
 def _parse(field: str, raw: str) -> Any:
+    """An environment value as the field takes it; a ConfigError says what is wrong with
+    it (the caller names the variable and the value)."""
     if field in ("enabled", "capture_content", "metrics_enabled", "measure_overhead"):
         low = raw.strip().lower()
         if low in _TRUE:
             return True
         if low in _FALSE:
             return False
-        raise ConfigError(f"{field}: expected a boolean, got {raw!r}")
+        raise ConfigError(f"expected a boolean, got {raw!r}")
     if field == "tenant_api_keys":
         try:
             value = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"LLMTRACE_TENANT_API_KEYS: not JSON: {exc}") from exc
+            raise ConfigError(f"not JSON: {exc}") from exc
         return value
     if field == "sample_ratio" and raw.strip() == "":
         return None
@@ -262,7 +264,7 @@ def load_config(*, lenient_env: bool = False, **overrides: Any) -> Config:
                 try:
                     parsed = _parse(field, raw)
                 except ConfigError as exc:
-                    problems[field] = f"{name}={raw!r}: {_strip_field(str(exc), field)}"
+                    problems[field] = f"{name}={raw!r}: {exc}"
                     break
                 if parsed is not None:
                     values[field] = parsed
@@ -301,13 +303,6 @@ def load_config(*, lenient_env: bool = False, **overrides: Any) -> Config:
                        "(exporters to none, LLMTRACE_ENABLED to off, the rest to defaults); "
                        "the rest of the telemetry works: %s", listed)
     return config
-
-
-def _strip_field(message: str, field: str) -> str:
-    """A parse error's message without the name it starts with (the caller names it)."""
-    for name in (field, *_ENV.get(field, ())):
-        message = message.removeprefix(f"{name}: ")
-    return message
 
 
 def switched_off(config: Config, env: dict[str, str] | None = None) -> str | None:
