@@ -436,10 +436,10 @@ class Telemetry:
         if self.config.span_export != "process" or self._span_exporter is not None \
                 or not self.config.span_exporters:
             return None
-        from llmtrace.telemetry.span_pipe import PipeSpanProcessor
+        from llmtrace.telemetry.span_pipe import PipeSpanProcessor, plain_attributes
 
         handshake = {"config": self.config.model_dump_json(),
-                     "resource": _plain_attributes(resource.attributes),
+                     "resource": plain_attributes(resource.attributes) or {},
                      "schema_url": resource.schema_url or "",
                      "scope": (scope.name, scope.version or "")}
         # batched as the SDK's batch processor would: the same OTEL_BSP_* settings
@@ -580,10 +580,6 @@ class Telemetry:
             self._meter_provider.shutdown()
         self._tracer = self._tracer_provider = None
         self._instruments = self._meter_provider = None
-
-
-def _plain_attributes(attributes) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in attributes.items()}
 
 
 _REPORTER_LOCK = threading.Lock()

@@ -10,8 +10,8 @@ moving the work changes no timing.
 The hand-off queue is bounded: when the builder falls behind (a starved
 thread, an exporter blocking it), new work is dropped and counted
 (``llmtrace.telemetry.dropped{reason="build_queue_full"}``), never waited for.
-The thread sleeps while there is nothing to build (no wake-ups on an idle
-server): the first job of a batch wakes it, and it gathers the batch for
+The thread sleeps while there is nothing to build (on an idle server it wakes
+once a second, to nothing): the first job of a batch wakes it, and it gathers the batch for
 ``interval_s`` before building. It releases the GIL every few items
 (``time.sleep(0)``), so a burst of finished requests does not hold the serving
 loop for a whole switch interval.
@@ -92,8 +92,9 @@ class Builder:
                 thread.start()
 
     def _run(self) -> None:
-        # Asleep while there is nothing to build: no periodic wake-ups on an idle
-        # server. Woken by the first job of a batch, it waits ``interval`` for the
+        # Asleep while there is nothing to build (a wake-up a second at most, instead
+        # of twenty: the timeout only guards against a lost wake-up). Woken by the
+        # first job of a batch, it waits ``interval`` for the
         # rest to arrive, so a busy server's requests are built (and their metric
         # updates handed to the SDK) in batches.
         while not self._stopped:

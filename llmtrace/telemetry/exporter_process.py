@@ -84,7 +84,13 @@ def main() -> int:
     if not isinstance(handshake, dict):
         return 2
     # imported late: the package's telemetry module builds the exporters as in-process
-    from llmtrace.telemetry import DROPPED, FrozenResource, Telemetry, _CountingExporter
+    from llmtrace.telemetry import (
+        DROPPED,
+        FrozenResource,
+        Telemetry,
+        _CountingExporter,
+        start_overhead_reporter,
+    )
 
     config = Config.model_validate_json(handshake["config"])
     resource = FrozenResource(handshake["resource"], handshake.get("schema_url") or "")
@@ -115,8 +121,6 @@ def main() -> int:
 
     threading.Thread(target=reporter, name="llmtrace-export-reports", daemon=True).start()
     if config.measure_overhead:
-        from llmtrace.telemetry import start_overhead_reporter
-
         start_overhead_reporter(role="exporter_process")
     try:
         for frame in frames:

@@ -6,19 +6,21 @@ With ``LLMTRACE_SPAN_EXPORT=process`` llmtrace's own tracer provider gets one
 span processor, :class:`PipeSpanProcessor`, instead of its batch processors:
 each finished span becomes a flat tuple of plain values (:func:`span_tuple`,
 or :meth:`DirectSpan.wire` without building a ``ReadableSpan`` at all), a
-sender thread writes batches of them, ``marshal``-encoded and length-framed,
-to the stdin of ``python -m llmtrace.telemetry.exporter_process``, which holds
-the SDK's batch processors and exporters and does the encoding and network
-work. Metrics stay in-process: they are summed per batch already, and the
-API server's ``/metrics`` must see them.
+sender thread writes batches of them (sized and timed by the ``OTEL_BSP_*``
+settings), ``marshal``-encoded and length-framed, to the stdin of
+``python -m llmtrace.telemetry.exporter_process``, which exports each batch
+with the SDK's exporters and does the encoding and network work. Metrics stay
+in-process: they are summed per batch already, and the API server's
+``/metrics`` must see them.
 
 Never blocking serving, never unbounded:
 - ``on_end`` appends to a bounded deque (``OTEL_BSP_MAX_QUEUE_SIZE``); when it
   is full the span is dropped and counted (``reason="queue_full"``).
 - Only the sender thread writes to the pipe; if the exporter process stalls,
   the pipe and then the deque fill, and spans are dropped, counted.
-- The exporter process reports, once a second, what it exported and dropped;
-  its drops are added to this process's ``llmtrace.telemetry.dropped``.
+- The exporter process reports what it has settled and dropped (once a second
+  when that changed, and on each flush); its drops are added to this process's
+  ``llmtrace.telemetry.dropped``.
 - If it dies, the spans it had not exported are counted
   (``reason="export_process_died"``) and it is restarted after a back-off, at
   most :data:`MAX_RESTARTS` times; then span export stays off in this process
@@ -79,15 +81,16 @@ def wire(name, context, parent, kind, start_ns, end_ns, attributes, events, link
         name, context.trace_id, context.span_id, int(context.trace_flags),
         tuple(state.items()) if state else None,
         (parent.span_id, parent.is_remote) if parent is not None else None,
-        kind.value, start_ns, end_ns, _plain(attributes),
-        tuple((e.name, e.timestamp, _plain(e.attributes)) for e in events),
+        kind.value, start_ns, end_ns, plain_attributes(attributes),
+        tuple((e.name, e.timestamp, plain_attributes(e.attributes)) for e in events),
         tuple((link.context.trace_id, link.context.span_id, int(link.context.trace_flags),
-               _plain(link.attributes)) for link in links),
+               plain_attributes(link.attributes)) for link in links),
         status.status_code.value, status.description,
     )
 
 
-def _plain(attributes) -> dict | None:
+def plain_attributes(attributes) -> dict | None:
+    """Attributes as marshal-able plain values (sequences as tuples); None when empty."""
     if not attributes:
         return None
     return {k: (tuple(v) if isinstance(v, list | tuple) else v)
