@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
 
-import httpx
-
+from llmtrace.doctor import running_server
 from testbed.models import DENSE, ensure_models
 from testbed.ports import free_port
 from testbed.procs import descendants
@@ -77,16 +76,8 @@ def rss_mib(pid: int) -> float:
 
 
 def drops(url: str) -> dict[str, float]:
-    try:
-        text = httpx.get(url, timeout=10).text
-    except httpx.HTTPError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("llmtrace_telemetry_dropped_total{"):
-            reason = line.split('llmtrace_telemetry_reason="', 1)[1].split('"', 1)[0]
-            out[reason] = out.get(reason, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
+    """llmtrace's drops by reason, as a server publishes them on ``/metrics``."""
+    return running_server(url).get("dropped", {})
 
 
 def main(argv: list[str] | None = None) -> int:
