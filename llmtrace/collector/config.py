@@ -48,10 +48,11 @@ class CollectorConfig(BaseModel):
     #: a label; longer ones are cut, ending in an ellipsis, and counted (the SDK's rule)
     max_label_length: int = Field(default=MAX_LABEL_LENGTH, ge=8, le=4096)
     shutdown_grace_s: float = Field(default=10.0, ge=0)
-    #: an HTTP sender that stalls mid-request (a body shorter than its Content-Length)
-    #: is cut off after this long, not given a thread forever
+    #: an HTTP request whose body has not fully arrived after this long (a body shorter
+    #: than its Content-Length, a stalled sender) is answered 408, counted
     read_timeout_s: float = Field(default=30.0, gt=0)
-    #: open HTTP connections at once (one thread each); more are closed at once, counted
+    #: HTTP ingest requests in progress at once; more are answered 503 with Retry-After,
+    #: counted (open connections, idle keep-alive ones included, are capped at 4x this)
     max_connections: int = Field(default=256, ge=1)
     #: connections the kernel queues before the receiver accepts them (listen backlog)
     listen_backlog: int = Field(default=1024, ge=1)

@@ -1,7 +1,7 @@
-"""The collector's OTLP receivers: gRPC (4317) and HTTP (4318) in front of one ``accept``.
+"""The collector's OTLP receivers' shared rules, and the gRPC (4317) receiver.
 
-Both transports only translate: they hand the payload's bytes, content type,
-encoding and ``Authorization`` to :meth:`CollectorService.accept
+Both transports (HTTP, 4318, is in :mod:`.asgi`) only translate: they hand the
+payload's bytes, content type, encoding and ``Authorization`` to :meth:`CollectorService.accept
 <llmtrace.collector.service.CollectorService.accept>`, which decodes, checks and
 enqueues it, and map its :class:`Refused` to the transport's answer. A retryable
 refusal (backpressure, shutdown) becomes gRPC ``UNAVAILABLE`` or HTTP 503 with
@@ -14,7 +14,6 @@ from __future__ import annotations
 import hmac
 import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 
 import grpc
@@ -49,6 +48,35 @@ def check_bearer(token: str | None, header: str | None) -> None:
 
 # -- gRPC --------------------------------------------------------------------------------
 
+_handler = threading.local()  # ``reached`` is set once a call's message got to ``export``
+
+
+class _CallPool(futures.ThreadPoolExecutor):
+    """The pool gRPC runs each call on, counting calls that never reach the handler.
+
+    gRPC refuses a message over ``grpc.max_receive_message_length`` before any
+    Python code sees it, and offers no hook for that; but the call's job still
+    runs on this pool and ends without calling the handler. Such calls (a
+    message over ``max_payload_bytes``, in practice; or a sender that gave up
+    before its message arrived) are counted as ``grpc_refused``, as HTTP counts
+    its 413s and 408s."""
+
+    def __init__(self, max_workers: int, on_refused) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix="llmtrace-grpc")
+        self._on_refused = on_refused
+
+    def submit(self, fn, /, *args, **kwargs):
+        def call():
+            _handler.reached = False
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if not _handler.reached:
+                    self._on_refused()
+
+        return super().submit(call)
+
+
 
 def grpc_receiver(service: CollectorService, endpoint: str) -> tuple[grpc.Server, int]:
     """Start the OTLP/gRPC trace service on ``endpoint``; returns the server and its port.
@@ -58,6 +86,7 @@ def grpc_receiver(service: CollectorService, endpoint: str) -> tuple[grpc.Server
     """
 
     def export(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        _handler.reached = True
         meta = dict(context.invocation_metadata() or ())
         try:
             service.accept(raw, "application/x-protobuf", None, meta.get("authorization"))
@@ -68,7 +97,8 @@ def grpc_receiver(service: CollectorService, endpoint: str) -> tuple[grpc.Server
             context.abort(code, str(exc))
         return ExportTraceServiceResponse().SerializeToString()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[
+    pool = _CallPool(8, lambda: service.rejected.labels("grpc_refused").inc())
+    server = grpc.server(pool, options=[
         ("grpc.max_receive_message_length", service.config.max_payload_bytes),
         # gRPC sets SO_REUSEPORT by default: a second collector on the same port would
         # silently take half the traffic and break trace assembly. Refuse instead.
@@ -87,109 +117,3 @@ def grpc_receiver(service: CollectorService, endpoint: str) -> tuple[grpc.Server
                       "or process using that port?)")
     server.start()
     return server, port
-
-
-class BoundedHTTPServer(ThreadingHTTPServer):
-    """The standard library's threading HTTP server with the limits a receiver needs:
-    a real listen backlog, and a cap on connections (one thread each) beyond which
-    new ones are closed at once and counted, instead of one thread per sender."""
-
-    def __init__(self, address, handler, *, backlog: int, max_connections: int,
-                 on_refused) -> None:
-        self.request_queue_size = backlog  # read by server_activate()'s listen()
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._on_refused = on_refused
-        super().__init__(address, handler)
-
-    def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            self._on_refused()
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-# -- HTTP --------------------------------------------------------------------------------
-
-
-def ingest_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
-    """The OTLP/HTTP request handler: ``POST /v1/traces``, protobuf or JSON.
-
-    The body is read only with a ``Content-Length`` within ``max_payload_bytes``
-    (no chunked uploads), so one request cannot make the collector buffer more.
-    """
-
-    class Ingest(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        #: socket timeout for every read: a stalled sender loses its connection
-        timeout = service.config.read_timeout_s
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def _reply(self, code: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (extra or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:  # noqa: N802 - http.server API
-            path = self.path.split("?")[0]
-            declared = self.headers.get("Content-Length")
-            if declared is None:  # chunked uploads are not supported
-                service.rejected.labels("malformed").inc()
-                self.close_connection = True
-                self._reply(411, b"Content-Length is required", "text/plain")
-                return
-            try:
-                length = int(declared)
-            except ValueError:
-                length = -1
-            if length < 0 or length > service.config.max_payload_bytes:
-                service.rejected.labels("too_large").inc()
-                self.close_connection = True
-                self._reply(413, b"missing or too large Content-Length", "text/plain")
-                return
-            try:
-                body = self.rfile.read(length)
-            except TimeoutError:
-                body = b""
-            if len(body) < length:  # the sender stalled or went away mid-body
-                service.rejected.labels("timeout").inc()
-                self.close_connection = True
-                self._reply(408, b"request body incomplete: timed out or connection "
-                                 b"closed", "text/plain")
-                return
-            if path != "/v1/traces":
-                self._reply(404, f"{path}: only /v1/traces is accepted".encode(), "text/plain")
-                return
-            ctype = self.headers.get("Content-Type") or "application/x-protobuf"
-            try:
-                service.accept(body, ctype, self.headers.get("Content-Encoding"),
-                               self.headers.get("Authorization"))
-            except Refused as exc:
-                code = 503 if exc.retryable else 401 if exc.reason == "unauthenticated" \
-                    else 413 if exc.reason == "too_large" else 400
-                extra = {"Retry-After": "1"} if exc.retryable else None
-                self._reply(code, f"{exc}\n".encode(), "text/plain", extra)
-                return
-            if ctype.split(";")[0].strip() == "application/json":
-                self._reply(200, b"{}", "application/json")
-            else:
-                self._reply(200, ExportTraceServiceResponse().SerializeToString(),
-                            "application/x-protobuf")
-
-    return Ingest

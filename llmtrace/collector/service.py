@@ -16,36 +16,29 @@ is dropped for the downstream only, counted. A malformed payload gets a 4xx
 naming the problem and nothing else is touched.
 
 This module is the wiring and the lifecycle: it owns the ingest queue, the
-derivation worker, start/stop/health and the admin endpoint (``/metrics``,
-``/healthz``); the transports and the forwarding leg live beside it.
+derivation worker, start/stop and health; the transports (with the admin
+endpoint, ``/metrics`` and ``/healthz``) and the forwarding leg live beside it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from prometheus_client import Counter, Gauge
 
 from llmtrace import semconv as sc
+from llmtrace.collector.asgi import HTTPServer, admin_app, ingest_app
 from llmtrace.collector.config import CollectorConfig
 from llmtrace.collector.forwarder import Forwarder
 from llmtrace.collector.otlp import OTLPError, decode_traces
-from llmtrace.collector.receivers import (
-    BoundedHTTPServer,
-    Refused,
-    check_bearer,
-    grpc_receiver,
-    ingest_handler,
-)
+from llmtrace.collector.receivers import Refused, check_bearer, grpc_receiver
 from llmtrace.pipeline.assembler import TraceAssembler
 from llmtrace.pipeline.metrics import DerivedMetrics
 from llmtrace.pipeline.spans import spans_from_request
@@ -61,11 +54,6 @@ log = logging.getLogger("llmtrace.collector")
 class _Batch:
     request: ExportTraceServiceRequest
     spans: int
-
-
-def _split(endpoint: str) -> tuple[str, int]:
-    host, _, port = endpoint.rpartition(":")
-    return host or "0.0.0.0", int(port)
 
 
 class CollectorService:
@@ -108,7 +96,7 @@ class CollectorService:
         self.draining = False
         self._threads: list[threading.Thread] = []
         self._grpc: grpc.Server | None = None
-        self._http: list[ThreadingHTTPServer] = []
+        self._http: list[HTTPServer] = []
         self.ports: dict[str, int] = {}
 
     @property
@@ -203,9 +191,9 @@ class CollectorService:
         if cfg.grpc_endpoint:
             self._grpc, self.ports["grpc"] = grpc_receiver(self, cfg.grpc_endpoint)
         if cfg.http_endpoint:
-            self._serve_http("http", cfg.http_endpoint, ingest_handler(self))
+            self._serve_http("http", cfg.http_endpoint, ingest_app(self))
         if cfg.admin_endpoint:
-            self._serve_http("admin", cfg.admin_endpoint, _admin_handler(self))
+            self._serve_http("admin", cfg.admin_endpoint, admin_app(self))
         log.info("llmtrace collector listening: %s", self.ports)
         return self
 
@@ -214,21 +202,11 @@ class CollectorService:
         t.start()
         self._threads.append(t)
 
-    def _serve_http(self, kind: str, endpoint: str, handler) -> None:
-        cfg = self.config
-        try:
-            server = BoundedHTTPServer(
-                _split(endpoint), handler, backlog=cfg.listen_backlog,
-                max_connections=cfg.max_connections,
-                on_refused=lambda: self.rejected.labels("too_many_connections").inc())
-        except OSError as exc:
-            raise OSError(f"cannot listen for {kind} on {endpoint}: {exc.strerror or exc}"
-                          ) from exc
-        server.daemon_threads = True
-        self.ports[kind] = server.server_address[1]
-        self._http.append(server)
-        threading.Thread(target=server.serve_forever, name=f"llmtrace-{kind}",
-                         daemon=True).start()
+    def _serve_http(self, kind: str, endpoint: str, app) -> None:
+        server = HTTPServer(app, endpoint, kind, backlog=self.config.listen_backlog,
+                            max_connections=self.config.max_connections)
+        self.ports[kind] = server.port
+        self._http.append(server.start())
 
     def stop(self, grace_s: float | None = None) -> None:
         """Refuse new payloads (retryable), derive and forward what was accepted, then stop."""
@@ -246,8 +224,7 @@ class CollectorService:
         # The HTTP receiver stays up while draining so senders get 503 + Retry-After
         # rather than a connection that hangs until the drain ends.
         for server in self._http:
-            server.shutdown()
-            server.server_close()
+            server.stop()
 
     def health(self) -> tuple[int, dict]:
         status = {"status": "draining" if self.draining else "ok",
@@ -255,29 +232,3 @@ class CollectorService:
                   "open_traces": len(self.assembler), "forward_queued_spans": self.forward_spans,
                   "derived_requests": self.assembler.derived, "errors": self.errors}
         return (503 if self.draining else 200), status
-
-
-def _admin_handler(service: CollectorService) -> type[BaseHTTPRequestHandler]:
-    """``/metrics`` (the derived series and the collector's own) and ``/healthz``."""
-
-    class Admin(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
-            path = self.path.split("?")[0]
-            if path == "/metrics":
-                code, body, ctype = 200, generate_latest(service.metrics.registry), \
-                    CONTENT_TYPE_LATEST
-            elif path == "/healthz":
-                code, status = service.health()
-                body, ctype = json.dumps(status).encode(), "application/json"
-            else:
-                code, body, ctype = 404, b"try /metrics or /healthz", "text/plain"
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    return Admin
