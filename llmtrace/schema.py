@@ -47,6 +47,8 @@ RECORD_LABELS: Final[dict[str, str]] = {
     'llmtrace.request.finish_reason': 'finish_reason',
     'error.type': 'error_type',
     'llmtrace.cost.basis': 'basis',
+    'llmtrace.engine.index': 'dp_rank',
+    'llmtrace.dp.reason': 'dp_reason',
 }
 
 METRICS: Final[tuple[MetricSpec, ...]] = (
@@ -113,6 +115,28 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         prometheus='llmtrace_cost_usd_total',
         labels=('gen_ai.request.model', 'llmtrace.tenant', 'llmtrace.deployment.version', 'llmtrace.cost.basis', ),
         feeds={'request': 'usd', 'usage': 'usd'},
+        buckets=None,
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.dp.load_imbalance',
+        instrument='histogram',
+        unit='1',
+        brief="Busiest rank's waiting plus running over the mean across ranks, as the balancer saw them at each request's rank choice.",
+        prometheus='llmtrace_dp_load_imbalance',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', ),
+        feeds={'request': 'dp_load_imbalance'},
+        buckets=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0, 16.0,),
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.dp.routed_requests',
+        instrument='counter',
+        unit='{request}',
+        brief='Finished requests by the data-parallel rank the API server sent them to, and why.',
+        prometheus='llmtrace_dp_routed_requests_total',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.engine.index', 'llmtrace.dp.reason', ),
+        feeds={'request': 'dp_routed'},
         buckets=None,
         outputs=frozenset({'sdk', 'collector'}),
     ),

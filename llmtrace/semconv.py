@@ -129,10 +129,24 @@ LLMTRACE_DECODE_CHUNK_TOKENS: Final = 'llmtrace.decode.chunk.tokens'
 """Output tokens produced inside the decode chunk."""
 LLMTRACE_DEPLOYMENT_VERSION: Final = 'llmtrace.deployment.version'
 """Version of the serving deployment (canary vs stable comparisons)."""
+LLMTRACE_DP_CANDIDATE_IN_FLIGHT: Final = 'llmtrace.dp.candidate.in_flight'
+"""This API server's own unfinished requests per candidate rank."""
+LLMTRACE_DP_CANDIDATE_KV_CACHE_USAGE: Final = 'llmtrace.dp.candidate.kv_cache_usage'
+"""KV-cache usage (0 to 1) per candidate rank in the balancer's latest snapshot."""
+LLMTRACE_DP_CANDIDATE_RANKS: Final = 'llmtrace.dp.candidate.ranks'
+"""The data-parallel ranks the balancer chose among."""
+LLMTRACE_DP_CANDIDATE_RUNNING: Final = 'llmtrace.dp.candidate.running'
+"""Running requests per candidate rank in the balancer's latest snapshot."""
+LLMTRACE_DP_CANDIDATE_WAITING: Final = 'llmtrace.dp.candidate.waiting'
+"""Waiting requests per candidate rank in the balancer's latest snapshot, including its own increments since."""
+LLMTRACE_DP_LOAD_IMBALANCE: Final = 'llmtrace.dp.load_imbalance'
+"""Busiest candidate rank's waiting plus running requests divided by the mean over candidates, as the balancer saw them (1.0 is balanced or idle)."""
+LLMTRACE_DP_REASON: Final = 'llmtrace.dp.reason'
+"""Why the request went to its data-parallel rank."""
 LLMTRACE_DRIFT_FEATURE: Final = 'llmtrace.drift.feature'
 """Feature whose distribution is compared with the baseline."""
 LLMTRACE_ENGINE_INDEX: Final = 'llmtrace.engine.index'
-"""Data-parallel engine index (vLLM `engine` label)."""
+"""Data-parallel rank of the engine core (vLLM's `engine` label); on the request, the rank that served it."""
 LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
 """Engine steps the request was scheduled in (prefill chunks and decode steps)."""
 LLMTRACE_KV_TRANSFER_BYTES: Final = 'llmtrace.kv_transfer.bytes'
@@ -246,6 +260,15 @@ class LlmtraceCostBasisValues(StrEnum):
     PRICE_TABLE = 'price_table'
 
 
+class LlmtraceDpReasonValues(StrEnum):
+    """Values of ``llmtrace.dp.reason``."""
+
+    LOAD_BALANCED = 'load_balanced'
+    REQUESTED_RANK = 'requested_rank'
+    SESSION_AFFINITY = 'session_affinity'
+    EXTERNAL_LB = 'external_lb'
+
+
 class LlmtraceKvTransferDirectionValues(StrEnum):
     """Values of ``llmtrace.kv_transfer.direction``."""
 
@@ -303,6 +326,7 @@ SPAN_LLMTRACE_PREPROCESS: Final = 'llmtrace.preprocess'
 SPAN_LLMTRACE_PROFILER_REGION: Final = 'llmtrace.profiler.region'
 SPAN_LLMTRACE_QUEUE: Final = 'llmtrace.queue'
 SPAN_LLMTRACE_REQUEST: Final = 'llmtrace.request'
+SPAN_LLMTRACE_ROUTE_DP: Final = 'llmtrace.route.dp'
 SPAN_LLMTRACE_ROUTER_ROUTE: Final = 'llmtrace.router.route'
 
 # -- Events ---------------------------------------------------------------------
@@ -317,6 +341,8 @@ METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN: Final = 'gen_ai.server.time_to_first_t
 METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.accelerator_seconds'
 METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.idle_accelerator_seconds'
 METRIC_LLMTRACE_COST_USD: Final = 'llmtrace.cost.usd'
+METRIC_LLMTRACE_DP_LOAD_IMBALANCE: Final = 'llmtrace.dp.load_imbalance'
+METRIC_LLMTRACE_DP_ROUTED_REQUESTS: Final = 'llmtrace.dp.routed_requests'
 METRIC_LLMTRACE_DRIFT_KL_DIVERGENCE: Final = 'llmtrace.drift.kl_divergence'
 METRIC_LLMTRACE_DRIFT_PSI: Final = 'llmtrace.drift.psi'
 METRIC_LLMTRACE_ENGINE_BUSY: Final = 'llmtrace.engine.busy'
@@ -390,6 +416,13 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.decode.chunk.itl_sum',
     'llmtrace.decode.chunk.tokens',
     'llmtrace.deployment.version',
+    'llmtrace.dp.candidate.in_flight',
+    'llmtrace.dp.candidate.kv_cache_usage',
+    'llmtrace.dp.candidate.ranks',
+    'llmtrace.dp.candidate.running',
+    'llmtrace.dp.candidate.waiting',
+    'llmtrace.dp.load_imbalance',
+    'llmtrace.dp.reason',
     'llmtrace.drift.feature',
     'llmtrace.engine.index',
     'llmtrace.engine.steps',
@@ -487,6 +520,7 @@ SPAN_KINDS: Final[dict[str, str]] = {
     'llmtrace.profiler.region': 'internal',
     'llmtrace.queue': 'internal',
     'llmtrace.request': 'server',
+    'llmtrace.route.dp': 'internal',
     'llmtrace.router.route': 'internal',
 }
 """Span names llmtrace may emit, with their span kind."""
@@ -529,6 +563,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.cost.accelerator_seconds',
         'llmtrace.cost.usd',
         'llmtrace.engine.steps',
+        'llmtrace.engine.index',
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
@@ -573,6 +608,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.step.batch_size',
         'llmtrace.step.scheduled_tokens',
         'llmtrace.step.index',
+        'llmtrace.engine.index',
     }),
     'llmtrace.preprocess': frozenset({
     }),
@@ -610,6 +646,8 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.engine.index',
+        'llmtrace.dp.reason',
+        'llmtrace.dp.load_imbalance',
         'llmtrace.request.finish_reason',
         'llmtrace.request.priority',
         'llmtrace.request.preemptions',
@@ -625,6 +663,16 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.cost.accelerator_seconds',
         'llmtrace.cost.usd',
         'llmtrace.cost.basis',
+    }),
+    'llmtrace.route.dp': frozenset({
+        'llmtrace.engine.index',
+        'llmtrace.dp.reason',
+        'llmtrace.dp.load_imbalance',
+        'llmtrace.dp.candidate.ranks',
+        'llmtrace.dp.candidate.waiting',
+        'llmtrace.dp.candidate.running',
+        'llmtrace.dp.candidate.kv_cache_usage',
+        'llmtrace.dp.candidate.in_flight',
     }),
     'llmtrace.router.route': frozenset({
         'llmtrace.router.endpoint',
@@ -647,6 +695,8 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.cost.accelerator_seconds': 'counter',
     'llmtrace.cost.idle_accelerator_seconds': 'counter',
     'llmtrace.cost.usd': 'counter',
+    'llmtrace.dp.load_imbalance': 'histogram',
+    'llmtrace.dp.routed_requests': 'counter',
     'llmtrace.drift.kl_divergence': 'gauge',
     'llmtrace.drift.psi': 'gauge',
     'llmtrace.engine.busy': 'counter',
@@ -689,6 +739,8 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.cost.accelerator_seconds': 's',
     'llmtrace.cost.idle_accelerator_seconds': 's',
     'llmtrace.cost.usd': '{USD}',
+    'llmtrace.dp.load_imbalance': '1',
+    'llmtrace.dp.routed_requests': '{request}',
     'llmtrace.drift.kl_divergence': '{nat}',
     'llmtrace.drift.psi': '{psi}',
     'llmtrace.engine.busy': 's',
@@ -731,6 +783,8 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.cost.accelerator_seconds': 'Accelerator-seconds attributed to requests by batch share.',
     'llmtrace.cost.idle_accelerator_seconds': 'Accelerator-seconds with no request scheduled.',
     'llmtrace.cost.usd': 'Attributed cost in US dollars.',
+    'llmtrace.dp.load_imbalance': "Busiest rank's waiting plus running over the mean across ranks, as the balancer saw them at each request's rank choice.",
+    'llmtrace.dp.routed_requests': 'Finished requests by the data-parallel rank the API server sent them to, and why.',
     'llmtrace.drift.kl_divergence': "KL divergence of a feature's distribution from the baseline.",
     'llmtrace.drift.psi': 'Population stability index of a feature versus the baseline.',
     'llmtrace.engine.busy': 'Engine time with a batch running: the time split among requests by batch share.',
@@ -800,6 +854,18 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.cost.basis',
+    }),
+    'llmtrace.dp.load_imbalance': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+    }),
+    'llmtrace.dp.routed_requests': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.engine.index',
+        'llmtrace.dp.reason',
     }),
     'llmtrace.drift.kl_divergence': frozenset({
         'gen_ai.request.model',
@@ -976,6 +1042,8 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.cost.accelerator_seconds': 'llmtrace_cost_accelerator_seconds_total',
     'llmtrace.cost.idle_accelerator_seconds': 'llmtrace_cost_idle_accelerator_seconds_total',
     'llmtrace.cost.usd': 'llmtrace_cost_usd_total',
+    'llmtrace.dp.load_imbalance': 'llmtrace_dp_load_imbalance',
+    'llmtrace.dp.routed_requests': 'llmtrace_dp_routed_requests_total',
     'llmtrace.drift.kl_divergence': 'llmtrace_drift_kl_divergence',
     'llmtrace.drift.psi': 'llmtrace_drift_psi',
     'llmtrace.engine.busy': 'llmtrace_engine_busy_seconds_total',

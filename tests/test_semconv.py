@@ -57,15 +57,15 @@ def test_check_fails_when_registry_changes_without_regeneration(registry_copy):
     assert run_generator("--check", *paths(registry_copy)).returncode == 0
     yaml_file = registry_copy["registry"] / "attributes.yaml"
     yaml_file.write_text(yaml_file.read_text().replace(
-        "brief: Data-parallel engine index (vLLM `engine` label).",
-        "brief: Data-parallel rank of the engine."))
+        "brief: Data-parallel rank of the engine core",
+        "brief: The data-parallel rank of the engine core"))
     stale = run_generator("--check", *paths(registry_copy))
     assert stale.returncode == 1
     assert "stale generated semconv files" in stale.stderr
     assert str(registry_copy["python"]) in stale.stderr
     regenerated = run_generator(*paths(registry_copy))
     assert regenerated.returncode == 0, regenerated.stderr
-    assert "Data-parallel rank of the engine." in registry_copy["python"].read_text()
+    assert "The data-parallel rank of the engine core" in registry_copy["python"].read_text()
     assert run_generator("--check", *paths(registry_copy)).returncode == 0
 
 

@@ -68,6 +68,11 @@ class RequestRecord:
     unpriced: int | None = None
     #: llm-d router decision (``llmtrace.router.*``), when its spans came first
     routing: dict[str, Any] = field(default_factory=dict)
+    #: data-parallel rank the API server sent the request to, and why (``llmtrace.dp.*``)
+    dp_rank: int | None = None
+    dp_reason: str | None = None
+    #: busiest over mean waiting+running across ranks, at a balanced choice only
+    dp_load_imbalance: float | None = None
 
     one = 1  # the value a per-request counter adds
     basis = "price_table"  # ``llmtrace.cost.basis`` of this record's USD
@@ -76,6 +81,11 @@ class RequestRecord:
     def source_label(self) -> str | None:
         """``llmtrace.record.source`` as a metric label: left off llmtrace's own records."""
         return None if self.source == SOURCE_LLMTRACE else self.source
+
+    @property
+    def dp_routed(self) -> int | None:
+        """1 for a request with a data-parallel rank (the routed-requests counter)."""
+        return None if self.dp_rank is None else 1
 
     @property
     def tpot_s(self) -> float | None:

@@ -47,6 +47,13 @@ def request_problem(record: RequestRecord) -> str | None:
     for name in _COUNTS:
         if problem := _count_problem(name, getattr(record, name)):
             return problem
+    if record.dp_rank is not None and (problem := _count_problem("dp_rank", record.dp_rank)):
+        return problem
+    imbalance = record.dp_load_imbalance
+    if imbalance is not None and (not isinstance(imbalance, int | float)
+                                  or not math.isfinite(imbalance)
+                                  or not 1.0 <= imbalance <= MAX_COUNT):
+        return f"dp_load_imbalance={imbalance!r} is not a ratio >= 1"
     itl = record.itl
     if itl is not None and (any(c < 0 for c in itl.counts) or not math.isfinite(itl.total)
                             or itl.total < 0):

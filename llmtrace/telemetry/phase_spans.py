@@ -46,6 +46,11 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
         attrs[sc.LLMTRACE_COST_USD] = record.usd
     if record.error_type:
         attrs[sc.ERROR_TYPE] = record.error_type
+    if record.dp_rank is not None:
+        attrs[sc.LLMTRACE_ENGINE_INDEX] = record.dp_rank
+        attrs[sc.LLMTRACE_DP_REASON] = record.dp_reason or "load_balanced"
+        if record.dp_load_imbalance is not None:
+            attrs[sc.LLMTRACE_DP_LOAD_IMBALANCE] = record.dp_load_imbalance
     return attrs
 
 

@@ -18,6 +18,7 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from llmtrace.config import Config, load_config, switched_off
 from llmtrace.instrumentation._patching import Hook, Installed, install, uninstall
 from llmtrace.instrumentation.vllm import http
+from llmtrace.instrumentation.vllm.dp import DPRouting
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
 from llmtrace.instrumentation.vllm.hooks import CHECKED_RELEASES, GROUPS, HOOKS
@@ -43,7 +44,7 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
     ``install()`` guards each body under the hook's name; a ``gate`` skips the
     bodies (and the guard) while there is nothing to follow.
     """
-    f, e = frontend, engine
+    f, e, dp = frontend, engine, DPRouting(frontend)
     ingress = dict(before=http.before_data_received, after=http.after_data_received)
     bodies: dict[str, dict] = {
         "uvicorn.httptools.data_received": ingress,  # either HTTP parser uvicorn runs
@@ -58,6 +59,9 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
                                                      gate=f.has_requests),
         "vllm.output_processor.propagate_error": dict(before=f.before_propagate_error,
                                                       gate=f.has_requests),
+        "vllm.dp.choose_rank": dict(before=dp.before_balanced, after=dp.after_balanced,
+                                    gate=f.has_requests),
+        "vllm.dp.single_rank": dict(after=dp.after_single, gate=f.has_requests),
         "vllm.scheduler.init": dict(after=e.after_scheduler_init),
         "vllm.scheduler.add_request": dict(after=e.after_add_request),
         "vllm.scheduler.schedule": dict(before=e.before_schedule, after=e.after_schedule,

@@ -111,6 +111,8 @@ class EngineTracer:
         self._last_end_ns = time.time_ns()
         self._continuing = False  # requests were left when the last step ended
         self._step_labels: dict[str, str] = {}
+        #: this engine core's data-parallel rank, when there is more than one
+        self.dp_rank: int | None = None
 
     def idle_seconds(self) -> float:
         """Cumulative idle time, including the idle stretch under way now."""
@@ -224,6 +226,8 @@ class EngineTracer:
             self._engine_span(rec, {}).end(end_time=now)
 
     def _engine_span(self, rec: EngineRecord, attrs: dict[str, Any]) -> Span:
+        if self.dp_rank is not None:
+            attrs[sc.LLMTRACE_ENGINE_INDEX] = self.dp_rank
         parent = _PROPAGATOR.extract({"traceparent": rec.traceparent})
         span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, parent,
                                          rec.added_ns, attrs)
@@ -236,6 +240,8 @@ class EngineTracer:
                 sc.LLMTRACE_STEP_SCHEDULED_TOKENS: scheduled,
                 sc.LLMTRACE_STEP_INDEX: step_index,
             }
+            if self.dp_rank is not None:
+                chunk_attrs[sc.LLMTRACE_ENGINE_INDEX] = self.dp_rank
             if index == 0:
                 chunk_attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
                 if external:
@@ -284,6 +290,9 @@ class EngineTracer:
         self.model = names[0] if isinstance(names, (list, tuple)) else str(names)
         self._step_labels = {sc.GEN_AI_REQUEST_MODEL: self.model,
                              sc.LLMTRACE_DEPLOYMENT_VERSION: self.config.deployment_version}
+        parallel = getattr(instance.vllm_config, "parallel_config", None)
+        if getattr(parallel, "data_parallel_size", 1) > 1:
+            self.dp_rank = int(parallel.data_parallel_rank)
         self._last_end_ns = time.time_ns()
         _ = self.telemetry.tracer  # exporter set up at start-up, not on a busy step
         _ = self.telemetry.prices  # a bad price table warns at start-up

@@ -51,6 +51,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from llmtrace import semconv as sc
 from llmtrace.config import Config
+from llmtrace.instrumentation.vllm.dp import route_attributes
 from llmtrace.instrumentation.vllm.http import CURRENT, HttpInfo, LlmtraceASGIMiddleware, http_info
 from llmtrace.pricing import price_request
 from llmtrace.record import (
@@ -117,6 +118,8 @@ class RequestState:
     gone: bool = False
     cached_tokens: int = 0
     output_text: str | None = None
+    #: the data-parallel rank choice (:class:`~llmtrace.instrumentation.vllm.dp.RankChoice`)
+    dp: Any = None
 
 
 class FrontendTracer:
@@ -301,6 +304,12 @@ class FrontendTracer:
             preemptions=sum(1 for kind, _ in tl.events if kind == PREEMPTED),
             itl=itl if itl.count else None)
         record.set_phases(ph)
+        if rec.dp is not None:
+            record.dp_rank, record.dp_reason = rec.dp.rank, rec.dp.reason
+            record.dp_load_imbalance = rec.dp.load_imbalance
+            if root is not None:
+                self.telemetry.child_span(sc.SPAN_LLMTRACE_ROUTE_DP, root, rec.dp.start_ns,
+                                          route_attributes(rec.dp)).end(end_time=rec.dp.end_ns)
         prices = self.telemetry.prices
         if prices is not None:
             price_request(record, prices)

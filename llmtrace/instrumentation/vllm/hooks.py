@@ -28,6 +28,7 @@ CHECKED_RELEASES = ("0.30.0", "0.31.0", "0.32.0", "0.33.0")
 
 
 _OP = "vllm.v1.engine.output_processor"
+_CLIENT = "vllm.v1.engine.core_client"
 _SCHED = "vllm.v1.core.sched.scheduler"
 _RELEASED = ">=0.30"
 
@@ -75,6 +76,16 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("vllm.output_processor.propagate_error", "api-server", (
         Target(_OP, "OutputProcessor.propagate_error", ("e",), _RELEASED),),
         "engine failures, ending every open request as an error"),
+    HookSpec("vllm.dp.choose_rank", "api-server", (
+        Target(_CLIENT, "DPLBAsyncMPClient.get_core_engine_for_request", ("request",),
+               _RELEASED),),
+        "the data-parallel rank vLLM's balancer picks, and the per-rank loads it picked from",
+        (Fields(_CLIENT, "DPLBAsyncMPClient",
+                ("lb_engines", "core_engines", "reqs_in_flight")),)),
+    HookSpec("vllm.dp.single_rank", "api-server", (
+        Target(_CLIENT, "DPAsyncMPClient.get_core_engine_for_request", ("request",),
+               _RELEASED),),
+        "the rank of an API server that drives one engine core (external load balancing)"),
     HookSpec("vllm.scheduler.init", "engine-core", (
         Target(_SCHED, "Scheduler.__init__", (), _RELEASED),),
         "the served model's name and the engine's accelerator for cost",
@@ -107,7 +118,9 @@ SPECS = {spec.name: spec for spec in HOOKS}
 #: opens and a disabled one would close must not accumulate (about 10 KB each). The
 #: first tuple holds the members without which the group cannot work; if one of them
 #: is missing at start-up, the whole group is disabled then. The second holds the
-#: members whose absence only loses their events (aborts, engine failures).
+#: members whose absence only loses their events (aborts, engine failures). Hooks that
+#: only add to another hook's state (the data-parallel rank choice) own nothing and
+#: belong to no group: their failure loses their own figures only.
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "api-server.requests": (
         ("vllm.output_processor.add_request", "vllm.output_processor.process_outputs"),

@@ -74,6 +74,11 @@ def request_record(root: SpanView, children: Iterable[SpanView] = ()) -> Request
         **{f: num(a, key) for key, f in LATENCY_ATTRIBUTES.items()},
         **{f: count(a, key) for f, key in COUNTS.items()})
     record.itl = itl_of(c for c in children if c.name == sc.SPAN_LLMTRACE_DECODE_CHUNK)
+    rank = a.get(sc.LLMTRACE_ENGINE_INDEX)
+    if rank is not None:  # data parallelism: the rank the API server chose, and why
+        record.dp_rank = count(a, sc.LLMTRACE_ENGINE_INDEX)
+        record.dp_reason = str(a.get(sc.LLMTRACE_DP_REASON) or "load_balanced")
+        record.dp_load_imbalance = num(a, sc.LLMTRACE_DP_LOAD_IMBALANCE)
     return record
 
 
