@@ -31,10 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "dashboards").glob("llmtrace-*.json"))
 RULES = sorted((REPO / "dashboards" / "slo" / "rules").glob("*.yml"))
 #: metrics whose producers come in later features (or need hardware / flags this
-#: test bed does not run): their panels must parse but may be empty
+#: test bed does not run): their panels must parse but may be empty. Data parallelism
+#: has its own server and test (tests/test_vllm_dp.py), not the scraped test bed
 NO_PRODUCER = re.compile(
     r"llmtrace_quality_|llmtrace_drift_|llmtrace_output_entropy|llmtrace_user_regenerations"
-    r"|vllm:spec_decode_")
+    r"|vllm:spec_decode_|llmtrace_dp_")
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 

@@ -34,6 +34,12 @@ TTFT_PHASES = (("pre-processing", c.prom(sc.METRIC_LLMTRACE_SERVER_PREPROCESS_DU
                ("first-token delivery",
                 c.prom(sc.METRIC_LLMTRACE_SERVER_FIRST_TOKEN_DELIVERY_DURATION)))
 PREEMPTIONS = c.prom(sc.METRIC_LLMTRACE_SERVER_PREEMPTIONS)
+DP_ROUTED = c.prom(sc.METRIC_LLMTRACE_DP_ROUTED_REQUESTS)
+DP_IMBALANCE = c.prom(sc.METRIC_LLMTRACE_DP_LOAD_IMBALANCE)
+RANK = c.label(sc.LLMTRACE_ENGINE_INDEX)
+DP_REASON = c.label(sc.LLMTRACE_DP_REASON)
+#: the data-parallel series carry no tenant: the rank choice is the server's, not a tenant's
+DP_SEL = c.sel(c.M_MODEL, c.M_VERSION, c.M_INSTANCE)
 BUSY = c.prom(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
 IDLE = c.prom(sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS)
 
@@ -252,6 +258,38 @@ def accelerators() -> list:
     ]
 
 
+def data_parallel() -> list:
+    routed = c.sum_rate(DP_ROUTED, DP_SEL, ("instance", RANK))
+    return [
+        c.timeseries_panel(Spec(
+            801, "Routing share per data-parallel rank", "Share of each server's requests "
+            "that its API servers sent to each data-parallel engine rank "
+            "(llmtrace_dp_routed_requests_total, recorded at the choice). An even split is "
+            "1/N per rank; a rank far above it is where queues and TTFT grow first.",
+            "percentunit", c.informational(),
+            [(f"{routed}\n/ on (instance) group_left\n"
+              f"{c.sum_rate(DP_ROUTED, DP_SEL, ('instance',))}",
+              f"{{{{instance}}}} rank {{{{{RANK}}}}}")], w=8), max_val=1),
+        c.timeseries_panel(Spec(
+            802, "Rank choice reasons", "Requests per second by why they went to their rank: "
+            "load_balanced (vLLM's balancer), requested_rank (a router named the rank), "
+            "session_affinity, external_lb (one rank per API server). Mostly requested or "
+            "external means the router in front decides placement.", "reqps",
+            c.informational(),
+            [(c.sum_rate(DP_ROUTED, DP_SEL, (DP_REASON,)), f"{{{{{DP_REASON}}}}}")], w=8),
+            stack=True),
+        c.timeseries_panel(Spec(
+            803, "Load imbalance at the rank choice", "Busiest rank's waiting plus running "
+            "requests over the mean across ranks, as vLLM's balancer saw them at each "
+            "balanced choice (llmtrace_dp_load_imbalance; 1 = even). Sustained p90 above "
+            "1.5 means load lands unevenly: one rank queues while others idle.", "none",
+            c.higher_is_worse(1.5, 2.0),
+            [(c.quantile(0.5, DP_IMBALANCE, DP_SEL, ("instance",)), "p50 {{instance}}"),
+             (c.quantile(0.9, DP_IMBALANCE, DP_SEL, ("instance",)), "p90 {{instance}}")],
+            w=8)),
+    ]
+
+
 def canary() -> list:
     by_version = (c.VERSION,)
     return [
@@ -320,6 +358,7 @@ def build() -> db.Dashboard:
          (c.row("Saturation", 400), saturation()),
          (c.row("Accelerators", 500), accelerators()),
          (c.row("Canary vs stable", 600), canary()),
-         (c.row("SLO error budget", 700), slo_budget())],
+         (c.row("SLO error budget", 700), slo_budget()),
+         (c.row("Data parallelism", 800), data_parallel())],
         annotations=[c.annotation("TTFT p99 over 200 ms", f"{ttft_p99} > {c.TTFT_SLO_S}",
                                   "red")])

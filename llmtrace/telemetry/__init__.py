@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections import Counter
 from pathlib import Path
@@ -292,6 +293,18 @@ class FrozenResource(Resource):
         return super().__eq__(other)
 
 
+_INSTANCE: dict[int, str] = {}
+
+
+def _instance_id() -> str:
+    """A random id per process (OpenTelemetry's advice for ``service.instance.id``),
+    drawn again in a forked child."""
+    pid = os.getpid()
+    if pid not in _INSTANCE:
+        _INSTANCE[pid] = str(uuid.uuid4())
+    return _INSTANCE[pid]
+
+
 class Telemetry:
     """This process's tracer and metric instruments for one instrumentation scope."""
 
@@ -326,6 +339,12 @@ class Telemetry:
             attrs[semconv.LLMTRACE_COST_INSTANCE_TYPE] = self.config.instance_type
         # Resource.create honours OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
         created = Resource.create(attrs)
+        if "service.instance.id" not in created.attributes:
+            # vLLM runs several emitting processes with the same service name (API
+            # servers with --api-server-count or data parallelism, engine cores): their
+            # cumulative metric streams must not be taken for one, which would
+            # interleave two counters into nonsense downstream
+            created = created.merge(Resource({"service.instance.id": _instance_id()}))
         return FrozenResource(created.attributes, created.schema_url)
 
     @property
