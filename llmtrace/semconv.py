@@ -146,7 +146,7 @@ LLMTRACE_DP_REASON: Final = 'llmtrace.dp.reason'
 LLMTRACE_DRIFT_FEATURE: Final = 'llmtrace.drift.feature'
 """Feature whose distribution is compared with the baseline."""
 LLMTRACE_ENGINE_INDEX: Final = 'llmtrace.engine.index'
-"""Data-parallel rank of the engine core (vLLM's `engine` label); on the request, the rank that served it."""
+"""Data-parallel rank of the engine core (vLLM's `engine` label; 0 without data parallelism); on the request, the rank that served it."""
 LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
 """Engine steps the request was scheduled in (prefill chunks and decode steps)."""
 LLMTRACE_KV_TRANSFER_BYTES: Final = 'llmtrace.kv_transfer.bytes'

@@ -111,7 +111,7 @@ class EngineTracer:
         self._last_end_ns = time.time_ns()
         self._continuing = False  # requests were left when the last step ended
         self._step_labels: dict[str, str] = {}
-        #: this engine core's data-parallel rank, when there is more than one
+        #: this engine core's data-parallel rank (0 without data parallelism)
         self.dp_rank: int | None = None
 
     def idle_seconds(self) -> float:
@@ -290,9 +290,13 @@ class EngineTracer:
         self.model = names[0] if isinstance(names, (list, tuple)) else str(names)
         self._step_labels = {sc.GEN_AI_REQUEST_MODEL: self.model,
                              sc.LLMTRACE_DEPLOYMENT_VERSION: self.config.deployment_version}
+        # vLLM resets a dense model's data-parallel ranks to independent DP=1 engines;
+        # data_parallel_index keeps the rank (vLLM's ``engine`` label) in every case
         parallel = getattr(instance.vllm_config, "parallel_config", None)
-        if getattr(parallel, "data_parallel_size", 1) > 1:
-            self.dp_rank = int(parallel.data_parallel_rank)
+        rank = getattr(parallel, "data_parallel_index", None)
+        if rank is None:
+            rank = getattr(parallel, "data_parallel_rank", None)
+        self.dp_rank = int(rank) if rank is not None else None
         self._last_end_ns = time.time_ns()
         _ = self.telemetry.tracer  # exporter set up at start-up, not on a busy step
         _ = self.telemetry.prices  # a bad price table warns at start-up
