@@ -142,3 +142,49 @@ def test_derived_metrics_expose_registry_names_and_count_every_request():
     itl = sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]
     assert samples[(f"{itl}_count", labels)] == 3 * 6  # output tokens - 1 per request
     assert samples[(sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_PIPELINE_REQUESTS], labels)] == 3
+
+
+def test_data_parallel_rank_choice_is_derived_and_counted_per_rank():
+    """The request span's rank, reason and imbalance become the record's, and the
+    collector's per-rank counter and imbalance histogram."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmtrace.pipeline.metrics import DerivedMetrics
+
+    tracer, exporter = _provider()
+    choices = [(0, "load_balanced", 1.0), (1, "load_balanced", 1.5), (1, "requested_rank", None)]
+    for i in range(len(choices)):
+        _request(tracer, None, 10**18 + i * MS, "m", [2], 0.05)
+    spans = list(exporter.get_finished_spans())
+    roots = [s for s in spans if s.name == sc.SPAN_LLMTRACE_REQUEST]
+    for span, (rank, reason, imbalance) in zip(roots, choices, strict=True):
+        extra = {sc.LLMTRACE_ENGINE_INDEX: rank, sc.LLMTRACE_DP_REASON: reason}
+        if imbalance is not None:
+            extra[sc.LLMTRACE_DP_LOAD_IMBALANCE] = imbalance
+        span._attributes = {**span.attributes, **extra}  # finished spans are read-only
+    records = []
+    metrics = DerivedMetrics()
+
+    def observe(record) -> None:
+        records.append(record)
+        metrics.observe(record)
+
+    TraceAssembler(observe).add(spans_from_request(encode_spans(spans)))
+    got = sorted((r.dp_rank, r.dp_reason, r.dp_load_imbalance) for r in records)
+    assert got == sorted(choices)
+    text = generate_latest(metrics.registry).decode()
+    routed = sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_DP_ROUTED_REQUESTS]
+    imbalance = sc.PROMETHEUS_NAMES[sc.METRIC_LLMTRACE_DP_LOAD_IMBALANCE]
+    per_rank = {}
+    counted = 0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == routed:
+                key = (s.labels["llmtrace_engine_index"], s.labels["llmtrace_dp_reason"])
+                per_rank[key] = s.value
+            elif s.name == f"{imbalance}_count":
+                counted += s.value
+    assert per_rank == {("0", "load_balanced"): 1, ("1", "load_balanced"): 1,
+                        ("1", "requested_rank"): 1}
+    assert counted == 2  # only the balanced choices have an imbalance

@@ -10,6 +10,7 @@ that actually served the request (its own span's rank).
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,15 +36,18 @@ def test_load_imbalance_is_busiest_over_mean_and_only_for_balanced_choices():
 
 
 @pytest.fixture(scope="module")
-def dp_server(tiny_models, otlp_receiver: OTLPReceiver, scratch_dir: Path
+def dp_server(tiny_models, otlp_receiver: OTLPReceiver, collector, scratch_dir: Path
               ) -> Iterator[tuple[VLLMServer, Path]]:
+    """Traces go through the session's collector (which forwards them to the receiver),
+    so its derivation of the rank choice is checked against the same spans."""
     work = scratch_dir / "dp2"
     work.mkdir(parents=True, exist_ok=True)
     log = work / "choices.jsonl"
     config = dense_config(
         tiny_models, "--data-parallel-size", "2", max_model_len=512,
         launcher=(str(REPO / "tests" / "helpers" / "serve_recording_dp_choices.py"),),
-        env=instrumented_env(otlp_receiver, SERVICE, LLMTRACE_TEST_DP_LOG=str(log)))
+        env=instrumented_env(otlp_receiver, SERVICE, LLMTRACE_TEST_DP_LOG=str(log),
+                             traces_to=f"http://127.0.0.1:{collector.ports['grpc']}"))
     server = VLLMServer(config, work / "server").start()
     try:
         server.wait_ready(420)
@@ -59,7 +63,7 @@ def _ours(receiver: OTLPReceiver) -> list[ReceivedSpan]:
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
 def test_every_request_records_the_rank_that_served_it_and_the_loads_it_was_chosen_from(
-        dp_server, otlp_receiver: OTLPReceiver):
+        dp_server, otlp_receiver: OTLPReceiver, collector):
     server, log = dp_server
     balanced = [{"prompt": f"balanced request {i}", "max_tokens": 12} for i in range(24)]
     requested = [{"prompt": f"pinned request {i}", "max_tokens": 12,
@@ -79,6 +83,12 @@ def test_every_request_records_the_rank_that_served_it_and_the_loads_it_was_chos
     for s in spans:
         by_trace.setdefault(s.trace_id, {})[s.name] = s
     logged = {c["request_id"]: c for c in map(json.loads, log.read_text().splitlines())}
+    roots = {t[sc.SPAN_LLMTRACE_REQUEST].trace_id for t in by_trace.values()
+             if sc.SPAN_LLMTRACE_REQUEST in t}
+    deadline = time.monotonic() + 30
+    while not roots <= {r.trace_id for r in list(collector.records)}:
+        assert time.monotonic() < deadline, "the collector did not derive every request"
+        time.sleep(0.2)
 
     reasons: Counter[str] = Counter()
     ranks: Counter[int] = Counter()
@@ -113,6 +123,11 @@ def test_every_request_records_the_rank_that_served_it_and_the_loads_it_was_chos
             assert sc.LLMTRACE_DP_LOAD_IMBALANCE not in a
         reasons[reason] += 1
         ranks[rank] += 1
+        # the collector derives the same choice from the request span
+        derived = [r for r in list(collector.records) if r.trace_id == root.trace_id]
+        assert len(derived) == 1, root.trace_id
+        assert (derived[0].dp_rank, derived[0].dp_reason) == (rank, reason)
+        assert derived[0].dp_load_imbalance == a.get(sc.LLMTRACE_DP_LOAD_IMBALANCE)
     assert reasons[REQUESTED] == 3 and reasons[BALANCED] >= 24, reasons
     assert ranks[0] > 0 and ranks[1] > 3, ranks  # the balancer used both ranks
 

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from llmtrace import semconv as sc
+from llmtrace.instrumentation.vllm.hooks import HOOKS
 from llmtrace.pricing import PriceTable
 from llmtrace.record.labels import CUT_MARK, MAX_LABEL_LENGTH
 from testbed.models import DENSE, MOE
@@ -533,7 +534,8 @@ def test_opentelemetry_instrument_loads_the_instrumentor():
     out = subprocess.run([os.path.join(bindir, "opentelemetry-instrument"), sys.executable,
                           "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["True", "14"], out.stdout + out.stderr
+    # every hook of the table resolves against the installed vLLM
+    assert out.stdout.split() == ["True", str(len(HOOKS))], out.stdout + out.stderr
 
 
 def test_plugin_does_nothing_unless_switched_on():
