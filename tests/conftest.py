@@ -19,6 +19,7 @@ from llmtrace.collector import CollectorConfig, CollectorService
 from testbed.models import DENSE, MOE, TinyModels, ensure_models
 from testbed.otlp_receiver import OTLPReceiver
 from testbed.ports import free_port
+from testbed.router import Router
 from testbed.vllm_server import ServerConfig, ServerPool, VLLMServer, chat
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,6 +137,16 @@ def instrumented_env(receiver: OTLPReceiver, service: str, traces_to: str | None
         **extra,
     }
     return tuple(sorted(env.items()))
+
+
+@pytest.fixture(scope="session")
+def vllm_router(vllm_servers, instrumented_servers, scratch_dir: Path) -> Iterator[Router]:
+    """vllm-router (PyPI) round-robin in front of two replicas of the dense model: the
+    built-in-tracing one and the llmtrace-instrumented one."""
+    router = Router([vllm_servers[DENSE].base_url, instrumented_servers["dense"].base_url],
+                    scratch_dir / "vllm-router").start()
+    yield router
+    router.stop()
 
 
 @pytest.fixture(scope="session")

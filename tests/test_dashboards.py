@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from llmtrace import semconv as sc
+from llmtrace.dashboards.common import ROUTER_METRICS
 from llmtrace.dashboards.generate import (
     DEFAULT_VARIABLES,
     annotation_queries,
@@ -73,6 +74,7 @@ def known_metric_names() -> set[str]:
         names.add(prom)
         if sc.METRIC_INSTRUMENTS[metric] == "histogram":
             names.update(prom + s for s in HISTOGRAM_SUFFIXES)
+    names.update(ROUTER_METRICS)  # checked against the real router in test_vllm_router.py
     for e in vllm_entries():
         names.add(e["name"])
         if e["type"] == "histogram":

@@ -39,12 +39,14 @@ NO_PRODUCER = re.compile(
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
-def _scrape_configs(vllm_url: str, engine_port: int, collector_port: int) -> list[dict]:
+def _scrape_configs(vllm_url: str, engine_port: int, collector_port: int,
+                    router_port: int) -> list[dict]:
     """The shipped scrape fragment, pointed at this test bed's ports."""
     shipped = yaml.safe_load((REPO / "dashboards" / "prometheus" / "scrape-vllm.yml").read_text())
     jobs = shipped["scrape_configs"] if isinstance(shipped, dict) else shipped
     targets = {"vllm": vllm_url, "llmtrace-engine": f"127.0.0.1:{engine_port}",
-               "llmtrace-collector": f"127.0.0.1:{collector_port}"}
+               "llmtrace-collector": f"127.0.0.1:{collector_port}",
+               "vllm-router": f"127.0.0.1:{router_port}"}
     out = []
     for job in jobs:
         name = job["job_name"]
@@ -55,11 +57,13 @@ def _scrape_configs(vllm_url: str, engine_port: int, collector_port: int) -> lis
 
 
 @pytest.fixture(scope="module")
-def prometheus(instrumented_servers, collector, engine_metrics_port, tmp_path_factory):
+def prometheus(instrumented_servers, collector, engine_metrics_port, vllm_router,
+               tmp_path_factory):
     server = instrumented_servers["dense"]
     vllm = server.base_url.removeprefix("http://")
     prom = PrometheusServer(tmp_path_factory.mktemp("prometheus"),
-                            _scrape_configs(vllm, engine_metrics_port, collector.ports["admin"]),
+                            _scrape_configs(vllm, engine_metrics_port, collector.ports["admin"],
+                                            vllm_router.metrics_port),
                             rule_files=RULES)
     prom.start()
     try:
@@ -81,17 +85,19 @@ def _wait(predicate, timeout: float = 60.0) -> bool:
 
 
 def test_every_panel_query_parses_and_returns_data(prometheus: PrometheusServer,
-                                                   instrumented_servers):
+                                                   instrumented_servers, vllm_router):
     assert DASHBOARDS and RULES, "generated dashboards and SLO rules must be committed"
     server = instrumented_servers["dense"]
     assert _wait(lambda: all(prometheus.targets_up().values())
-                 and len(prometheus.targets_up()) == 3), prometheus.targets_up()
+                 and len(prometheus.targets_up()) == 4), prometheus.targets_up()
     # load in two waves a few seconds apart, so rates see increments between scrapes
     for wave in range(2):
         bodies = [{"messages": [{"role": "user", "content": f"dashboards {wave} {i} " * (i + 1)}],
                    "max_tokens": 8 + 4 * i, "headers": {"x-tenant-id": f"dash-{i % 2}"}}
                   for i in range(6)]
         assert all(t.ok for t in run_load(server.base_url, DENSE, bodies, 3))
+        # and through the router in front (its panels)
+        assert all(t.ok for t in run_load(vllm_router.base_url, DENSE, bodies[:4], 2))
         time.sleep(3)
     # the engine core's cost series and the collector's USD series have arrived
     for probe in ("llmtrace_cost_accelerator_seconds_total", "llmtrace_cost_usd_total",

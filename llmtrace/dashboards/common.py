@@ -355,6 +355,17 @@ VLLM_SPEC_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens_total"
 VLLM_SPEC_ACCEPTED = "vllm:spec_decode_num_accepted_tokens_total"
 VLLM_FLOPS = "vllm:estimated_flops_per_gpu_total"
 
+# -- vllm-router's own metrics (PyPI vllm-router 0.1.17, its Prometheus port) -----------
+# Names as it exposes them (no HELP lines; counters end in _total). The router test
+# checks each against the real router's exposition.
+ROUTER_PROCESSED = "vllm_router_processed_requests_total"  # {worker}
+ROUTER_REQUESTS = "vllm_router_requests_total"  # {route}
+ROUTER_ERRORS = "vllm_router_request_errors_total"  # {route, error_type}
+ROUTER_RETRIES = "vllm_router_retries_total"  # {route}
+ROUTER_WORKER_HEALTH = "vllm_router_worker_health"  # {worker}: 1 healthy
+ROUTER_METRICS = (ROUTER_PROCESSED, ROUTER_REQUESTS, ROUTER_ERRORS, ROUTER_RETRIES,
+                  ROUTER_WORKER_HEALTH)
+
 
 # -- queries more than one dashboard uses ----------------------------------------------
 

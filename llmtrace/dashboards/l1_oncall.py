@@ -290,6 +290,37 @@ def data_parallel() -> list:
     ]
 
 
+def router() -> list:
+    processed = f"rate({c.ROUTER_PROCESSED}[$__rate_interval])"
+    requests = f"sum by (route) (rate({c.ROUTER_REQUESTS}[$__rate_interval]))"
+    return [
+        c.timeseries_panel(Spec(
+            901, "Routing share per replica (vllm-router)", "Share of the requests "
+            "vllm-router sent to each replica, by its own count "
+            "(vllm_router_processed_requests_total{worker}). A replica far above its share "
+            "is where queues grow first; one at zero is out of rotation.", "percentunit",
+            c.informational(),
+            [(f"sum by (worker) ({processed})\n/ ignoring (worker) group_left\n"
+              f"sum ({processed})", "{{worker}}")], w=8), max_val=1),
+        c.timeseries_panel(Spec(
+            902, "Router errors and retries", "Requests per second vllm-router answered "
+            "with an error (vllm_router_request_errors_total, by route and error type) and "
+            "retried on another replica (vllm_router_retries_total). Retries hide replica "
+            "failures from clients; the TTFT they cost shows in the client's latency only.",
+            "reqps", c.higher_is_worse(0.01, 0.1),
+            [(f"sum by (route, error_type) (rate({c.ROUTER_ERRORS}[$__rate_interval]))\n"
+              f"or\n0 * {requests}", "errors {{route}} {{error_type}}"),
+             (f"sum by (route) (rate({c.ROUTER_RETRIES}[$__rate_interval]))\nor\n"
+              f"0 * {requests}", "retries {{route}}")], w=8)),
+        c.timeseries_panel(Spec(
+            903, "Replicas the router sees healthy", "vllm-router's health check per replica "
+            "(vllm_router_worker_health: 1 healthy, 0 taken out of rotation).", "short",
+            c.thresholds("red", (1, "green")),
+            [(f"min by (worker) ({c.ROUTER_WORKER_HEALTH})", "{{worker}}")], w=8),
+            max_val=1),
+    ]
+
+
 def canary() -> list:
     by_version = (c.VERSION,)
     return [
@@ -359,6 +390,7 @@ def build() -> db.Dashboard:
          (c.row("Accelerators", 500), accelerators()),
          (c.row("Canary vs stable", 600), canary()),
          (c.row("SLO error budget", 700), slo_budget()),
-         (c.row("Data parallelism", 800), data_parallel())],
+         (c.row("Data parallelism", 800), data_parallel()),
+         (c.row("Router (vllm-router)", 900), router())],
         annotations=[c.annotation("TTFT p99 over 200 ms", f"{ttft_p99} > {c.TTFT_SLO_S}",
                                   "red")])
