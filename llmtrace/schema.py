@@ -328,6 +328,17 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         outputs=frozenset({'sdk', 'collector'}),
     ),
     MetricSpec(
+        name='llmtrace.server.external_cached_prompt_tokens',
+        instrument='counter',
+        unit='{token}',
+        brief='Prompt tokens whose KV came through a KV connector (an external cache or a prefill instance), a subset of llmtrace.server.cached_prompt_tokens.',
+        prometheus='llmtrace_server_external_cached_prompt_tokens_total',
+        labels=('gen_ai.request.model', 'llmtrace.tenant', 'llmtrace.deployment.version', 'llmtrace.record.source', ),
+        feeds={'request': 'cached_external_tokens'},
+        buckets=None,
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
         name='llmtrace.server.first_token_delivery.duration',
         instrument='histogram',
         unit='s',

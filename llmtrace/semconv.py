@@ -188,7 +188,7 @@ LLMTRACE_MOE_TOP_K: Final = 'llmtrace.moe.top_k'
 LLMTRACE_PREEMPTION_REASON: Final = 'llmtrace.preemption.reason'
 """Why the scheduler preempted the request."""
 LLMTRACE_PREFILL_CACHED_TOKENS: Final = 'llmtrace.prefill.cached_tokens'
-"""Prompt tokens reused from the local prefix cache."""
+"""Prompt tokens reused from the local prefix cache (not counting llmtrace.prefill.external_cached_tokens)."""
 LLMTRACE_PREFILL_CHUNK_COMPUTED_TOKENS: Final = 'llmtrace.prefill.chunk.computed_tokens'
 """Prompt tokens computed in this chunk's engine step."""
 LLMTRACE_PREFILL_CHUNK_INDEX: Final = 'llmtrace.prefill.chunk.index'
@@ -360,6 +360,7 @@ METRIC_LLMTRACE_QUALITY_HALLUCINATIONS: Final = 'llmtrace.quality.hallucinations
 METRIC_LLMTRACE_QUALITY_SCORE: Final = 'llmtrace.quality.score'
 METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS: Final = 'llmtrace.server.cached_prompt_tokens'
 METRIC_LLMTRACE_SERVER_DECODE_DURATION: Final = 'llmtrace.server.decode.duration'
+METRIC_LLMTRACE_SERVER_EXTERNAL_CACHED_PROMPT_TOKENS: Final = 'llmtrace.server.external_cached_prompt_tokens'
 METRIC_LLMTRACE_SERVER_FIRST_TOKEN_DELIVERY_DURATION: Final = 'llmtrace.server.first_token_delivery.duration'
 METRIC_LLMTRACE_SERVER_GENERATION_TOKENS: Final = 'llmtrace.server.generation_tokens'
 METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY: Final = 'llmtrace.server.inter_token_latency'
@@ -648,6 +649,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.engine.index',
         'llmtrace.dp.reason',
         'llmtrace.dp.load_imbalance',
+        'llmtrace.prefill.external_cached_tokens',
         'llmtrace.request.finish_reason',
         'llmtrace.request.priority',
         'llmtrace.request.preemptions',
@@ -714,6 +716,7 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.quality.score': 'histogram',
     'llmtrace.server.cached_prompt_tokens': 'counter',
     'llmtrace.server.decode.duration': 'histogram',
+    'llmtrace.server.external_cached_prompt_tokens': 'counter',
     'llmtrace.server.first_token_delivery.duration': 'histogram',
     'llmtrace.server.generation_tokens': 'counter',
     'llmtrace.server.inter_token_latency': 'histogram',
@@ -758,6 +761,7 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.quality.score': '1',
     'llmtrace.server.cached_prompt_tokens': '{token}',
     'llmtrace.server.decode.duration': 's',
+    'llmtrace.server.external_cached_prompt_tokens': '{token}',
     'llmtrace.server.first_token_delivery.duration': 's',
     'llmtrace.server.generation_tokens': '{token}',
     'llmtrace.server.inter_token_latency': 's',
@@ -802,6 +806,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
     'llmtrace.server.cached_prompt_tokens': 'Prompt tokens served from a prefix or external KV cache.',
     'llmtrace.server.decode.duration': 'First token to last token (llmtrace.latency.decode).',
+    'llmtrace.server.external_cached_prompt_tokens': 'Prompt tokens whose KV came through a KV connector (an external cache or a prefill instance), a subset of llmtrace.server.cached_prompt_tokens.',
     'llmtrace.server.first_token_delivery.duration': 'Prompt done to the first response byte written (llmtrace.latency.first_token_delivery).',
     'llmtrace.server.generation_tokens': 'Output tokens of finished requests.',
     'llmtrace.server.inter_token_latency': 'Gap between consecutive output tokens of a request.',
@@ -947,6 +952,12 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.deployment.version',
         'llmtrace.record.source',
     }),
+    'llmtrace.server.external_cached_prompt_tokens': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.tenant',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+    }),
     'llmtrace.server.first_token_delivery.duration': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
@@ -1061,6 +1072,7 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.quality.score': 'llmtrace_quality_score',
     'llmtrace.server.cached_prompt_tokens': 'llmtrace_server_cached_prompt_tokens_total',
     'llmtrace.server.decode.duration': 'llmtrace_server_decode_duration_seconds',
+    'llmtrace.server.external_cached_prompt_tokens': 'llmtrace_server_external_cached_prompt_tokens_total',
     'llmtrace.server.first_token_delivery.duration': 'llmtrace_server_first_token_delivery_duration_seconds',
     'llmtrace.server.generation_tokens': 'llmtrace_server_generation_tokens_total',
     'llmtrace.server.inter_token_latency': 'llmtrace_server_inter_token_latency_seconds',

@@ -307,7 +307,9 @@ def _relabel(rule: dict, value: str) -> str | None:
 def test_scrape_config_renames_vllm_metrics_back_to_colon_names():
     config = yaml.safe_load((DASHBOARDS / "prometheus" / "scrape-vllm.yml").read_text())
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    assert set(jobs) == {"vllm", "llmtrace-engine", "llmtrace-collector"}
+    assert set(jobs) == {"vllm", "llmtrace-engine", "llmtrace-collector", "vllm-router"}
+    # the router's vllm_router_* names stay as they are: its own job renames nothing
+    assert "metric_relabel_configs" not in jobs["vllm-router"]
     (rename,) = [r for r in jobs["vllm"]["metric_relabel_configs"]
                  if r.get("target_label") == "__name__"]
     assert rename["source_labels"] == ["__name__"]
@@ -321,6 +323,7 @@ def test_scrape_config_renames_vllm_metrics_back_to_colon_names():
     ports = {name: j["static_configs"][0]["targets"][0].rsplit(":", 1)[1]
              for name, j in jobs.items()}
     assert ports["llmtrace-engine"] == "9464" and ports["llmtrace-collector"] == "8889"
+    assert ports["vllm-router"] == "29000"  # vllm-router's --prometheus-port default
     # the collector's copies of what the SDK exports at the source go; the rest stays
     (drop,) = jobs["llmtrace-collector"]["metric_relabel_configs"]
     assert drop["action"] == "drop" and drop["source_labels"] == ["__name__"]

@@ -235,6 +235,13 @@ def test_repeated_prompt_shows_cached_tokens(instrumented_servers, otlp_receiver
     [root] = by_name(spans, sc.SPAN_LLMTRACE_REQUEST)
     assert root.attributes[sc.GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS] == cached
     assert second.cached_tokens in (None, cached)  # vLLM reports it only if asked to
+    # by source: all of it from the local prefix cache (no KV connector on this server),
+    # said the same way by the API server (request span) and the engine core (chunk 0)
+    assert root.attributes[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] == 0
+    first_chunk = min(by_name(spans, sc.SPAN_LLMTRACE_PREFILL_CHUNK),
+                      key=lambda c: c.attributes[sc.LLMTRACE_PREFILL_CHUNK_INDEX])
+    assert first_chunk.attributes[sc.LLMTRACE_PREFILL_CACHED_TOKENS] == cached
+    assert sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS not in first_chunk.attributes
 
 
 def test_tiny_kv_cache_under_concurrency_preempts(instrumented_servers, otlp_receiver):

@@ -59,6 +59,8 @@ class RequestRecord:
     decode_s: float | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    #: of ``cached_tokens``, those loaded through a KV connector; None: not reported
+    cached_external_tokens: int | None = None
     output_tokens: int = 0
     preemptions: int = 0
     itl: Histogram | None = None

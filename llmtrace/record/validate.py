@@ -47,6 +47,9 @@ def request_problem(record: RequestRecord) -> str | None:
     for name in _COUNTS:
         if problem := _count_problem(name, getattr(record, name)):
             return problem
+    external = record.cached_external_tokens
+    if external is not None and (problem := _count_problem("cached_external_tokens", external)):
+        return problem
     if record.dp_rank is not None and (problem := _count_problem("dp_rank", record.dp_rank)):
         return problem
     imbalance = record.dp_load_imbalance

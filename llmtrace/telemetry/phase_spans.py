@@ -46,6 +46,8 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
         attrs[sc.LLMTRACE_COST_USD] = record.usd
     if record.error_type:
         attrs[sc.ERROR_TYPE] = record.error_type
+    if record.cached_external_tokens is not None:
+        attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = record.cached_external_tokens
     if record.dp_rank is not None:
         attrs[sc.LLMTRACE_ENGINE_INDEX] = record.dp_rank
         attrs[sc.LLMTRACE_DP_REASON] = record.dp_reason or "load_balanced"

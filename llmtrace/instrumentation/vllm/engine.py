@@ -243,7 +243,7 @@ class EngineTracer:
             if self.dp_rank is not None:
                 chunk_attrs[sc.LLMTRACE_ENGINE_INDEX] = self.dp_rank
             if index == 0:
-                chunk_attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before
+                chunk_attrs[sc.LLMTRACE_PREFILL_CACHED_TOKENS] = computed_before - external
                 if external:
                     chunk_attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = external
             self.telemetry.child_span(sc.SPAN_LLMTRACE_PREFILL_CHUNK, span, start,

@@ -118,6 +118,8 @@ class RequestState:
     gone: bool = False
     cached_tokens: int = 0
     output_text: str | None = None
+    #: prompt tokens loaded through a KV connector (vLLM's prefill stats); None: unknown
+    cached_external: int | None = None
     #: the data-parallel rank choice (:class:`~llmtrace.instrumentation.vllm.dp.RankChoice`)
     dp: Any = None
 
@@ -200,6 +202,10 @@ class FrontendTracer:
                 if rec.last_ns == 0:
                     rec.timeline.prompt_done_ns = \
                         int(engine_ts * 1e9) + offset if engine_ts else now
+                    # prompt tokens by source ride on the output that ends the prefill
+                    stats = getattr(out, "prefill_stats", None)
+                    if stats is not None:
+                        rec.cached_external = stats.num_external_cached_tokens
                     rec.timeline.first_token_ns = rec.first_output_ns = now
                     rec.chunk_start_ns = now
                 else:
@@ -300,6 +306,7 @@ class FrontendTracer:
             version=self.config.deployment_version, finish_reason=rec.finish_reason,
             error_type=rec.error_type, start_ns=tl.read_ns, end_ns=tl.end_ns, e2e_s=ph.e2e_s,
             prompt_tokens=rec.prompt_tokens, cached_tokens=rec.cached_tokens,
+            cached_external_tokens=rec.cached_external,
             output_tokens=rec.output_tokens,
             preemptions=sum(1 for kind, _ in tl.events if kind == PREEMPTED),
             itl=itl if itl.count else None)
@@ -387,9 +394,13 @@ class FrontendTracer:
         decode.end(end_time=rec.timeline.end_ns)
 
     def _end_span(self, rec: RequestState, root: Span, record: RequestRecord, ph) -> None:
-        render_phases(self.telemetry, root, ph, {
-            sc.GEN_AI_USAGE_INPUT_TOKENS: record.prompt_tokens,
-            sc.LLMTRACE_PREFILL_CACHED_TOKENS: record.cached_tokens})
+        external = record.cached_external_tokens
+        prefill_attrs = {sc.GEN_AI_USAGE_INPUT_TOKENS: record.prompt_tokens,
+                         sc.LLMTRACE_PREFILL_CACHED_TOKENS:
+                             max(0, record.cached_tokens - (external or 0))}
+        if external:
+            prefill_attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = external
+        render_phases(self.telemetry, root, ph, prefill_attrs)
         attrs = record_attributes(record)
         if rec.gone:
             attrs[sc.LLMTRACE_REQUEST_CLIENT_DISCONNECTED] = True

@@ -42,6 +42,7 @@ WANTED: dict[str, frozenset[str]] = {
         sc.LLMTRACE_DEPLOYMENT_VERSION, sc.LLMTRACE_REQUEST_ID,
         sc.LLMTRACE_REQUEST_FINISH_REASON, sc.ERROR_TYPE, sc.LLMTRACE_LATENCY_E2E,
         sc.LLMTRACE_ENGINE_INDEX, sc.LLMTRACE_DP_REASON, sc.LLMTRACE_DP_LOAD_IMBALANCE,
+        sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS,
         *LATENCY_ATTRIBUTES, *COUNTS.values(),
     }),
     sc.SPAN_LLMTRACE_DECODE_CHUNK: _CHUNK_KEYS,
@@ -75,6 +76,8 @@ def request_record(root: SpanView, children: Iterable[SpanView] = ()) -> Request
         **{f: num(a, key) for key, f in LATENCY_ATTRIBUTES.items()},
         **{f: count(a, key) for f, key in COUNTS.items()})
     record.itl = itl_of(c for c in children if c.name == sc.SPAN_LLMTRACE_DECODE_CHUNK)
+    if a.get(sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS) is not None:
+        record.cached_external_tokens = count(a, sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS)
     rank = a.get(sc.LLMTRACE_ENGINE_INDEX)
     if rank is not None:  # data parallelism: the rank the API server chose, and why
         record.dp_rank = count(a, sc.LLMTRACE_ENGINE_INDEX)
