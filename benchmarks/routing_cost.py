@@ -17,7 +17,6 @@ CPU per request (all hooks, the builder), of it the rank-choice hook
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -28,18 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not 
 from benchmarks.overhead import llmtrace_cpu_s, llmtrace_env, workload
 from testbed.models import DENSE, ensure_models
 from testbed.otlp_receiver import OTLPReceiver
+from testbed.procs import cpu_seconds
 from testbed.router import Router
 from testbed.stream_client import run_load
 from testbed.vllm_server import ServerConfig, ServerPool
 
 REPO = Path(__file__).resolve().parents[1]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CHOICE_HOOK = "vllm.dp.choose_rank"
 
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def _line(name: str, values: list[float]) -> str:
@@ -77,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 assert all(t.ok for t in run_load(dp_server.base_url, DENSE, body,
                                                   args.concurrency))
                 after = llmtrace_cpu_s(dp_dir)
-                one_before, router_before = llmtrace_cpu_s(one_dir), proc_cpu_s(router.proc.pid)
+                one_before, router_before = llmtrace_cpu_s(one_dir), cpu_seconds(router.proc.pid)
                 assert all(t.ok for t in run_load(router.base_url, DENSE, body,
                                                   args.concurrency))
-                one_after, router_after = llmtrace_cpu_s(one_dir), proc_cpu_s(router.proc.pid)
+                one_after, router_after = llmtrace_cpu_s(one_dir), cpu_seconds(router.proc.pid)
                 if r == 0:
                     continue
                 per = 1e6 / args.requests

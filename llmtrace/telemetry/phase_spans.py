@@ -50,7 +50,7 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
         attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = record.cached_external_tokens
     if record.dp_rank is not None:
         attrs[sc.LLMTRACE_ENGINE_INDEX] = record.dp_rank
-        attrs[sc.LLMTRACE_DP_REASON] = record.dp_reason or "load_balanced"
+        attrs[sc.LLMTRACE_DP_REASON] = record.dp_reason  # set with the rank, always
         if record.dp_load_imbalance is not None:
             attrs[sc.LLMTRACE_DP_LOAD_IMBALANCE] = record.dp_load_imbalance
     return attrs
