@@ -71,6 +71,7 @@ def diagnose() -> dict[str, Any]:
     )
     from llmtrace.instrumentation.vllm.engine import EngineTracer
     from llmtrace.instrumentation.vllm.frontend import FrontendTracer
+    from llmtrace.instrumentation.vllm.kv_transfer import KVTransferTracer
     from llmtrace.telemetry import Telemetry
 
     report: dict[str, Any] = {"problems": []}
@@ -105,13 +106,18 @@ def diagnose() -> dict[str, Any]:
         report["pipeline"] = {"tracers": "llmtrace's own", "meters": "llmtrace's own"}
     telemetry = Telemetry(cfg)  # providers are built lazily: nothing starts here
     hooks = {}
-    for hook in hook_table(FrontendTracer(cfg, telemetry), EngineTracer(cfg, telemetry)):
+    engine = EngineTracer(cfg, telemetry)
+    kv = KVTransferTracer(cfg, telemetry, engine)
+    class_hooks = hook_table(FrontendTracer(cfg, telemetry), engine, kv)
+    for hook in class_hooks + list(kv.instance_hooks.values()):
         found = resolve(hook)
         if found.target is not None:
             moved = found.target != hook.targets[0]  # an alternative target fits
             hooks[hook.name] = {"target": found.target.qualname,
                                 "status": f"active via {found.target.qualname}" if moved
                                 else "active"}
+            if hook.name in kv.instance_hooks:  # checked on the interface, wrapped per object
+                hooks[hook.name]["wrapped"] = "on each KV connector vLLM creates"
         else:
             hooks[hook.name] = {"target": " | ".join(t.qualname for t in hook.targets),
                                 "status": f"disabled: {found.reason}"}

@@ -49,6 +49,8 @@ RECORD_LABELS: Final[dict[str, str]] = {
     'llmtrace.cost.basis': 'basis',
     'llmtrace.engine.index': 'dp_rank',
     'llmtrace.dp.reason': 'dp_reason',
+    'llmtrace.kv_transfer.connector': 'connector',
+    'llmtrace.kv_transfer.direction': 'direction',
 }
 
 METRICS: Final[tuple[MetricSpec, ...]] = (
@@ -180,6 +182,72 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         brief='Engine steps that ran a batch; busy time over steps is the mean step time.',
         prometheus='llmtrace_engine_steps_total',
         labels=('gen_ai.request.model', 'llmtrace.deployment.version', ),
+        feeds={},
+        buckets=None,
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.kv_transfer.bytes',
+        instrument='counter',
+        unit='By',
+        brief='KV bytes moved by successful transfers, per connector and direction.',
+        prometheus='llmtrace_kv_transfer_bytes_total',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', 'llmtrace.kv_transfer.direction', ),
+        feeds={'transfer': 'ok_bytes'},
+        buckets=None,
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.kv_transfer.duration',
+        instrument='histogram',
+        unit='s',
+        brief="How long each request's KV transfer took, per connector and direction (the llmtrace.kv_transfer span's duration).",
+        prometheus='llmtrace_kv_transfer_duration_seconds',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', 'llmtrace.kv_transfer.direction', 'error.type', ),
+        feeds={'transfer': 'duration_s'},
+        buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,),
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.kv_transfer.failures',
+        instrument='counter',
+        unit='{transfer}',
+        brief='Failed KV transfers by reason (llmtrace.kv_transfer.failure as error.type), per connector and direction.',
+        prometheus='llmtrace_kv_transfer_failures_total',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', 'llmtrace.kv_transfer.direction', 'error.type', ),
+        feeds={'transfer': 'failed'},
+        buckets=None,
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.kv_transfer.size',
+        instrument='histogram',
+        unit='KiBy',
+        brief="KV bytes each request's transfer moved, in KiB (blocks times bytes per block), per connector and direction.",
+        prometheus='llmtrace_kv_transfer_size_KiBy',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', 'llmtrace.kv_transfer.direction', ),
+        feeds={'transfer': 'kib'},
+        buckets=(16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 524288.0, 999424.0,),
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.kv_transfer.worker.calls',
+        instrument='counter',
+        unit='{call}',
+        brief='Worker-side KV connector calls, per call.',
+        prometheus='llmtrace_kv_transfer_worker_calls_total',
+        labels=('llmtrace.kv_transfer.connector', 'llmtrace.kv_transfer.operation', ),
+        feeds={},
+        buckets=None,
+        outputs=frozenset({'sdk', 'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.kv_transfer.worker.time',
+        instrument='counter',
+        unit='s',
+        brief='Time the worker-side KV connector calls took, per call (start_load_kv, wait_for_save, get_finished), summed over steps.',
+        prometheus='llmtrace_kv_transfer_worker_time_seconds_total',
+        labels=('llmtrace.kv_transfer.connector', 'llmtrace.kv_transfer.operation', ),
         feeds={},
         buckets=None,
         outputs=frozenset({'sdk', 'collector'}),
@@ -527,6 +595,9 @@ SLO_OBJECTIVES: Final[dict[str, float]] = {
     'gen_ai.server.time_to_first_token': 0.99,
     'llmtrace.server.inter_token_latency': 0.99,
 }
+
+#: the record kinds that feed metrics (``llmtrace/record/``)
+RECORDS = ('request', 'usage', 'transfer')
 
 
 def fed_by(record: str, output: str) -> tuple[MetricSpec, ...]:

@@ -149,16 +149,30 @@ LLMTRACE_ENGINE_INDEX: Final = 'llmtrace.engine.index'
 """Data-parallel rank of the engine core (vLLM's `engine` label; 0 without data parallelism); on the request, the rank that served it."""
 LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
 """Engine steps the request was scheduled in (prefill chunks and decode steps)."""
+LLMTRACE_KV_TRANSFER_ASYNC: Final = 'llmtrace.kv_transfer.async'
+"""Whether the connector loads asynchronously (the request waits outside the batch, as with NIXL) or inside the step that schedules it."""
+LLMTRACE_KV_TRANSFER_BLOCKS: Final = 'llmtrace.kv_transfer.blocks'
+"""KV-cache blocks transferred (only blocks not already in the local prefix cache move on a load)."""
 LLMTRACE_KV_TRANSFER_BYTES: Final = 'llmtrace.kv_transfer.bytes'
-"""Bytes transferred."""
+"""Bytes transferred (blocks times bytes per block)."""
 LLMTRACE_KV_TRANSFER_CONNECTOR: Final = 'llmtrace.kv_transfer.connector'
 """KV connector class."""
 LLMTRACE_KV_TRANSFER_DIRECTION: Final = 'llmtrace.kv_transfer.direction'
 """Direction of the transfer, seen from the engine that records it."""
+LLMTRACE_KV_TRANSFER_FAILURE: Final = 'llmtrace.kv_transfer.failure'
+"""Why a transfer failed; also the span's and metric's `error.type`."""
+LLMTRACE_KV_TRANSFER_FAILURE_POLICY: Final = 'llmtrace.kv_transfer.failure_policy'
+"""What the consumer does when a load fails (vLLM's `kv_load_failure_policy`)."""
+LLMTRACE_KV_TRANSFER_LAYERS: Final = 'llmtrace.kv_transfer.layers'
+"""Attention layers whose KV each block carries."""
+LLMTRACE_KV_TRANSFER_OPERATION: Final = 'llmtrace.kv_transfer.operation'
+"""The worker-side connector call, for its time per step."""
+LLMTRACE_KV_TRANSFER_PEER_REQUEST_ID: Final = 'llmtrace.kv_transfer.peer_request_id'
+"""The producer engine's request id: what joins a load to its save. NIXL's `kv_transfer_params.remote_request_id` on the consumer, the request's own id on the producer."""
 LLMTRACE_KV_TRANSFER_REMOTE_ENGINE: Final = 'llmtrace.kv_transfer.remote_engine'
 """Identity of the peer engine."""
 LLMTRACE_KV_TRANSFER_TOKENS: Final = 'llmtrace.kv_transfer.tokens'
-"""Tokens whose KV blocks were transferred."""
+"""Tokens whose KV blocks were transferred (on a load, the external prefix tokens reused)."""
 LLMTRACE_LATENCY_DECODE: Final = 'llmtrace.latency.decode'
 """First token written to last output token, seconds (includes decode-time preemptions)."""
 LLMTRACE_LATENCY_E2E: Final = 'llmtrace.latency.e2e'
@@ -276,6 +290,22 @@ class LlmtraceKvTransferDirectionValues(StrEnum):
     SAVE = 'save'
 
 
+class LlmtraceKvTransferFailureValues(StrEnum):
+    """Values of ``llmtrace.kv_transfer.failure``."""
+
+    LOAD_FAILED = 'load_failed'
+    INVALID_BLOCKS = 'invalid_blocks'
+    ABORTED = 'aborted'
+
+
+class LlmtraceKvTransferOperationValues(StrEnum):
+    """Values of ``llmtrace.kv_transfer.operation``."""
+
+    START_LOAD_KV = 'start_load_kv'
+    WAIT_FOR_SAVE = 'wait_for_save'
+    GET_FINISHED = 'get_finished'
+
+
 class LlmtraceQualityDimensionValues(StrEnum):
     """Values of ``llmtrace.quality.dimension``."""
 
@@ -347,6 +377,12 @@ METRIC_LLMTRACE_DRIFT_KL_DIVERGENCE: Final = 'llmtrace.drift.kl_divergence'
 METRIC_LLMTRACE_DRIFT_PSI: Final = 'llmtrace.drift.psi'
 METRIC_LLMTRACE_ENGINE_BUSY: Final = 'llmtrace.engine.busy'
 METRIC_LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
+METRIC_LLMTRACE_KV_TRANSFER_BYTES: Final = 'llmtrace.kv_transfer.bytes'
+METRIC_LLMTRACE_KV_TRANSFER_DURATION: Final = 'llmtrace.kv_transfer.duration'
+METRIC_LLMTRACE_KV_TRANSFER_FAILURES: Final = 'llmtrace.kv_transfer.failures'
+METRIC_LLMTRACE_KV_TRANSFER_SIZE: Final = 'llmtrace.kv_transfer.size'
+METRIC_LLMTRACE_KV_TRANSFER_WORKER_CALLS: Final = 'llmtrace.kv_transfer.worker.calls'
+METRIC_LLMTRACE_KV_TRANSFER_WORKER_TIME: Final = 'llmtrace.kv_transfer.worker.time'
 METRIC_LLMTRACE_OUTPUT_ENTROPY: Final = 'llmtrace.output.entropy'
 METRIC_LLMTRACE_PIPELINE_DROPPED_SPANS: Final = 'llmtrace.pipeline.dropped_spans'
 METRIC_LLMTRACE_PIPELINE_OPEN_TRACES: Final = 'llmtrace.pipeline.open_traces'
@@ -427,9 +463,16 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.drift.feature',
     'llmtrace.engine.index',
     'llmtrace.engine.steps',
+    'llmtrace.kv_transfer.async',
+    'llmtrace.kv_transfer.blocks',
     'llmtrace.kv_transfer.bytes',
     'llmtrace.kv_transfer.connector',
     'llmtrace.kv_transfer.direction',
+    'llmtrace.kv_transfer.failure',
+    'llmtrace.kv_transfer.failure_policy',
+    'llmtrace.kv_transfer.layers',
+    'llmtrace.kv_transfer.operation',
+    'llmtrace.kv_transfer.peer_request_id',
     'llmtrace.kv_transfer.remote_engine',
     'llmtrace.kv_transfer.tokens',
     'llmtrace.latency.decode',
@@ -582,9 +625,19 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
     'llmtrace.kv_transfer': frozenset({
         'llmtrace.kv_transfer.connector',
         'llmtrace.kv_transfer.direction',
-        'llmtrace.kv_transfer.tokens',
+        'llmtrace.kv_transfer.blocks',
         'llmtrace.kv_transfer.bytes',
+        'llmtrace.kv_transfer.layers',
+        'llmtrace.kv_transfer.tokens',
+        'llmtrace.kv_transfer.async',
         'llmtrace.kv_transfer.remote_engine',
+        'llmtrace.kv_transfer.peer_request_id',
+        'llmtrace.kv_transfer.failure_policy',
+        'llmtrace.kv_transfer.failure',
+        'error.type',
+        'llmtrace.engine.index',
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
     }),
     'llmtrace.moe.dispatch': frozenset({
         'llmtrace.moe.layer',
@@ -703,6 +756,12 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.drift.psi': 'gauge',
     'llmtrace.engine.busy': 'counter',
     'llmtrace.engine.steps': 'counter',
+    'llmtrace.kv_transfer.bytes': 'counter',
+    'llmtrace.kv_transfer.duration': 'histogram',
+    'llmtrace.kv_transfer.failures': 'counter',
+    'llmtrace.kv_transfer.size': 'histogram',
+    'llmtrace.kv_transfer.worker.calls': 'counter',
+    'llmtrace.kv_transfer.worker.time': 'counter',
     'llmtrace.output.entropy': 'histogram',
     'llmtrace.pipeline.dropped_spans': 'counter',
     'llmtrace.pipeline.open_traces': 'gauge',
@@ -748,6 +807,12 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.drift.psi': '{psi}',
     'llmtrace.engine.busy': 's',
     'llmtrace.engine.steps': '{step}',
+    'llmtrace.kv_transfer.bytes': 'By',
+    'llmtrace.kv_transfer.duration': 's',
+    'llmtrace.kv_transfer.failures': '{transfer}',
+    'llmtrace.kv_transfer.size': 'KiBy',
+    'llmtrace.kv_transfer.worker.calls': '{call}',
+    'llmtrace.kv_transfer.worker.time': 's',
     'llmtrace.output.entropy': '{nat}',
     'llmtrace.pipeline.dropped_spans': '{span}',
     'llmtrace.pipeline.open_traces': '{trace}',
@@ -793,6 +858,12 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.drift.psi': 'Population stability index of a feature versus the baseline.',
     'llmtrace.engine.busy': 'Engine time with a batch running: the time split among requests by batch share.',
     'llmtrace.engine.steps': 'Engine steps that ran a batch; busy time over steps is the mean step time.',
+    'llmtrace.kv_transfer.bytes': 'KV bytes moved by successful transfers, per connector and direction.',
+    'llmtrace.kv_transfer.duration': "How long each request's KV transfer took, per connector and direction (the llmtrace.kv_transfer span's duration).",
+    'llmtrace.kv_transfer.failures': 'Failed KV transfers by reason (llmtrace.kv_transfer.failure as error.type), per connector and direction.',
+    'llmtrace.kv_transfer.size': "KV bytes each request's transfer moved, in KiB (blocks times bytes per block), per connector and direction.",
+    'llmtrace.kv_transfer.worker.calls': 'Worker-side KV connector calls, per call.',
+    'llmtrace.kv_transfer.worker.time': 'Time the worker-side KV connector calls took, per call (start_load_kv, wait_for_save, get_finished), summed over steps.',
     'llmtrace.output.entropy': 'Mean per-token entropy of the output distribution.',
     'llmtrace.pipeline.dropped_spans': 'Spans lost by the pipeline, by reason; never silent.',
     'llmtrace.pipeline.open_traces': 'Traces held by the assembler waiting for their request span.',
@@ -891,6 +962,44 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
     'llmtrace.engine.steps': frozenset({
         'gen_ai.request.model',
         'llmtrace.deployment.version',
+    }),
+    'llmtrace.kv_transfer.bytes': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
+        'llmtrace.kv_transfer.direction',
+    }),
+    'llmtrace.kv_transfer.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
+        'llmtrace.kv_transfer.direction',
+        'error.type',
+    }),
+    'llmtrace.kv_transfer.failures': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
+        'llmtrace.kv_transfer.direction',
+        'error.type',
+    }),
+    'llmtrace.kv_transfer.size': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
+        'llmtrace.kv_transfer.direction',
+    }),
+    'llmtrace.kv_transfer.worker.calls': frozenset({
+        'llmtrace.kv_transfer.connector',
+        'llmtrace.kv_transfer.operation',
+    }),
+    'llmtrace.kv_transfer.worker.time': frozenset({
+        'llmtrace.kv_transfer.connector',
+        'llmtrace.kv_transfer.operation',
     }),
     'llmtrace.output.entropy': frozenset({
         'gen_ai.request.model',
@@ -1059,6 +1168,12 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.drift.psi': 'llmtrace_drift_psi',
     'llmtrace.engine.busy': 'llmtrace_engine_busy_seconds_total',
     'llmtrace.engine.steps': 'llmtrace_engine_steps_total',
+    'llmtrace.kv_transfer.bytes': 'llmtrace_kv_transfer_bytes_total',
+    'llmtrace.kv_transfer.duration': 'llmtrace_kv_transfer_duration_seconds',
+    'llmtrace.kv_transfer.failures': 'llmtrace_kv_transfer_failures_total',
+    'llmtrace.kv_transfer.size': 'llmtrace_kv_transfer_size_KiBy',
+    'llmtrace.kv_transfer.worker.calls': 'llmtrace_kv_transfer_worker_calls_total',
+    'llmtrace.kv_transfer.worker.time': 'llmtrace_kv_transfer_worker_time_seconds_total',
     'llmtrace.output.entropy': 'llmtrace_output_entropy',
     'llmtrace.pipeline.dropped_spans': 'llmtrace_pipeline_dropped_spans_total',
     'llmtrace.pipeline.open_traces': 'llmtrace_pipeline_open_traces',

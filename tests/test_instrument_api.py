@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from importlib.metadata import version
 
@@ -35,7 +36,9 @@ def test_uninstrument_restores_every_patched_callable():
     for hook in hook_table(FrontendTracer(cfg, Telemetry(cfg)), EngineTracer(cfg, Telemetry(cfg))):
         found = resolve(hook)
         assert found.target is not None, found.reason
-        originals[hook.name] = (found.owner, found.attr, getattr(found.owner, found.attr))
+        # static lookup: a classmethod's getattr is a new bound method each time
+        originals[hook.name] = (found.owner, found.attr,
+                                inspect.getattr_static(found.owner, found.attr))
     assert not llmtrace.is_instrumented()
     llmtrace.instrument(sample_ratio=1.0, metrics_enabled=False)
     try:
@@ -48,7 +51,7 @@ def test_uninstrument_restores_every_patched_callable():
         llmtrace.uninstrument()
     assert not llmtrace.is_instrumented()
     for name, (owner, leaf, original) in originals.items():
-        assert getattr(owner, leaf) is original, name
+        assert inspect.getattr_static(owner, leaf) is original, name
     llmtrace.uninstrument()  # no-op when not instrumented
 
 

@@ -89,6 +89,8 @@ class Installed:
     target: Target
     owner: object
     attr: str
+    #: the attribute as it was (a classmethod stays one: unwrapping gives its function)
+    original: object = None
 
 
 @dataclass(frozen=True)
@@ -180,17 +182,67 @@ def install(hooks: list[Hook], measure: bool = False) -> list[Installed]:
         owner, leaf = found.owner, found.attr
         if is_wrapped(owner, leaf):  # already wrapped (idempotent install)
             continue
+        original = inspect.getattr_static(owner, leaf)
         try:
             wrapt.wrap_function_wrapper(owner, leaf, guarded(hook, measure))
         except Exception as exc:  # noqa: BLE001 - a hook we cannot install is skipped
             disable_hook(hook.name, f"cannot wrap {found.target.qualname}: {exc} "
                                     f"[installed: {installed_version(found.target.module)}]")
             continue
-        done.append(Installed(hook, found.target, owner, leaf))
+        done.append(Installed(hook, found.target, owner, leaf, original))
+    return done
+
+
+def install_on(obj: object, hooks: list[Hook], measure: bool = False) -> list[str]:
+    """Wrap ``hooks`` on one object (an instance attribute shadowing its class's method).
+
+    For interfaces whose implementations override the method (vLLM's KV connectors):
+    each hook's first target names the interface method, whose leading parameters the
+    object's own method must still take. A hook that does not fit is disabled with one
+    warning naming the object's class, as :func:`install` does for a class. Returns the
+    names of the hooks wrapped.
+    """
+    done = []
+    cls = type(obj)
+    for hook in hooks:
+        if hook.name in DISABLED_HOOKS or not hook.targets:
+            continue
+        target = hook.targets[0]
+        leaf = target.attr.rsplit(".", 1)[-1]
+        bound = getattr(obj, leaf, None)
+        if bound is None:
+            continue  # the interface method is optional for this class (a mixin's)
+        problem = None
+        if target.params:
+            try:
+                names = [p.name for p in inspect.signature(bound).parameters.values()
+                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                problem = params_problem(target, names, is_method=False)
+            except (TypeError, ValueError):
+                problem = None
+        if problem:
+            disable_hook(hook.name, f"{cls.__module__}.{cls.__qualname__}.{leaf}: {problem} "
+                                    f"[installed: {installed_version(target.module)}]")
+            continue
+        wrapper = guarded(hook, measure)
+
+        def call(*args, _bound=bound, _wrapper=wrapper, **kwargs):
+            return _wrapper(_bound, obj, args, kwargs)
+
+        try:
+            setattr(obj, leaf, functools.wraps(bound)(call))
+        except (AttributeError, TypeError) as exc:  # __slots__ and the like
+            disable_hook(hook.name, f"cannot wrap {cls.__qualname__}.{leaf} on its "
+                                    f"instance: {exc}")
+            continue
+        done.append(hook.name)
     return done
 
 
 def uninstall(installed: list[Installed]) -> None:
     for item in reversed(installed):
-        unwrap(item.owner, item.attr)
+        if item.original is not None and is_wrapped(item.owner, item.attr):
+            setattr(item.owner, item.attr, item.original)
+        else:
+            unwrap(item.owner, item.attr)
     installed.clear()

@@ -48,6 +48,10 @@ class HookSpec:
     targets: tuple[Target, ...]
     why: str  # what the hook records, for the docs and the doctor
     reads: tuple[Fields, ...] = ()
+    #: wrapped on each object the owner hook creates (a KV connector: subclasses override
+    #: the interface method), not on the class; the target is the interface method, whose
+    #: parameters the compatibility check and the runtime check both test
+    per_instance: bool = False
 
 
 def params_problem(target: Target, names: Sequence[str], is_method: bool) -> str | None:

@@ -23,7 +23,7 @@ from llmtrace import schema
 from llmtrace import semconv as sc
 from llmtrace.pricing import PriceTable, price_request, price_usage
 from llmtrace.record import Histogram as Distribution
-from llmtrace.record import RequestRecord, UsageRecord
+from llmtrace.record import RequestRecord, TransferRecord, UsageRecord
 from llmtrace.record.labels import (
     MAX_LABEL_LENGTH,
     OVERFLOW,
@@ -102,7 +102,7 @@ class DerivedMetrics:
         #: per record kind: the metrics it feeds, each with its label values -> child cache
         self._feeds = {kind: Feed(kind, [(spec, (self._metrics[spec.name], {}))
                                          for spec in schema.fed_by(kind, "collector")])
-                       for kind in ("request", "usage")}
+                       for kind in schema.RECORDS}
 
     def observe(self, record: RequestRecord) -> None:
         """One derived request record."""
@@ -115,6 +115,10 @@ class DerivedMetrics:
         if self.prices is not None:
             price_usage(usage, self.prices)
         self._observe("usage", usage)
+
+    def observe_transfer(self, transfer: TransferRecord) -> None:
+        """One request's KV transfer, read back from its llmtrace.kv_transfer span."""
+        self._observe("transfer", transfer)
 
     def _observe(self, kind: str, record) -> None:
         for spec, (metric, kids), value, labels in self._feeds[kind](record, self.labels):

@@ -14,10 +14,12 @@ from llmtrace.record.request import (
     UNKNOWN,
     VLLM_DUPLICATE_STATE,
     RequestRecord,
+    TransferRecord,
     UsageRecord,
 )
 from llmtrace.record.timeline import PREEMPTED, SCHEDULED, Phases, Segment, Timeline, phases
 
 __all__ = ["ITL_BOUNDS", "LATENCY_ATTRIBUTES", "PREEMPTED", "SCHEDULED", "SOURCE_LLMTRACE",
            "SOURCE_VLLM_BUILTIN", "UNKNOWN", "VLLM_DUPLICATE_STATE", "Histogram", "Phases",
-           "RequestRecord", "Segment", "Timeline", "UsageRecord", "phases"]
+           "RequestRecord", "Segment", "Timeline", "TransferRecord", "UsageRecord",
+           "phases"]

@@ -103,6 +103,47 @@ class RequestRecord:
 
 
 @dataclass(slots=True)
+class TransferRecord:
+    """One request's KV transfer through a KV connector, as one engine saw it.
+
+    The SDK builds it in the engine core from the connector hooks; the pipeline
+    reads it back from the ``llmtrace.kv_transfer`` span, which carries the same
+    timestamps, so both outputs count the same duration.
+    """
+
+    trace_id: str
+    model: str
+    version: str
+    connector: str
+    direction: str  # "load" (consumer) or "save" (producer)
+    duration_s: float
+    blocks: int
+    bytes: int
+    tokens: int = 0
+    #: ``llmtrace.kv_transfer.failure`` of a failed transfer, else None
+    error_type: str | None = None
+    source: str = SOURCE_LLMTRACE
+
+    @property
+    def source_label(self) -> str | None:
+        return None if self.source == SOURCE_LLMTRACE else self.source
+
+    @property
+    def kib(self) -> float:
+        return self.bytes / 1024
+
+    @property
+    def ok_bytes(self) -> int | None:
+        """Bytes a successful transfer moved (the bytes counter); None for a failure."""
+        return None if self.error_type else self.bytes
+
+    @property
+    def failed(self) -> int | None:
+        """1 for a failed transfer (the failures counter)."""
+        return 1 if self.error_type else None
+
+
+@dataclass(slots=True)
 class UsageRecord:
     """One request's batch-share accelerator time, from the engine core."""
 

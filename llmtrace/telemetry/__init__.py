@@ -493,19 +493,21 @@ class Telemetry:
         return self._prices
 
     def child_span(self, name: str, parent: Context | Span, start_ns: int,
-                   attributes: dict[str, Any] | None = None) -> Span:
-        """Start ``name`` at ``start_ns`` under ``parent`` (a span, or an extracted context)."""
+                   attributes: dict[str, Any] | None = None, links: tuple = ()) -> Span:
+        """Start ``name`` at ``start_ns`` under ``parent`` (a span, or an extracted context);
+        ``links``: :class:`opentelemetry.trace.Link` s to spans of other requests."""
         tracer = self.tracer
         sink = self._sink
         if sink is not None:
             if isinstance(parent, DirectSpan):
-                return sink.child(name, parent.get_span_context(), start_ns, attributes)
+                return sink.child(name, parent.get_span_context(), start_ns, attributes, links)
             span_ctx = get_current_span(parent).get_span_context() \
                 if isinstance(parent, Context) else parent.get_span_context()
             if span_ctx.is_valid and span_ctx.trace_flags.sampled:
-                return sink.child(name, span_ctx, start_ns, attributes)
+                return sink.child(name, span_ctx, start_ns, attributes, links)
         ctx = parent if isinstance(parent, Context) else set_span_in_context(parent)
-        return tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes)
+        return tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes,
+                                 links=links or None)
 
     @property
     def instruments(self):

@@ -149,10 +149,13 @@ class Instruments:
             self._instruments[spec.name] = (inst, series)
         self._feeds = {kind: Feed(kind, [(spec, self._instruments[spec.name])
                                          for spec in schema.fed_by(kind, "sdk")])
-                       for kind in ("request", "usage")}
+                       for kind in schema.RECORDS}
         #: the engine-core tracer's running totals, read at collection (no per-step
         #: SDK call): () -> (busy seconds, steps, idle seconds, model/version labels)
         self.engine_totals: Callable[[], tuple[float, int, float, dict]] | None = None
+        #: the worker-side KV connector calls' running totals, read at collection:
+        #: () -> {(connector, operation): [seconds, calls]}
+        self.kv_worker_totals: Callable[[], dict[tuple[str, str], list]] | None = None
 
     def record_request(self, record, context: Context | None = None) -> None:
         """One finished request (:class:`~llmtrace.record.RequestRecord`).
@@ -166,6 +169,10 @@ class Instruments:
     def record_usage(self, record) -> None:
         """One request's engine usage (:class:`~llmtrace.record.UsageRecord`)."""
         self._record("usage", record)
+
+    def record_transfer(self, record) -> None:
+        """One request's KV transfer (:class:`~llmtrace.record.TransferRecord`)."""
+        self._record("transfer", record)
 
     def _record(self, kind: str, record, context: Context | None = None) -> None:
         bulks = self._bulks
@@ -296,7 +303,20 @@ def instruments_on(meter, config: Config,
         _busy, _steps, seconds, _labels = totals()
         return [Observation(seconds, {sc.LLMTRACE_COST_INSTANCE_TYPE: config.instance_type})]
 
+    def kv_worker(index: int):
+        def observe(_: CallbackOptions):
+            totals = instruments.kv_worker_totals
+            if totals is None:
+                return []
+            return [Observation(values[index],
+                                {sc.LLMTRACE_KV_TRANSFER_CONNECTOR: connector,
+                                 sc.LLMTRACE_KV_TRANSFER_OPERATION: operation})
+                    for (connector, operation), values in list(totals().items())]
+        return observe
+
     for name, callback in ((sc.METRIC_LLMTRACE_ENGINE_BUSY, busy),
+                           (sc.METRIC_LLMTRACE_KV_TRANSFER_WORKER_TIME, kv_worker(0)),
+                           (sc.METRIC_LLMTRACE_KV_TRANSFER_WORKER_CALLS, kv_worker(1)),
                            (sc.METRIC_LLMTRACE_ENGINE_STEPS, steps),
                            (sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS, idle),
                            (sc.METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS, hook_errors),

@@ -30,7 +30,7 @@ from opentelemetry.sdk.environment_variables import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from llmtrace.telemetry.span_pipe import wire
 
@@ -58,26 +58,29 @@ class SpanSink:
 
     def start(self, name: str, parent: SpanContext | None, trace_id: int, span_id: int,
               start_ns: int, attributes: dict[str, Any] | None = None,
-              kind: SpanKind = SpanKind.INTERNAL) -> DirectSpan:
+              kind: SpanKind = SpanKind.INTERNAL, links: tuple[Link, ...] = ()) -> DirectSpan:
         trace_state = parent.trace_state if parent is not None else None
         context = SpanContext(trace_id, span_id, False, _SAMPLED, trace_state)
-        return DirectSpan(self, name, context, parent, start_ns, dict(attributes or {}), kind)
+        return DirectSpan(self, name, context, parent, start_ns, dict(attributes or {}), kind,
+                          links)
 
     def child(self, name: str, parent: SpanContext, start_ns: int,
-              attributes: dict[str, Any] | None = None) -> DirectSpan:
+              attributes: dict[str, Any] | None = None,
+              links: tuple[Link, ...] = ()) -> DirectSpan:
         return self.start(name, parent, parent.trace_id, random.getrandbits(64) or 1,
-                          start_ns, attributes)
+                          start_ns, attributes, links=links)
 
 
 class DirectSpan:
     """The subset of the Span API the builder uses, ended into a ``ReadableSpan``."""
 
     __slots__ = ("_sink", "name", "_context", "parent", "start_ns", "attributes", "events",
-                 "status", "kind", "_ended")
+                 "status", "kind", "_ended", "links")
 
     def __init__(self, sink: SpanSink, name: str, context: SpanContext,
                  parent: SpanContext | None, start_ns: int, attributes: dict[str, Any],
-                 kind: SpanKind) -> None:
+                 kind: SpanKind, links: tuple[Link, ...] = ()) -> None:
+        self.links = links
         self._sink = sink
         self.name = name
         self._context = context
@@ -119,7 +122,7 @@ class DirectSpan:
             return
         span = ReadableSpan(
             self.name, self._context, self.parent, sink.resource, self.attributes,
-            tuple(self.events), (), self.kind, None, self.status, self.start_ns,
+            tuple(self.events), self.links, self.kind, None, self.status, self.start_ns,
             end_ns, sink.scope)
         for processor in sink.processors:
             processor.on_end(span)
@@ -127,4 +130,4 @@ class DirectSpan:
     def wire(self, end_ns: int) -> tuple:
         """This span as the span export process's pipe carries it."""
         return wire(self.name, self._context, self.parent, self.kind, self.start_ns, end_ns,
-                    self.attributes, self.events, (), self.status)
+                    self.attributes, self.events, self.links, self.status)

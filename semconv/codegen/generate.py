@@ -34,7 +34,7 @@ DEFAULT_PYTHON = ROOT / "llmtrace" / "semconv.py"
 DEFAULT_MARKDOWN = ROOT / "semconv" / "REGISTRY.md"
 DEFAULT_SCHEMA = ROOT / "llmtrace" / "schema.py"
 #: records a metric may be fed by (``llmtrace/record/``) and the outputs that publish it
-RECORDS = ("request", "usage")
+RECORDS = ("request", "usage", "transfer")
 OUTPUTS = ("sdk", "collector")
 
 GROUP_TYPES = {"attribute_group", "span", "event", "metric"}
@@ -251,7 +251,7 @@ def render(registry: Registry) -> dict[str, str]:
     env.filters["enum_class"] = enum_class
     env.filters["md"] = lambda s: str(s).replace("|", "\\|").replace("\n", " ")
     env.filters["pystr"] = repr
-    ctx = {"r": registry}
+    ctx = {"r": registry, "records": RECORDS}
     return {
         "python": env.get_template("semconv.py.j2").render(ctx),
         "markdown": env.get_template("registry.md.j2").render(ctx),

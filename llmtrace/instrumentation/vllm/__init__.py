@@ -22,6 +22,7 @@ from llmtrace.instrumentation.vllm.dp import DPRouting
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
 from llmtrace.instrumentation.vllm.hooks import CHECKED_RELEASES, GROUPS, HOOKS
+from llmtrace.instrumentation.vllm.kv_transfer import KVTransferTracer
 from llmtrace.instrumentation.vllm.package import _instruments, _instruments_cpu
 from llmtrace.telemetry import Telemetry
 from llmtrace.telemetry.guard import DISABLED_HOOKS, disable_group_of, register_group
@@ -38,13 +39,17 @@ def vllm_distribution() -> str | None:
     return None
 
 
-def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
+def hook_table(frontend: FrontendTracer, engine: EngineTracer,
+               kv: KVTransferTracer | None = None) -> list[Hook]:
     """The hook table (:data:`~llmtrace.instrumentation.vllm.hooks.HOOKS`) with its bodies.
 
     ``install()`` guards each body under the hook's name; a ``gate`` skips the
-    bodies (and the guard) while there is nothing to follow.
+    bodies (and the guard) while there is nothing to follow. Per-instance hooks
+    (KV connector methods) are handed to ``kv``, which installs them on each
+    connector vLLM creates; the list returned holds the class-level ones.
     """
     f, e, dp = frontend, engine, DPRouting(frontend)
+    kv = kv or KVTransferTracer(engine.config, engine.telemetry, engine)
     ingress = dict(before=http.before_data_received, after=http.after_data_received)
     bodies: dict[str, dict] = {
         "uvicorn.httptools.data_received": ingress,  # either HTTP parser uvicorn runs
@@ -70,8 +75,20 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer) -> list[Hook]:
                                                   after=e.after_update_from_output),
         "vllm.scheduler.preempt_request": dict(after=e.after_preempt, gate=e.has_records),
         "vllm.scheduler.free_request": dict(before=e.before_free_request, gate=e.has_usage),
+        "vllm.kv.create_connector": dict(before=kv.before_create, after=kv.after_create),
+        "vllm.kv.matched_tokens": dict(after=kv.after_matched),
+        "vllm.kv.update_state_after_alloc": dict(after=kv.after_alloc),
+        "vllm.kv.request_finished": dict(after=kv.after_finished),
+        "vllm.kv.request_finished_all_groups": dict(after=kv.after_finished),
+        "vllm.kv.update_connector_output": dict(after=kv.after_output, gate=kv.has_open),
+        # worker-side calls: timed by the bodies the tracer makes per connector
+        "vllm.kv.start_load_kv": {}, "vllm.kv.wait_for_save": {}, "vllm.kv.get_finished": {},
     }
-    return [Hook(spec.name, spec.targets, **bodies[spec.name]) for spec in HOOKS]
+    engine.kv = kv
+    hooks = [Hook(spec.name, spec.targets, **bodies[spec.name]) for spec in HOOKS]
+    kv.instance_hooks = {h.name: h for h, spec in zip(hooks, HOOKS, strict=True)
+                         if spec.per_instance}
+    return [h for h, spec in zip(hooks, HOOKS, strict=True) if not spec.per_instance]
 
 
 def _outside_checked_releases() -> str | None:
@@ -135,6 +152,7 @@ class VLLMInstrumentor(BaseInstrumentor):
     telemetry: Telemetry | None = None
     frontend: FrontendTracer | None = None
     engine: EngineTracer | None = None
+    kv: KVTransferTracer | None = None
 
     def instrumentation_dependencies(self) -> Collection[str]:
         # The CPU wheel's distribution name differs; check whichever is installed.
@@ -159,10 +177,11 @@ class VLLMInstrumentor(BaseInstrumentor):
         self.telemetry = telemetry or Telemetry(self.config, **providers)
         self.frontend = FrontendTracer(self.config, self.telemetry)
         self.engine = EngineTracer(self.config, self.telemetry)
+        self.kv = KVTransferTracer(self.config, self.telemetry, self.engine)
         notice = _outside_checked_releases()
         if notice:
             logger.info(notice)
-        self._installed = install(hook_table(self.frontend, self.engine),
+        self._installed = install(hook_table(self.frontend, self.engine, self.kv),
                                   measure=self.config.measure_overhead)
         self._bind_groups()
         if self.config.measure_overhead:
@@ -184,8 +203,16 @@ class VLLMInstrumentor(BaseInstrumentor):
             engine.usage.clear()
             engine.pending.clear()
 
+        kv = self.kv
+
+        def release_kv() -> None:
+            kv.loads.clear()
+            kv.saves.clear()
+            kv.matched.clear()
+
         releases = {"api-server.requests": release_frontend,
-                    "engine-core.requests": release_engine}
+                    "engine-core.requests": release_engine,
+                    "engine-core.kv_transfers": release_kv}
         for group, (required, optional) in GROUPS.items():
             register_group(group, required + optional, releases[group])
             missing = [name for name in required if name in DISABLED_HOOKS]

@@ -33,8 +33,9 @@ sum is counted when vLLM frees it (metrics, every request) and carried on its
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -42,9 +43,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.instrumentation.vllm.frontend import CONTEXT_HEADER, TENANT_HEADER
+from llmtrace.instrumentation.vllm.kv_transfer import link_to
 from llmtrace.pricing import price_usage
 from llmtrace.record import UsageRecord
 from llmtrace.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from llmtrace.instrumentation.vllm.kv_transfer import KVTransferTracer
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 #: vLLM's RequestStatus.FINISHED_<X> (lower-cased) -> llmtrace.request.finish_reason
@@ -64,6 +69,9 @@ class EngineRecord:
     chunks: list[tuple[int, int, int, int, int, int, int, int, int]] = \
         field(default_factory=list)
     preempted_ns: list[int] = field(default_factory=list)
+    request_id: str = ""
+    #: KV loads that ended while the request was in the engine (children of its span)
+    transfers: list = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -113,6 +121,12 @@ class EngineTracer:
         self._step_labels: dict[str, str] = {}
         #: this engine core's data-parallel rank (0 without data parallelism)
         self.dp_rank: int | None = None
+        #: the KV-connector tracer, which ends a request's load when vLLM frees it early
+        self.kv: KVTransferTracer | None = None
+        #: a KV producer's save ends after the engine span: keep sampled engine spans'
+        #: contexts (builder thread; bounded) so the save span can be their child
+        self.keep_span_contexts = False
+        self._span_contexts: OrderedDict[str, Any] = OrderedDict()
 
     def idle_seconds(self) -> float:
         """Cumulative idle time, including the idle stretch under way now."""
@@ -133,7 +147,8 @@ class EngineTracer:
         self.usage[request.request_id] = Usage(tenant, now)
         if not headers or CONTEXT_HEADER not in headers:
             return
-        self.records[request.request_id] = EngineRecord(headers[CONTEXT_HEADER], now)
+        self.records[request.request_id] = EngineRecord(headers[CONTEXT_HEADER], now,
+                                                        request_id=request.request_id)
 
     def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> None:
         num_scheduled = out.num_scheduled_tokens
@@ -208,6 +223,8 @@ class EngineTracer:
             rec.preempted_ns.append(time.time_ns())
 
     def on_free(self, request: Any) -> None:
+        if self.kv is not None:
+            self.kv.on_free(request.request_id)
         now = time.time_ns()
         rec = self.records.pop(request.request_id, None)
         u = self.usage.pop(request.request_id, None)
@@ -229,8 +246,20 @@ class EngineTracer:
         if self.dp_rank is not None:
             attrs[sc.LLMTRACE_ENGINE_INDEX] = self.dp_rank
         parent = _PROPAGATOR.extract({"traceparent": rec.traceparent})
+        links: tuple = ()
+        if rec.transfers:
+            links = link_to(next((t.producer_context for t in rec.transfers
+                                  if t.producer_context), None))
         span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, parent,
-                                         rec.added_ns, attrs)
+                                         rec.added_ns, attrs, links)
+        if self.keep_span_contexts:
+            contexts = self._span_contexts
+            contexts[rec.request_id] = span.get_span_context()
+            if len(contexts) > 4096:  # a save that never ended must not leak
+                contexts.popitem(last=False)
+        if self.kv is not None:
+            for t in rec.transfers:
+                self.kv.span(t, span)
         for (start, end, index, n, computed_before, external, batch, scheduled,
              step_index) in rec.chunks:
             chunk_attrs = {
@@ -252,6 +281,10 @@ class EngineTracer:
             span.add_event(sc.EVENT_LLMTRACE_PREEMPTED,
                            {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"}, timestamp=ts)
         return span
+
+    def span_context_of(self, request_id: str) -> Any:
+        """A sampled request's engine span context, once (builder thread), or None."""
+        return self._span_contexts.pop(request_id, None)
 
     def _count_usage(self, u: Usage, rec: EngineRecord | None, name: str, now: int) -> None:
         instance = self.config.instance_type

@@ -39,6 +39,15 @@ _SAMPLING = Fields("vllm.sampling_params", "SamplingParams",
                    ("max_tokens", "temperature", "top_p", "top_k", "seed", "n",
                     "frequency_penalty", "presence_penalty"))
 _REQUEST = Fields("vllm.v1.request", "Request", ("request_id", "trace_headers"))
+_KV = "vllm.distributed.kv_transfer.kv_connector"
+_KV_BASE = f"{_KV}.v1.base"
+
+
+def _connector(name: str, attr: str, params: tuple[str, ...], why: str,
+               reads: tuple[Fields, ...] = ()) -> HookSpec:
+    """A KV connector method, wrapped on each connector vLLM creates (any class)."""
+    return HookSpec(name, "engine-core", (Target(_KV_BASE, attr, params, _RELEASED),), why,
+                    reads, per_instance=True)
 
 HOOKS: tuple[HookSpec, ...] = (
     HookSpec("uvicorn.httptools.data_received", "api-server", (
@@ -109,6 +118,39 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("vllm.scheduler.free_request", "engine-core", (
         Target(_SCHED, "Scheduler._free_request", ("request",), _RELEASED),),
         "the engine-side span's end and the request's batch-share cost", (_REQUEST,)),
+    HookSpec("vllm.kv.create_connector", "engine-core", (
+        Target(f"{_KV}.factory", "KVConnectorFactory.create_connector",
+               ("config", "role", "kv_cache_config"), _RELEASED),),
+        "each KV connector vLLM creates (scheduler or worker side, any class): its name, "
+        "bytes per block, and the per-connector hooks below",
+        (Fields("vllm.v1.kv_cache_interface", "KVCacheConfig", ("kv_cache_groups",)),
+         Fields("vllm.v1.kv_cache_interface", "KVCacheGroupSpec",
+                ("layer_names", "kv_cache_spec")))),
+    _connector("vllm.kv.matched_tokens", "KVConnectorBase_V1.get_num_new_matched_tokens",
+               ("request", "num_computed_tokens"),
+               "external tokens the connector will load for a request, and whether "
+               "asynchronously"),
+    _connector("vllm.kv.update_state_after_alloc",
+               "KVConnectorBase_V1.update_state_after_alloc",
+               ("request", "blocks", "num_external_tokens"),
+               "a load's start: the blocks allocated for the external tokens",
+               (Fields("vllm.v1.core.kv_cache_manager", "KVCacheBlocks", ("blocks",)),)),
+    _connector("vllm.kv.request_finished", "KVConnectorBase_V1.request_finished",
+               ("request", "block_ids"), "a save's start: the blocks held for the peer"),
+    _connector("vllm.kv.request_finished_all_groups",
+               "SupportsHMA.request_finished_all_groups", ("request", "block_ids"),
+               "the same for connectors that handle several KV-cache groups"),
+    _connector("vllm.kv.update_connector_output", "KVConnectorBase_V1.update_connector_output",
+               ("connector_output",),
+               "transfers' ends: requests received, sent or failed, as the workers report",
+               (Fields("vllm.v1.outputs", "KVConnectorOutput",
+                       ("finished_sending", "finished_recving", "invalid_block_ids")),)),
+    _connector("vllm.kv.start_load_kv", "KVConnectorBase_V1.start_load_kv",
+               ("forward_context",), "worker side: time to start each step's loads"),
+    _connector("vllm.kv.wait_for_save", "KVConnectorBase_V1.wait_for_save", (),
+               "worker side: time each step blocks on saves"),
+    _connector("vllm.kv.get_finished", "KVConnectorBase_V1.get_finished",
+               ("finished_req_ids",), "worker side: time polling for finished transfers"),
 )
 
 SPECS = {spec.name: spec for spec in HOOKS}
@@ -129,4 +171,10 @@ GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("vllm.scheduler.add_request", "vllm.scheduler.free_request"),
         ("vllm.scheduler.schedule", "vllm.scheduler.update_from_output",
          "vllm.scheduler.preempt_request")),
+    # transfers opened by the alloc or finished hooks are closed by the output hook (or
+    # released when vLLM frees the request: free_request, in the group above)
+    "engine-core.kv_transfers": (
+        ("vllm.kv.create_connector", "vllm.kv.update_connector_output"),
+        ("vllm.kv.matched_tokens", "vllm.kv.update_state_after_alloc",
+         "vllm.kv.request_finished", "vllm.kv.request_finished_all_groups")),
 }
