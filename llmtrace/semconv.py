@@ -384,6 +384,10 @@ METRIC_LLMTRACE_KV_TRANSFER_SIZE: Final = 'llmtrace.kv_transfer.size'
 METRIC_LLMTRACE_KV_TRANSFER_WORKER_CALLS: Final = 'llmtrace.kv_transfer.worker.calls'
 METRIC_LLMTRACE_KV_TRANSFER_WORKER_TIME: Final = 'llmtrace.kv_transfer.worker.time'
 METRIC_LLMTRACE_OUTPUT_ENTROPY: Final = 'llmtrace.output.entropy'
+METRIC_LLMTRACE_PD_HANDOFF_DURATION: Final = 'llmtrace.pd.handoff.duration'
+METRIC_LLMTRACE_PD_LOCAL_DURATION: Final = 'llmtrace.pd.local.duration'
+METRIC_LLMTRACE_PD_REMOTE_PREFILL_DURATION: Final = 'llmtrace.pd.remote_prefill.duration'
+METRIC_LLMTRACE_PD_TIME_TO_FIRST_TOKEN: Final = 'llmtrace.pd.time_to_first_token'
 METRIC_LLMTRACE_PIPELINE_DROPPED_SPANS: Final = 'llmtrace.pipeline.dropped_spans'
 METRIC_LLMTRACE_PIPELINE_OPEN_TRACES: Final = 'llmtrace.pipeline.open_traces'
 METRIC_LLMTRACE_PIPELINE_QUEUED_SPANS: Final = 'llmtrace.pipeline.queued_spans'
@@ -763,6 +767,10 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.worker.calls': 'counter',
     'llmtrace.kv_transfer.worker.time': 'counter',
     'llmtrace.output.entropy': 'histogram',
+    'llmtrace.pd.handoff.duration': 'histogram',
+    'llmtrace.pd.local.duration': 'histogram',
+    'llmtrace.pd.remote_prefill.duration': 'histogram',
+    'llmtrace.pd.time_to_first_token': 'histogram',
     'llmtrace.pipeline.dropped_spans': 'counter',
     'llmtrace.pipeline.open_traces': 'gauge',
     'llmtrace.pipeline.queued_spans': 'gauge',
@@ -814,6 +822,10 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.worker.calls': '{call}',
     'llmtrace.kv_transfer.worker.time': 's',
     'llmtrace.output.entropy': '{nat}',
+    'llmtrace.pd.handoff.duration': 's',
+    'llmtrace.pd.local.duration': 's',
+    'llmtrace.pd.remote_prefill.duration': 's',
+    'llmtrace.pd.time_to_first_token': 's',
     'llmtrace.pipeline.dropped_spans': '{span}',
     'llmtrace.pipeline.open_traces': '{trace}',
     'llmtrace.pipeline.queued_spans': '{span}',
@@ -865,6 +877,10 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.worker.calls': 'Worker-side KV connector calls, per call.',
     'llmtrace.kv_transfer.worker.time': 'Time the worker-side KV connector calls took, per call (start_load_kv, wait_for_save, get_finished), summed over steps.',
     'llmtrace.output.entropy': 'Mean per-token entropy of the output distribution.',
+    'llmtrace.pd.handoff.duration': "From the prefill instance's answer to the decode instance reading the request: the proxy's hop.",
+    'llmtrace.pd.local.duration': "The decode instance's own part of a disaggregated request's time to first token, apart from waiting for the KV transfer.",
+    'llmtrace.pd.remote_prefill.duration': "The prefill instance's request (read to answered) within a disaggregated request's time to first token.",
+    'llmtrace.pd.time_to_first_token': "Time to first token of a disaggregated request, from the prefill instance's request start to the decode instance's first token.",
     'llmtrace.pipeline.dropped_spans': 'Spans lost by the pipeline, by reason; never silent.',
     'llmtrace.pipeline.open_traces': 'Traces held by the assembler waiting for their request span.',
     'llmtrace.pipeline.queued_spans': 'Spans accepted and waiting for the derivation worker (bounded).',
@@ -1005,6 +1021,30 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+    }),
+    'llmtrace.pd.handoff.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
+    }),
+    'llmtrace.pd.local.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
+    }),
+    'llmtrace.pd.remote_prefill.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
+    }),
+    'llmtrace.pd.time_to_first_token': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+        'llmtrace.kv_transfer.connector',
     }),
     'llmtrace.pipeline.dropped_spans': frozenset({
         'llmtrace.telemetry.reason',
@@ -1175,6 +1215,10 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.worker.calls': 'llmtrace_kv_transfer_worker_calls_total',
     'llmtrace.kv_transfer.worker.time': 'llmtrace_kv_transfer_worker_time_seconds_total',
     'llmtrace.output.entropy': 'llmtrace_output_entropy',
+    'llmtrace.pd.handoff.duration': 'llmtrace_pd_handoff_duration_seconds',
+    'llmtrace.pd.local.duration': 'llmtrace_pd_local_duration_seconds',
+    'llmtrace.pd.remote_prefill.duration': 'llmtrace_pd_remote_prefill_duration_seconds',
+    'llmtrace.pd.time_to_first_token': 'llmtrace_pd_time_to_first_token_seconds',
     'llmtrace.pipeline.dropped_spans': 'llmtrace_pipeline_dropped_spans_total',
     'llmtrace.pipeline.open_traces': 'llmtrace_pipeline_open_traces',
     'llmtrace.pipeline.queued_spans': 'llmtrace_pipeline_queued_spans',

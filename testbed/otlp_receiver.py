@@ -66,6 +66,8 @@ class ReceivedSpan:
     resource: dict[str, Any]
     scope: str
     transport: str
+    #: (trace id, span id) of each span link, hex
+    links: tuple[tuple[str, str], ...] = ()
 
     @property
     def duration_s(self) -> float:
@@ -127,6 +129,8 @@ class _Store:
                             resource=resource,
                             scope=ss.scope.name,
                             transport=transport,
+                            links=tuple((lk.trace_id.hex(), lk.span_id.hex())
+                                        for lk in s.links),
                         )
                     )
         with self.lock:

@@ -33,7 +33,8 @@ def router_executable() -> str:
 
 @dataclass
 class Router:
-    """One ``vllm-router`` process; ``args`` choose the policy or the PD mode."""
+    """One ``vllm-router`` process; ``args`` choose the policy or the PD mode (no
+    ``workers`` then: ``--vllm-pd-disaggregation --prefill URL --decode URL``)."""
 
     workers: list[str]
     workdir: Path
@@ -62,7 +63,8 @@ class Router:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [router_executable(), "--host", "127.0.0.1", "--port", str(self.port),
-             "--worker-urls", *self.workers, "--prometheus-host", "127.0.0.1",
+             *(("--worker-urls", *self.workers) if self.workers else ()),
+             "--prometheus-host", "127.0.0.1",
              "--prometheus-port", str(self.metrics_port), *self.args],
             cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL)

@@ -17,6 +17,7 @@ Usage: ``python -m testbed.vllm_cli serve <model> [args...]``
 from __future__ import annotations
 
 import importlib.metadata as _md
+import os as _os
 
 _real_version = _md.version
 
@@ -32,6 +33,14 @@ def _version(distribution_name: str) -> str:
 
 
 _md.version = _version
+
+if _os.environ.get("LLMTRACE_TESTBED_NO_AMX") == "1":
+    # Some CPUs report amx_tile without amx_bf16; vLLM then picks the AMX attention
+    # kernel, which dies with SIGILL on the first forward after a NIXL KV load. The
+    # prefill/decode test bed sets this to make vLLM choose the vector kernel.
+    import torch as _torch
+
+    _torch.cpu._is_amx_tile_supported = lambda: False
 
 
 def main() -> None:

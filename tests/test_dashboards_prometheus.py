@@ -35,7 +35,9 @@ RULES = sorted((REPO / "dashboards" / "slo" / "rules").glob("*.yml"))
 #: has its own server and test (tests/test_vllm_dp.py), not the scraped test bed
 NO_PRODUCER = re.compile(
     r"llmtrace_quality_|llmtrace_drift_|llmtrace_output_entropy|llmtrace_user_regenerations"
-    r"|vllm:spec_decode_|llmtrace_dp_")
+    r"|vllm:spec_decode_|llmtrace_dp_"
+    # produced by the prefill/decode test bed, whose own test evaluates these panels
+    r"|llmtrace_kv_transfer_|llmtrace_pd_")
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 

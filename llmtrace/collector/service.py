@@ -27,6 +27,7 @@ import queue
 import threading
 import time
 from collections import Counter as Tally
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -40,10 +41,11 @@ from llmtrace.collector.forwarder import Forwarder
 from llmtrace.collector.otlp import OTLPError, decode_traces
 from llmtrace.collector.receivers import Refused, check_bearer, grpc_receiver
 from llmtrace.pipeline.assembler import TraceAssembler
+from llmtrace.pipeline.disaggregated import DisaggregatedJoin
 from llmtrace.pipeline.metrics import DerivedMetrics
 from llmtrace.pipeline.spans import spans_from_request
 from llmtrace.pricing import PriceTable
-from llmtrace.record import RequestRecord, UsageRecord
+from llmtrace.record import DisaggregatedRecord, RequestRecord, TransferRecord, UsageRecord
 
 __all__ = ["CollectorService", "Refused"]
 
@@ -66,9 +68,14 @@ class CollectorService:
         self.metrics = DerivedMetrics(max_label_values=config.max_label_values,
                                       max_label_length=config.max_label_length, prices=prices)
         self._on_record, self._on_usage = on_record, on_usage
+        #: called with each disaggregated request's TTFT breakdown (tests, embedding)
+        self.on_disaggregated: Callable[[DisaggregatedRecord], None] | None = None
         self.assembler = TraceAssembler(self._record, on_usage=self._usage,
+                                        on_transfer=self._transfer,
                                         window_s=config.window_s, max_traces=config.max_traces,
                                         router_wait_s=config.router_wait_s)
+        self.disaggregated = DisaggregatedJoin(self._disaggregated, window_s=config.window_s,
+                                               max_traces=config.max_traces)
         reg = self.metrics.registry
 
         def counter(metric: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -147,6 +154,16 @@ class CollectorService:
         self.metrics.observe(record)
         if self._on_record is not None:
             self._on_record(record)
+        self.disaggregated.add_request(record)
+
+    def _transfer(self, transfer: TransferRecord) -> None:
+        self.metrics.observe_transfer(transfer)
+        self.disaggregated.add_transfer(transfer)
+
+    def _disaggregated(self, record: DisaggregatedRecord) -> None:
+        self.metrics.observe_disaggregated(record)
+        if self.on_disaggregated is not None:
+            self.on_disaggregated(record)
 
     def _usage(self, usage: UsageRecord) -> None:
         self.metrics.observe_usage(usage)
@@ -176,6 +193,7 @@ class CollectorService:
 
     def _tick(self) -> None:
         self.assembler.expire()
+        self.disaggregated.expire()
         for reason, n in self.assembler.dropped.items():
             delta = n - self._assembler_dropped[reason]
             if delta:

@@ -40,6 +40,17 @@ RANK = c.label(sc.LLMTRACE_ENGINE_INDEX)
 DP_REASON = c.label(sc.LLMTRACE_DP_REASON)
 #: the data-parallel series carry no tenant: the rank choice is the server's, not a tenant's
 DP_SEL = c.sel(c.M_MODEL, c.M_VERSION, c.M_INSTANCE)
+KV_DURATION = c.prom(sc.METRIC_LLMTRACE_KV_TRANSFER_DURATION)
+KV_FAILURES = c.prom(sc.METRIC_LLMTRACE_KV_TRANSFER_FAILURES)
+KV_BYTES = c.prom(sc.METRIC_LLMTRACE_KV_TRANSFER_BYTES)
+KV_DIRECTION = c.label(sc.LLMTRACE_KV_TRANSFER_DIRECTION)
+KV_CONNECTOR = c.label(sc.LLMTRACE_KV_TRANSFER_CONNECTOR)
+ERROR_TYPE = c.label(sc.ERROR_TYPE)
+PD_TTFT = c.prom(sc.METRIC_LLMTRACE_PD_TIME_TO_FIRST_TOKEN)
+PD_PARTS = ((sc.METRIC_LLMTRACE_PD_REMOTE_PREFILL_DURATION, "remote prefill"),
+            (sc.METRIC_LLMTRACE_PD_HANDOFF_DURATION, "handoff"),
+            (sc.METRIC_LLMTRACE_PD_LOCAL_DURATION, "decode local"))
+KV_SEL = c.sel(c.M_MODEL, c.M_VERSION, c.M_INSTANCE)
 BUSY = c.prom(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
 IDLE = c.prom(sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS)
 
@@ -290,6 +301,53 @@ def data_parallel() -> list:
     ]
 
 
+def kv_transfer() -> list:
+    load = f'{KV_DIRECTION}="load"'
+    parts = [(c.quantile(0.5, c.prom(m), c.sel(c.M_MODEL, c.M_VERSION)), f"p50 {name}")
+             for m, name in PD_PARTS]
+    parts.append((c.quantile(0.5, KV_DURATION, c.sel(c.M_MODEL, c.M_VERSION, load)),
+                  "p50 KV transfer"))
+    return [
+        c.timeseries_panel(Spec(
+            1001, "KV transfer latency", "p50 and p99 of each request's KV transfer per "
+            "connector and direction (llmtrace_kv_transfer_duration_seconds, the "
+            "llmtrace.kv_transfer span). Load: the decode instance waiting for the prefill's "
+            "KV, part of its TTFT. Save: how long a prefill instance holds blocks for the "
+            "peer; long holds shrink its KV cache.", "s", c.higher_is_worse(0.1, 0.5),
+            [(c.quantile(q, KV_DURATION, KV_SEL, (KV_CONNECTOR, KV_DIRECTION)),
+              f"p{int(q * 100)} {{{{{KV_DIRECTION}}}}} {{{{{KV_CONNECTOR}}}}}")
+             for q in (0.5, 0.99)], w=8)),
+        c.timeseries_panel(Spec(
+            1002, "KV transfer failures", "Failed transfers per second by reason "
+            "(llmtrace_kv_transfer_failures_total{error_type}): load_failed (handshake "
+            "timeout, producer gone, transfer error), invalid_blocks, aborted. With "
+            "kv_load_failure_policy=fail each is a failed request; with recompute, a "
+            "local prefill the decode instance did not plan for.", "reqps",
+            c.higher_is_worse(0.01, 0.1),
+            [(c.sum_rate(KV_FAILURES, KV_SEL, (KV_DIRECTION, ERROR_TYPE)),
+              f"{{{{{KV_DIRECTION}}}}} {{{{{ERROR_TYPE}}}}}")], w=8), stack=True),
+        c.timeseries_panel(Spec(
+            1003, "Disaggregated TTFT, by part", "Median of each part of a disaggregated "
+            "request's time to first token, joined by the collector from both instances' "
+            "spans (derived: llmtrace_pd_*): the prefill instance's request, the proxy's "
+            "handoff, the KV transfer and the decode instance's own work. The biggest band "
+            "is where to look first.", "s", c.informational(), parts, w=8), stack=True),
+        c.timeseries_panel(Spec(
+            1004, "KV bytes moved", "Bytes per second moved by successful KV transfers, per "
+            "connector and direction (llmtrace_kv_transfer_bytes_total).", "Bps",
+            c.informational(),
+            [(c.sum_rate(KV_BYTES, KV_SEL, (KV_CONNECTOR, KV_DIRECTION)),
+              f"{{{{{KV_DIRECTION}}}}} {{{{{KV_CONNECTOR}}}}}")], w=12)),
+        c.timeseries_panel(Spec(
+            1005, "Disaggregated TTFT p99", "p99 time to first token of disaggregated "
+            "requests from the prefill request's start to the decode instance's first token "
+            "(llmtrace_pd_time_to_first_token_seconds, derived by the collector). The proxy's "
+            "own time before the prefill call is not in it.", "s",
+            c.higher_is_worse(c.TTFT_SLO_S, 2 * c.TTFT_SLO_S),
+            [(c.quantile(0.99, PD_TTFT, c.sel(c.M_MODEL, c.M_VERSION)), "p99")], w=12)),
+    ]
+
+
 def router() -> list:
     processed = f"rate({c.ROUTER_PROCESSED}[$__rate_interval])"
     requests = f"sum by (route) (rate({c.ROUTER_REQUESTS}[$__rate_interval]))"
@@ -391,6 +449,7 @@ def build() -> db.Dashboard:
          (c.row("Canary vs stable", 600), canary()),
          (c.row("SLO error budget", 700), slo_budget()),
          (c.row("Data parallelism", 800), data_parallel()),
-         (c.row("Router (vllm-router)", 900), router())],
+         (c.row("Router (vllm-router)", 900), router()),
+         (c.row("Disaggregated serving (KV transfer)", 1000), kv_transfer())],
         annotations=[c.annotation("TTFT p99 over 200 ms", f"{ttft_p99} > {c.TTFT_SLO_S}",
                                   "red")])

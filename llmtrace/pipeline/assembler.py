@@ -11,8 +11,9 @@ that arrives after them. The router exports on its own schedule, often after
 the engine: with ``router_wait_s`` > 0 a root whose trace has no router spans
 yet is held that long (bounded, never lost) and derived as soon as they come,
 or without them at the deadline. Router spans that arrive later still are not
-joined (they expire, counted). Engine-core usage spans carry their own labels
-and are aggregated at once, never held.
+joined (they expire, counted). Engine-core usage and KV-transfer spans carry
+their own labels and are aggregated at once, never held (nor taken for router
+spans).
 """
 
 from __future__ import annotations
@@ -23,11 +24,18 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
 from llmtrace import semconv as sc
-from llmtrace.pipeline.inputs import ROOTS, USAGE, request_record, usage_record
+from llmtrace.pipeline.inputs import (
+    ROOTS,
+    TRANSFER,
+    USAGE,
+    request_record,
+    transfer_record,
+    usage_record,
+)
 from llmtrace.pipeline.inputs.llm_d import routing_of
 from llmtrace.pipeline.view import SpanView
-from llmtrace.record import RequestRecord, UsageRecord
-from llmtrace.record.validate import request_problem, usage_problem
+from llmtrace.record import RequestRecord, TransferRecord, UsageRecord
+from llmtrace.record.validate import request_problem, transfer_problem, usage_problem
 
 _REQUEST_SIDE = frozenset({sc.SPAN_LLMTRACE_DECODE, sc.SPAN_LLMTRACE_DECODE_CHUNK})
 #: drop reasons of spans whose record is refused (out-of-range values) or raised
@@ -39,11 +47,13 @@ log = logging.getLogger("llmtrace.collector")
 class TraceAssembler:
     def __init__(self, on_record: Callable[[RequestRecord], None], *,
                  on_usage: Callable[[UsageRecord], None] | None = None,
+                 on_transfer: Callable[[TransferRecord], None] | None = None,
                  window_s: float = 60.0, max_traces: int = 50_000,
                  router_wait_s: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.on_record = on_record
         self.on_usage = on_usage
+        self.on_transfer = on_transfer
         self.window_s = window_s
         self.max_traces = max_traces
         self.clock = clock
@@ -69,12 +79,16 @@ class TraceAssembler:
                 else:
                     self._derive(span)
                 continue
-            if span.name not in _REQUEST_SIDE:
-                routed.add(span.trace_id)
-            if span.name in USAGE:
+            if span.name in USAGE:  # engine-side spans: aggregated at once, never held
                 if self.on_usage is not None:
                     self._usage(span)
                 continue
+            if span.name in TRANSFER:
+                if self.on_transfer is not None:
+                    self._transfer(span)
+                continue
+            if span.name not in _REQUEST_SIDE:
+                routed.add(span.trace_id)
             entry = self._open.get(span.trace_id)
             if entry is None:
                 if len(self._open) >= self.max_traces:
@@ -146,6 +160,17 @@ class TraceAssembler:
             self._refuse(INVALID_RECORD, span, problem)
             return
         self.on_usage(usage)
+
+    def _transfer(self, span: SpanView) -> None:
+        try:
+            transfer = transfer_record(span)
+        except Exception as exc:  # noqa: BLE001 - as for a request
+            self._refuse(DERIVATION_FAILED, span, f"{type(exc).__name__}: {exc}")
+            return
+        if problem := transfer_problem(transfer):
+            self._refuse(INVALID_RECORD, span, problem)
+            return
+        self.on_transfer(transfer)
 
     def _refuse(self, reason: str, span: SpanView, problem: str) -> None:
         """Count a span whose record cannot be used; the first of each reason is logged."""

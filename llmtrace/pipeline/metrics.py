@@ -22,8 +22,8 @@ from prometheus_client.core import CounterMetricFamily
 from llmtrace import schema
 from llmtrace import semconv as sc
 from llmtrace.pricing import PriceTable, price_request, price_usage
+from llmtrace.record import DisaggregatedRecord, RequestRecord, TransferRecord, UsageRecord
 from llmtrace.record import Histogram as Distribution
-from llmtrace.record import RequestRecord, TransferRecord, UsageRecord
 from llmtrace.record.labels import (
     MAX_LABEL_LENGTH,
     OVERFLOW,
@@ -119,6 +119,10 @@ class DerivedMetrics:
     def observe_transfer(self, transfer: TransferRecord) -> None:
         """One request's KV transfer, read back from its llmtrace.kv_transfer span."""
         self._observe("transfer", transfer)
+
+    def observe_disaggregated(self, record: DisaggregatedRecord) -> None:
+        """One disaggregated request's TTFT breakdown, joined across instances."""
+        self._observe("disaggregated", record)
 
     def _observe(self, kind: str, record) -> None:
         for spec, (metric, kids), value, labels in self._feeds[kind](record, self.labels):

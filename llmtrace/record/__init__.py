@@ -13,6 +13,7 @@ from llmtrace.record.request import (
     SOURCE_VLLM_BUILTIN,
     UNKNOWN,
     VLLM_DUPLICATE_STATE,
+    DisaggregatedRecord,
     RequestRecord,
     TransferRecord,
     UsageRecord,
@@ -20,6 +21,6 @@ from llmtrace.record.request import (
 from llmtrace.record.timeline import PREEMPTED, SCHEDULED, Phases, Segment, Timeline, phases
 
 __all__ = ["ITL_BOUNDS", "LATENCY_ATTRIBUTES", "PREEMPTED", "SCHEDULED", "SOURCE_LLMTRACE",
-           "SOURCE_VLLM_BUILTIN", "UNKNOWN", "VLLM_DUPLICATE_STATE", "Histogram", "Phases",
-           "RequestRecord", "Segment", "Timeline", "TransferRecord", "UsageRecord",
-           "phases"]
+           "SOURCE_VLLM_BUILTIN", "UNKNOWN", "VLLM_DUPLICATE_STATE", "DisaggregatedRecord",
+           "Histogram", "Phases", "RequestRecord", "Segment", "Timeline", "TransferRecord",
+           "UsageRecord", "phases"]

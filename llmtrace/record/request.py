@@ -123,6 +123,10 @@ class TransferRecord:
     #: ``llmtrace.kv_transfer.failure`` of a failed transfer, else None
     error_type: str | None = None
     source: str = SOURCE_LLMTRACE
+    start_ns: int = 0
+    end_ns: int = 0
+    #: the producer's request id (``llmtrace.kv_transfer.peer_request_id``), when known
+    peer_request_id: str | None = None
 
     @property
     def source_label(self) -> str | None:
@@ -141,6 +145,35 @@ class TransferRecord:
     def failed(self) -> int | None:
         """1 for a failed transfer (the failures counter)."""
         return 1 if self.error_type else None
+
+
+@dataclass(slots=True)
+class DisaggregatedRecord:
+    """One disaggregated request's time to first token, broken down across instances.
+
+    Joined in the pipeline from the prefill instance's request record, the decode
+    instance's request record and the decode side's KV load, all in one trace. The
+    parts tile ``ttft_s``, from the prefill request's start to the decode
+    instance's first token: remote prefill (the prefill request, start to end),
+    handoff (prefill answered to decode request read: the proxy's hop), KV transfer
+    (the load span) and local work (the rest of the decode instance's TTFT:
+    preprocess, queueing, the local prefill of the last token, first-token delivery).
+    """
+
+    trace_id: str
+    model: str
+    version: str
+    connector: str
+    ttft_s: float
+    remote_prefill_s: float
+    handoff_s: float
+    kv_transfer_s: float
+    local_s: float
+    source: str = SOURCE_LLMTRACE
+
+    @property
+    def source_label(self) -> str | None:
+        return None if self.source == SOURCE_LLMTRACE else self.source
 
 
 @dataclass(slots=True)

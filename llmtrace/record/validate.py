@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 
-from llmtrace.record.request import RequestRecord, UsageRecord
+from llmtrace.record.request import RequestRecord, TransferRecord, UsageRecord
 
 #: longest duration a request or its share of the accelerator can have, in seconds
 MAX_DURATION_S = 7 * 24 * 3600.0
 #: most tokens (prompt, cached, output) or preemptions or steps one request can count
 MAX_COUNT = 1_000_000_000
+#: most bytes one request's KV transfer can move (1 PiB)
+MAX_BYTES = 2**50
 
 _DURATIONS = ("e2e_s", "ttft_s", "preprocess_s", "queue_s", "prefill_s",
               "first_token_delivery_s", "decode_s")
@@ -70,4 +72,16 @@ def usage_problem(usage: UsageRecord) -> str | None:
         _count_problem("steps", usage.steps)
 
 
-__all__ = ["MAX_COUNT", "MAX_DURATION_S", "request_problem", "usage_problem"]
+def transfer_problem(transfer: TransferRecord) -> str | None:
+    """What makes ``transfer`` unusable for metrics, or None."""
+    problem = _duration_problem("duration_s", transfer.duration_s) or \
+        _count_problem("blocks", transfer.blocks) or _count_problem("tokens", transfer.tokens)
+    if problem:
+        return problem
+    if not isinstance(transfer.bytes, int) or not 0 <= transfer.bytes <= MAX_BYTES:
+        return f"bytes={transfer.bytes!r} is not a size in [0, {MAX_BYTES}]"
+    return None
+
+
+__all__ = ["MAX_BYTES", "MAX_COUNT", "MAX_DURATION_S", "request_problem", "transfer_problem",
+           "usage_problem"]

@@ -352,6 +352,10 @@ class EngineTracer:
         # the step's chunks before vLLM frees any request that finished in it.
         if self.pending:
             self.on_step_done(args[0] if args else kwargs["scheduler_output"], time.time_ns())
+        kv = self.kv
+        if kv is not None and kv.loads:
+            out = args[1] if len(args) > 1 else kwargs["model_runner_output"]
+            kv.on_failures(getattr(out, "kv_connector_output", None))
 
     def after_update_from_output(self, instance, args, kwargs, result, token) -> None:
         # requests left: the loop goes straight on to the next step

@@ -110,8 +110,10 @@ HOOKS: tuple[HookSpec, ...] = (
          Fields(_SCHED, "Scheduler", ("requests",)),
          Fields("vllm.v1.request", "Request", ("num_computed_tokens", "num_prompt_tokens")))),
     HookSpec("vllm.scheduler.update_from_output", "engine-core", (
-        Target(_SCHED, "Scheduler.update_from_output", ("scheduler_output",), _RELEASED),),
-        "each step's end: prefill chunk tokens, batch composition, cached tokens"),
+        Target(_SCHED, "Scheduler.update_from_output",
+               ("scheduler_output", "model_runner_output"), _RELEASED),),
+        "each step's end: prefill chunk tokens, batch composition, cached tokens; KV loads "
+        "that failed in the step (vLLM frees those requests before telling the connector)"),
     HookSpec("vllm.scheduler.preempt_request", "engine-core", (
         Target(_SCHED, "Scheduler._preempt_request", ("request",), _RELEASED),),
         "preemptions (an event on the engine-side span)", (_REQUEST,)),

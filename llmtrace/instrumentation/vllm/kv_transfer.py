@@ -15,7 +15,9 @@ Scheduler side, per request (the engine core's busy loop; timestamps and ids onl
   asynchronous load then waits outside the batch, ``WAITING_FOR_REMOTE_KVS``).
   It ends when ``update_connector_output`` reports the request in
   ``finished_recving`` (or a synchronous load's step ends), or fails with
-  ``failed_recving`` / ``invalid_block_ids``, or the request is freed first.
+  ``failed_recving`` / ``invalid_block_ids`` (read from the step's output as the
+  scheduler gets it, ``vllm.scheduler.update_from_output``: vLLM frees a failed
+  request before it tells the connector), or the request is freed first.
 - **save** (producer, a prefill instance): ``request_finished`` (or its
   all-groups form) returning ``delay_free`` hands the request's blocks to the
   connector when the request ends; they are held for the peer until
@@ -43,7 +45,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.trace import Link, Status, StatusCode, get_current_span
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    Status,
+    StatusCode,
+    get_current_span,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtrace import semconv as sc
@@ -80,7 +88,7 @@ def link_to(traceparent: str | None) -> tuple[Link, ...]:
 class Connector:
     """What llmtrace needs of one KV connector object."""
 
-    name: str  # the connector's class
+    name: str  # the connector the user configured (``kv_connector``), else its class
     #: per KV-cache group: bytes one block of that group holds over all its layers
     block_bytes: tuple[int, ...]
     layers: int
@@ -101,7 +109,10 @@ class Connector:
             layers += n
         transfer = getattr(config, "kv_transfer_config", None)
         policy = getattr(transfer, "kv_load_failure_policy", None)
-        return cls(type(obj).__name__, tuple(block_bytes) or (0,), layers,
+        # the name the user configured (NixlConnector), not the class it resolved to
+        # (NixlPullConnector): what dashboards and alerts are written against
+        name = getattr(transfer, "kv_connector", None) or type(obj).__name__
+        return cls(str(name), tuple(block_bytes) or (0,), layers,
                    str(policy) if policy is not None else None)
 
 
@@ -240,17 +251,27 @@ class KVTransferTracer:
             rid, SAVE, time.time_ns(), sum(counts), self.connector.bytes_of(counts),
             request.num_computed_tokens, True, traceparent, peer_request_id=rid)
 
-    def after_output(self, instance, args, kwargs, result, token) -> None:
-        out = args[0] if args else kwargs["connector_output"]
+    def on_failures(self, out: Any) -> None:
+        """A step's worker output, before vLLM handles it: loads that failed end here (with
+        ``kv_load_failure_policy=fail`` vLLM frees their requests before it tells the
+        connector, which would read as aborted)."""
+        if out is None:
+            return
         now = time.time_ns()
-        loads, saves = self.loads, self.saves
+        loads = self.loads
         for rid in getattr(out, "failed_recving", None) or ():
             if (t := loads.pop(rid, None)) is not None:
                 self._close(t, now, LOAD_FAILED)
-        invalid = out.invalid_block_ids
+        invalid = getattr(out, "invalid_block_ids", None)
         if invalid and loads:
             for rid in [r for r, t in loads.items() if t.block_ids & invalid]:
                 self._close(loads.pop(rid), now, INVALID_BLOCKS)
+
+    def after_output(self, instance, args, kwargs, result, token) -> None:
+        out = args[0] if args else kwargs["connector_output"]
+        self.on_failures(out)  # where the hook above is not installed: seen here, or aborted
+        now = time.time_ns()
+        loads, saves = self.loads, self.saves
         for rid in out.finished_recving or ():
             if (t := loads.pop(rid, None)) is not None:
                 self._close(t, now, None)
@@ -295,9 +316,9 @@ class KVTransferTracer:
                 duration_s=max(0, t.end_ns - t.start_ns) / 1e9, blocks=t.blocks,
                 bytes=t.bytes, tokens=t.tokens, error_type=t.failure))
         if span and t.traceparent:
-            parent = self.engine.span_context_of(t.request_id)
-            if parent is None:
-                parent = _PROPAGATOR.extract({"traceparent": t.traceparent})
+            engine_span = self.engine.span_context_of(t.request_id)
+            parent = NonRecordingSpan(engine_span) if engine_span is not None else \
+                _PROPAGATOR.extract({"traceparent": t.traceparent})
             self.span(t, parent)
 
     def span(self, t: Transfer, parent: Any) -> None:

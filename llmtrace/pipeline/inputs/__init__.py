@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from llmtrace.pipeline.inputs import llm_d, llmtrace_spans, vllm_builtin
 from llmtrace.pipeline.view import SpanView
-from llmtrace.record import RequestRecord, UsageRecord
+from llmtrace.record import RequestRecord, TransferRecord, UsageRecord
 
 #: span name -> attribute keys the inputs read from it
 WANTED: dict[str, frozenset[str]] = {**llmtrace_spans.WANTED, **vllm_builtin.WANTED,
@@ -20,6 +20,9 @@ WANTED: dict[str, frozenset[str]] = {**llmtrace_spans.WANTED, **vllm_builtin.WAN
 ROOTS = frozenset({llmtrace_spans.ROOT, vllm_builtin.ROOT})
 #: spans that carry a request's cost on their own: aggregated, never held
 USAGE = frozenset({llmtrace_spans.USAGE})
+#: spans of one request's KV transfer: aggregated at once, and joined to the request
+#: records of their trace for the disaggregated TTFT breakdown
+TRANSFER = frozenset({llmtrace_spans.TRANSFER})
 
 
 def wanted_keys(name: str) -> frozenset[str] | None:
@@ -39,5 +42,9 @@ def usage_record(span: SpanView) -> UsageRecord:
     return llmtrace_spans.usage_record(span)
 
 
-__all__ = ["ROOTS", "USAGE", "WANTED", "llm_d", "request_record", "usage_record",
-           "wanted_keys"]
+def transfer_record(span: SpanView) -> TransferRecord:
+    return llmtrace_spans.transfer_record(span)
+
+
+__all__ = ["ROOTS", "TRANSFER", "USAGE", "WANTED", "llm_d", "request_record",
+           "transfer_record", "usage_record", "wanted_keys"]

@@ -20,6 +20,7 @@ from llmtrace.record import (
     UNKNOWN,
     Histogram,
     RequestRecord,
+    TransferRecord,
     UsageRecord,
 )
 
@@ -52,8 +53,15 @@ WANTED: dict[str, frozenset[str]] = {
         sc.GEN_AI_REQUEST_MODEL, sc.LLMTRACE_TENANT, sc.LLMTRACE_DEPLOYMENT_VERSION,
     }),
 }
+WANTED[sc.SPAN_LLMTRACE_KV_TRANSFER] = frozenset({
+    sc.LLMTRACE_KV_TRANSFER_CONNECTOR, sc.LLMTRACE_KV_TRANSFER_DIRECTION,
+    sc.LLMTRACE_KV_TRANSFER_BLOCKS, sc.LLMTRACE_KV_TRANSFER_BYTES,
+    sc.LLMTRACE_KV_TRANSFER_TOKENS, sc.LLMTRACE_KV_TRANSFER_PEER_REQUEST_ID, sc.ERROR_TYPE,
+    sc.GEN_AI_REQUEST_MODEL, sc.LLMTRACE_DEPLOYMENT_VERSION,
+})
 ROOT = sc.SPAN_LLMTRACE_REQUEST
 USAGE = sc.SPAN_LLMTRACE_ENGINE_REQUEST
+TRANSFER = sc.SPAN_LLMTRACE_KV_TRANSFER
 
 
 def _version(attrs: dict, resource: dict) -> str:
@@ -118,3 +126,23 @@ def usage_record(span: SpanView) -> UsageRecord:
         instance_type=str(instance) if instance else None,
         accelerator_s=float(num(a, sc.LLMTRACE_COST_ACCELERATOR_SECONDS, 0.0)),
         steps=count(a, sc.LLMTRACE_ENGINE_STEPS))
+
+
+def transfer_record(span: SpanView) -> TransferRecord:
+    """One request's KV transfer, from its ``llmtrace.kv_transfer`` span (its duration is
+    the span's: the SDK computed both from the same timestamps)."""
+    a, res = span.attributes, span.resource or {}
+    error = a.get(sc.ERROR_TYPE)
+    peer = a.get(sc.LLMTRACE_KV_TRANSFER_PEER_REQUEST_ID)
+    return TransferRecord(
+        trace_id=span.trace_id.hex(), model=str(a.get(sc.GEN_AI_REQUEST_MODEL, UNKNOWN)),
+        version=_version(a, res),
+        connector=str(a.get(sc.LLMTRACE_KV_TRANSFER_CONNECTOR, UNKNOWN)),
+        direction=str(a.get(sc.LLMTRACE_KV_TRANSFER_DIRECTION, UNKNOWN)),
+        duration_s=(span.end_ns - span.start_ns) / 1e9,
+        blocks=count(a, sc.LLMTRACE_KV_TRANSFER_BLOCKS),
+        bytes=count(a, sc.LLMTRACE_KV_TRANSFER_BYTES),
+        tokens=count(a, sc.LLMTRACE_KV_TRANSFER_TOKENS),
+        error_type=str(error) if error else None,
+        start_ns=span.start_ns, end_ns=span.end_ns,
+        peer_request_id=str(peer) if peer else None)
