@@ -24,7 +24,8 @@ __all__ = ["__version__", "flush", "instrument", "uninstrument", "is_instrumente
 
 def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
                skip_dep_check: bool = False, **config: Any) -> None:
-    """Patch every supported integration in this process (currently vLLM).
+    """Patch every supported integration in this process: vLLM, and LiteLLM's Router
+    (its route-decision span) when the application uses it.
 
     Keyword arguments override ``LLMTRACE_*`` / ``OTEL_*`` settings; see
     :class:`llmtrace.config.Config`. Bad keyword arguments raise
@@ -50,15 +51,23 @@ def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,
     cfg = load_config(lenient_env=True, **config)  # a bad variable costs only what it sets
     if switched_off(cfg):
         return
-    if not skip_dep_check:
-        conflict = get_dependency_conflicts(instrumentor.instrumentation_dependencies())
-        if conflict is not None:
-            logging.getLogger("llmtrace").warning(
-                "llmtrace: vLLM not instrumented: %s (pass skip_dep_check=True to try anyway)",
-                conflict)
-            return
-    instrumentor.instrument(config=cfg, tracer_provider=tracer_provider,
-                            meter_provider=meter_provider, skip_dep_check=True)
+    conflict = None if skip_dep_check else \
+        get_dependency_conflicts(instrumentor.instrumentation_dependencies())
+    if conflict is not None:
+        logging.getLogger("llmtrace").warning(
+            "llmtrace: vLLM not instrumented: %s (pass skip_dep_check=True to try anyway)",
+            conflict)
+    else:
+        instrumentor.instrument(config=cfg, tracer_provider=tracer_provider,
+                                meter_provider=meter_provider, skip_dep_check=True)
+    # LiteLLM's Router, if the application imports it (wrapped on import, nothing before)
+    from llmtrace.instrumentation.litellm import LiteLLMRouterInstrumentor
+
+    router = LiteLLMRouterInstrumentor()
+    if not router.is_instrumented_by_opentelemetry:
+        router.instrument(config=cfg, tracer_provider=tracer_provider,
+                          meter_provider=meter_provider, telemetry=instrumentor.telemetry,
+                          skip_dep_check=True)
 
 
 def flush(timeout_s: float = 10.0) -> None:
@@ -68,20 +77,24 @@ def flush(timeout_s: float = 10.0) -> None:
     request finishes; call this before reading them synchronously (tests, a
     batch job about to exit). Providers you passed in are not flushed: yours to do.
     """
+    from llmtrace.instrumentation.litellm import LiteLLMRouterInstrumentor
     from llmtrace.instrumentation.vllm import VLLMInstrumentor
 
-    telemetry = VLLMInstrumentor().telemetry
-    if telemetry is not None:
-        telemetry.flush(int(timeout_s * 1000))
+    flushed = set()
+    for telemetry in (VLLMInstrumentor().telemetry, LiteLLMRouterInstrumentor().telemetry):
+        if telemetry is not None and id(telemetry) not in flushed:
+            flushed.add(id(telemetry))
+            telemetry.flush(int(timeout_s * 1000))
 
 
 def uninstrument() -> None:
     """Remove every llmtrace patch from this process and flush pending telemetry."""
+    from llmtrace.instrumentation.litellm import LiteLLMRouterInstrumentor
     from llmtrace.instrumentation.vllm import VLLMInstrumentor
 
-    instrumentor = VLLMInstrumentor()
-    if instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.uninstrument()
+    for instrumentor in (LiteLLMRouterInstrumentor(), VLLMInstrumentor()):
+        if instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.uninstrument()
 
 
 def is_instrumented() -> bool:

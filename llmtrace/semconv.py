@@ -227,12 +227,22 @@ LLMTRACE_REQUEST_PREEMPTIONS: Final = 'llmtrace.request.preemptions'
 """Times the request was preempted and re-queued."""
 LLMTRACE_REQUEST_PRIORITY: Final = 'llmtrace.request.priority'
 """Scheduling priority requested."""
+LLMTRACE_ROUTER_CANDIDATE_ENDPOINTS: Final = 'llmtrace.router.candidate.endpoints'
+"""Endpoint (API base) of each candidate deployment."""
+LLMTRACE_ROUTER_CANDIDATE_IDS: Final = 'llmtrace.router.candidate.ids'
+"""Ids of the deployments the router chose among (after its health, cooldown and pre-call filters), index-aligned with the other candidate arrays."""
+LLMTRACE_ROUTER_CANDIDATE_SCORES: Final = 'llmtrace.router.candidate.scores'
+"""The figure the strategy ranked each candidate by, as it read it (see llmtrace.router.score_name); lower wins for in-flight requests and latency."""
 LLMTRACE_ROUTER_DECISION: Final = 'llmtrace.router.decision'
 """Router decision, e.g. the scorer or the P/D split that won."""
+LLMTRACE_ROUTER_DEPLOYMENT: Final = 'llmtrace.router.deployment'
+"""Id of the deployment the router chose."""
 LLMTRACE_ROUTER_ENDPOINT: Final = 'llmtrace.router.endpoint'
 """Endpoint the router chose."""
 LLMTRACE_ROUTER_ENDPOINT_SCORE: Final = 'llmtrace.router.endpoint_score'
 """Weighted total score of the highest-ranked candidate endpoint (all scorers, weights applied)."""
+LLMTRACE_ROUTER_MODEL_GROUP: Final = 'llmtrace.router.model_group'
+"""The model name the application asked the router for (the group of deployments it chose among)."""
 LLMTRACE_ROUTER_ORCHESTRATION_DURATION: Final = 'llmtrace.router.orchestration_duration'
 """Seconds the router spent on the request before forwarding it."""
 LLMTRACE_ROUTER_PD_DISAGGREGATED: Final = 'llmtrace.router.pd_disaggregated'
@@ -245,8 +255,12 @@ LLMTRACE_ROUTER_PREFIX_CACHE_SCORE: Final = 'llmtrace.router.prefix_cache_score'
 """Highest prefix-cache scorer score over the candidates (0 to 1), primary profile."""
 LLMTRACE_ROUTER_SCHEDULING_DURATION: Final = 'llmtrace.router.scheduling_duration'
 """Seconds the router spent running its scheduler profiles (filter, score, pick)."""
+LLMTRACE_ROUTER_SCORE_NAME: Final = 'llmtrace.router.score_name'
+"""What llmtrace.router.candidate.scores holds."""
 LLMTRACE_ROUTER_SCORER_MAX: Final = 'llmtrace.router.scorer_max'
 """Highest score one scorer gave any candidate, keyed by scorer type."""
+LLMTRACE_ROUTER_STRATEGY: Final = 'llmtrace.router.strategy'
+"""The router's routing strategy (a Python router's, e.g. LiteLLM's `routing_strategy`)."""
 LLMTRACE_STEP_BATCH_SIZE: Final = 'llmtrace.step.batch_size'
 """Requests scheduled in the engine step."""
 LLMTRACE_STEP_INDEX: Final = 'llmtrace.step.index'
@@ -398,6 +412,9 @@ METRIC_LLMTRACE_PIPELINE_UNPRICED_REQUESTS: Final = 'llmtrace.pipeline.unpriced_
 METRIC_LLMTRACE_QUALITY_EVALUATIONS: Final = 'llmtrace.quality.evaluations'
 METRIC_LLMTRACE_QUALITY_HALLUCINATIONS: Final = 'llmtrace.quality.hallucinations'
 METRIC_LLMTRACE_QUALITY_SCORE: Final = 'llmtrace.quality.score'
+METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_ACTUAL_TOKENS: Final = 'llmtrace.router.prefix_cache.actual_tokens'
+METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTED_TOKENS: Final = 'llmtrace.router.prefix_cache.predicted_tokens'
+METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTION_ERROR: Final = 'llmtrace.router.prefix_cache.prediction_error'
 METRIC_LLMTRACE_SERVER_CACHED_PROMPT_TOKENS: Final = 'llmtrace.server.cached_prompt_tokens'
 METRIC_LLMTRACE_SERVER_DECODE_DURATION: Final = 'llmtrace.server.decode.duration'
 METRIC_LLMTRACE_SERVER_EXTERNAL_CACHED_PROMPT_TOKENS: Final = 'llmtrace.server.external_cached_prompt_tokens'
@@ -506,16 +523,23 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.request.id',
     'llmtrace.request.preemptions',
     'llmtrace.request.priority',
+    'llmtrace.router.candidate.endpoints',
+    'llmtrace.router.candidate.ids',
+    'llmtrace.router.candidate.scores',
     'llmtrace.router.decision',
+    'llmtrace.router.deployment',
     'llmtrace.router.endpoint',
     'llmtrace.router.endpoint_score',
+    'llmtrace.router.model_group',
     'llmtrace.router.orchestration_duration',
     'llmtrace.router.pd_disaggregated',
     'llmtrace.router.pd_reason',
     'llmtrace.router.prefill_address',
     'llmtrace.router.prefix_cache_score',
     'llmtrace.router.scheduling_duration',
+    'llmtrace.router.score_name',
     'llmtrace.router.scorer_max',
+    'llmtrace.router.strategy',
     'llmtrace.step.batch_size',
     'llmtrace.step.index',
     'llmtrace.step.scheduled_tokens',
@@ -737,6 +761,13 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.router.endpoint',
         'llmtrace.router.decision',
         'llmtrace.router.pd_disaggregated',
+        'llmtrace.router.strategy',
+        'llmtrace.router.model_group',
+        'llmtrace.router.deployment',
+        'llmtrace.router.candidate.ids',
+        'llmtrace.router.candidate.endpoints',
+        'llmtrace.router.candidate.scores',
+        'llmtrace.router.score_name',
     }),
 }
 """Attributes each span may carry."""
@@ -781,6 +812,9 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': 'counter',
     'llmtrace.quality.hallucinations': 'counter',
     'llmtrace.quality.score': 'histogram',
+    'llmtrace.router.prefix_cache.actual_tokens': 'counter',
+    'llmtrace.router.prefix_cache.predicted_tokens': 'counter',
+    'llmtrace.router.prefix_cache.prediction_error': 'histogram',
     'llmtrace.server.cached_prompt_tokens': 'counter',
     'llmtrace.server.decode.duration': 'histogram',
     'llmtrace.server.external_cached_prompt_tokens': 'counter',
@@ -836,6 +870,9 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': '{evaluation}',
     'llmtrace.quality.hallucinations': '{response}',
     'llmtrace.quality.score': '1',
+    'llmtrace.router.prefix_cache.actual_tokens': '{token}',
+    'llmtrace.router.prefix_cache.predicted_tokens': '{token}',
+    'llmtrace.router.prefix_cache.prediction_error': '1',
     'llmtrace.server.cached_prompt_tokens': '{token}',
     'llmtrace.server.decode.duration': 's',
     'llmtrace.server.external_cached_prompt_tokens': '{token}',
@@ -891,6 +928,9 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': 'Responses evaluated.',
     'llmtrace.quality.hallucinations': 'Responses flagged as hallucinated by an evaluation.',
     'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
+    'llmtrace.router.prefix_cache.actual_tokens': 'Prompt tokens the engine actually found cached, over the same routed requests (those with a router prediction).',
+    'llmtrace.router.prefix_cache.predicted_tokens': 'Prompt tokens a router predicted the chosen engine had cached (prefix-cache score x prompt tokens), over routed requests with a prediction.',
+    'llmtrace.router.prefix_cache.prediction_error': "How far a router's predicted prefix-cache hit was from what the engine found, per routed request: |router's prefix-cache score - engine's cached / prompt tokens|.",
     'llmtrace.server.cached_prompt_tokens': 'Prompt tokens served from a prefix or external KV cache.',
     'llmtrace.server.decode.duration': 'First token to last token (llmtrace.latency.decode).',
     'llmtrace.server.external_cached_prompt_tokens': 'Prompt tokens whose KV came through a KV connector (an external cache or a prefill instance), a subset of llmtrace.server.cached_prompt_tokens.',
@@ -1089,6 +1129,21 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.quality.dimension',
         'gen_ai.evaluation.name',
     }),
+    'llmtrace.router.prefix_cache.actual_tokens': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+    }),
+    'llmtrace.router.prefix_cache.predicted_tokens': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+    }),
+    'llmtrace.router.prefix_cache.prediction_error': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
+    }),
     'llmtrace.server.cached_prompt_tokens': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
@@ -1229,6 +1284,9 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': 'llmtrace_quality_evaluations_total',
     'llmtrace.quality.hallucinations': 'llmtrace_quality_hallucinations_total',
     'llmtrace.quality.score': 'llmtrace_quality_score',
+    'llmtrace.router.prefix_cache.actual_tokens': 'llmtrace_router_prefix_cache_actual_tokens_total',
+    'llmtrace.router.prefix_cache.predicted_tokens': 'llmtrace_router_prefix_cache_predicted_tokens_total',
+    'llmtrace.router.prefix_cache.prediction_error': 'llmtrace_router_prefix_cache_prediction_error',
     'llmtrace.server.cached_prompt_tokens': 'llmtrace_server_cached_prompt_tokens_total',
     'llmtrace.server.decode.duration': 'llmtrace_server_decode_duration_seconds',
     'llmtrace.server.external_cached_prompt_tokens': 'llmtrace_server_external_cached_prompt_tokens_total',

@@ -37,7 +37,9 @@ NO_PRODUCER = re.compile(
     r"llmtrace_quality_|llmtrace_drift_|llmtrace_output_entropy|llmtrace_user_regenerations"
     r"|vllm:spec_decode_|llmtrace_dp_"
     # produced by the prefill/decode test bed, whose own test evaluates these panels
-    r"|llmtrace_kv_transfer_|llmtrace_pd_")
+    r"|llmtrace_kv_transfer_|llmtrace_pd_"
+    # need llm-d router spans (tests/test_router_prefix_prediction.py sends some)
+    r"|llmtrace_router_prefix_cache_")
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 

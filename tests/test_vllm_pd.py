@@ -145,7 +145,9 @@ def test_router_prefill_transfer_and_decode_in_one_trace_with_bytes_from_the_mod
                 return False
         return True
 
-    assert otlp_receiver.wait_for(complete, timeout=90), "spans missing"
+    assert otlp_receiver.wait_for(complete, timeout=90), {
+        t: sorted((s.resource.get("service.name"), s.name) for s in spans)
+        for t, spans in _by_trace(otlp_receiver, set(sent)).items()}
     for trace_id, spans in _by_trace(otlp_receiver, set(sent)).items():
         client_span, timing = sent[trace_id]
         p_req = _one(spans, sc.SPAN_LLMTRACE_REQUEST, PREFILL)

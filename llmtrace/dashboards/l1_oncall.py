@@ -51,6 +51,9 @@ PD_PARTS = ((sc.METRIC_LLMTRACE_PD_REMOTE_PREFILL_DURATION, "remote prefill"),
             (sc.METRIC_LLMTRACE_PD_HANDOFF_DURATION, "handoff"),
             (sc.METRIC_LLMTRACE_PD_LOCAL_DURATION, "decode local"))
 KV_SEL = c.sel(c.M_MODEL, c.M_VERSION, c.M_INSTANCE)
+PREFIX_ERROR = c.prom(sc.METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTION_ERROR)
+PREFIX_PREDICTED = c.prom(sc.METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTED_TOKENS)
+PREFIX_ACTUAL = c.prom(sc.METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_ACTUAL_TOKENS)
 BUSY = c.prom(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
 IDLE = c.prom(sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS)
 
@@ -348,6 +351,31 @@ def kv_transfer() -> list:
     ]
 
 
+def router_prediction() -> list:
+    sel = c.sel(c.M_MODEL, c.M_VERSION)
+    model = c.label(sc.GEN_AI_REQUEST_MODEL)
+    return [
+        c.timeseries_panel(Spec(
+            1101, "Router prefix-cache prediction error", "How far llm-d's router's "
+            "predicted prefix-cache hit (its prefix-cache scorer on the chosen endpoint) was "
+            "from what the engine found (cached / prompt tokens), per routed request; derived "
+            "by the collector from both spans of one trace "
+            "(llmtrace_router_prefix_cache_prediction_error). A rising p90 means "
+            "cache-aware routing steers by a stale picture of the engines' caches.", "percentunit",
+            c.higher_is_worse(0.2, 0.4),
+            [(c.quantile(q, PREFIX_ERROR, sel, (model,)), f"p{int(q * 100)} {{{{{model}}}}}")
+             for q in (0.5, 0.9)], w=12), max_val=1),
+        c.timeseries_panel(Spec(
+            1102, "Predicted over actual cached tokens", "Prompt tokens the router expected "
+            "cached over those the engine found cached, on the same requests "
+            "(llmtrace_router_prefix_cache_predicted_tokens_total / _actual_tokens_total). "
+            "Above 1: the router over-predicts hits (evictions it does not see); below 1: "
+            "it misses hits it could route for.", "none", c.informational(),
+            [(c.ratio(c.sum_rate(PREFIX_PREDICTED, sel, (model,)),
+                      c.sum_rate(PREFIX_ACTUAL, sel, (model,))), f"{{{{{model}}}}}")], w=12)),
+    ]
+
+
 def router() -> list:
     processed = f"rate({c.ROUTER_PROCESSED}[$__rate_interval])"
     requests = f"sum by (route) (rate({c.ROUTER_REQUESTS}[$__rate_interval]))"
@@ -450,6 +478,7 @@ def build() -> db.Dashboard:
          (c.row("SLO error budget", 700), slo_budget()),
          (c.row("Data parallelism", 800), data_parallel()),
          (c.row("Router (vllm-router)", 900), router()),
-         (c.row("Disaggregated serving (KV transfer)", 1000), kv_transfer())],
+         (c.row("Disaggregated serving (KV transfer)", 1000), kv_transfer()),
+         (c.row("Router prefix-cache prediction (llm-d)", 1100), router_prediction())],
         annotations=[c.annotation("TTFT p99 over 200 ms", f"{ttft_p99} > {c.TTFT_SLO_S}",
                                   "red")])

@@ -90,6 +90,33 @@ class RequestRecord:
         return None if self.dp_rank is None else 1
 
     @property
+    def prefix_prediction(self) -> float | None:
+        """The router's predicted prefix-cache hit fraction (llm-d), when it made one."""
+        score = self.routing.get(sc.LLMTRACE_ROUTER_PREFIX_CACHE_SCORE)
+        if isinstance(score, bool) or not isinstance(score, int | float) or \
+                not 0.0 <= score <= 1.0 or self.prompt_tokens <= 0:
+            return None
+        return float(score)
+
+    @property
+    def prefix_prediction_error(self) -> float | None:
+        """|predicted - actual| hit fraction: the engine's truth is cached / prompt tokens."""
+        predicted = self.prefix_prediction
+        if predicted is None:
+            return None
+        return abs(predicted - self.cached_tokens / self.prompt_tokens)
+
+    @property
+    def predicted_cached_tokens(self) -> float | None:
+        predicted = self.prefix_prediction
+        return None if predicted is None else predicted * self.prompt_tokens
+
+    @property
+    def routed_cached_tokens(self) -> int | None:
+        """Cached tokens of a request the router made a prefix-cache prediction for."""
+        return None if self.prefix_prediction is None else self.cached_tokens
+
+    @property
     def tpot_s(self) -> float | None:
         if self.decode_s is None or self.output_tokens < 2:
             return None
