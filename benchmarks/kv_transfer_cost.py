@@ -19,6 +19,7 @@ import secrets
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
@@ -45,6 +46,32 @@ def _kv(hooks: dict[str, float]) -> float:
     return sum(v for k, v in hooks.items() if k.startswith("vllm.kv."))
 
 
+def _bare_timer_us(n: int = 200_000) -> float:
+    """What the default worker-call timer adds per call (kv_transfer._time_worker_calls):
+    timed against the bare call, in this process."""
+    def work() -> None:
+        return None
+
+    totals = [0.0, 0]
+    clock = time.perf_counter
+
+    def timed(*args, _bound=work, _totals=totals, _clock=clock, **kwargs):
+        start = _clock()
+        try:
+            return _bound(*args, **kwargs)
+        finally:
+            _totals[0] += _clock() - start
+            _totals[1] += 1
+
+    best = []
+    for fn in (work, timed):
+        start = time.process_time()
+        for _ in range(n):
+            fn()
+        best.append(time.process_time() - start)
+    return max(0.0, (best[1] - best[0]) / n * 1e6)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=5)
@@ -56,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     pool = ServerPool(scratch / "servers")
     with OTLPReceiver() as rx:
         dirs = {"prefill": scratch / "measure-prefill", "decode": scratch / "measure-decode"}
-        configs = [nixl_config(models, PRODUCER, 0, llmtrace_env(rx, "1", dirs["prefill"])),
-                   nixl_config(models, CONSUMER, 1, llmtrace_env(rx, "1", dirs["decode"]))]
+        configs = [nixl_config(models, PRODUCER, 0, llmtrace_env(
+                       rx, "1", dirs["prefill"], OTEL_SERVICE_NAME="prefill",
+                       LLMTRACE_METRIC_EXPORT_INTERVAL_MS="1000")),
+                   nixl_config(models, CONSUMER, 1, llmtrace_env(
+                       rx, "1", dirs["decode"], OTEL_SERVICE_NAME="decode",
+                       LLMTRACE_METRIC_EXPORT_INTERVAL_MS="1000"))]
         router = None
         try:
             prefill, decode = pool.get_many(configs, timeout=600)
@@ -91,10 +122,25 @@ def main(argv: list[str] | None = None) -> int:
                          and s.attributes.get(sc.LLMTRACE_KV_TRANSFER_DIRECTION) == "load"]
                 figures.setdefault("KV bytes loaded per request (spans so far)", []).append(
                     sum(moved) / args.requests)
+            time.sleep(3)  # the last metric export
             print(f"\nCPU per disaggregated request, {args.rounds} rounds x {args.requests} "
                   f"requests (32 output tokens, concurrency {args.concurrency}, 100% sampling):")
             for name, values in figures.items():
                 print(_line(name, values, "B " if name.startswith("KV bytes") else "us"))
+            calls: dict[tuple[str, str], float] = {}
+            for pt in rx.points():
+                if pt.metric == sc.METRIC_LLMTRACE_KV_TRANSFER_WORKER_CALLS:
+                    key = (str(pt.resource.get("service.name")),
+                           str(pt.attributes.get(sc.LLMTRACE_KV_TRANSFER_OPERATION)))
+                    calls[key] = max(calls.get(key, 0), pt.value or 0)
+            sent = args.requests * (args.rounds + 1)
+            bare = _bare_timer_us()
+            print(f"\n  worker-side connector calls per request (every engine step calls them, "
+                  f"empty ones too); outside benchmark mode each costs llmtrace a bare timer, "
+                  f"{bare:.2f} us here:")
+            for (service, op), n in sorted(calls.items()):
+                print(f"    {service:<16} {op:<16} {n / sent:9.1f} calls  "
+                      f"~{n / sent * bare:7.1f} us")
             hooks = {k: llmtrace_cpu_s(d)[2] for k, d in dirs.items()}
             print("\n  vllm.kv.* hooks, cumulative CPU seconds over the run (incl. warm-up):")
             for k, per_hook in hooks.items():

@@ -16,6 +16,7 @@ from testbed.ports import free_port
 from testbed.vllm_server import ServerConfig
 
 BLOCK = 32
+NIXL_THREADS = 1
 PRODUCER, CONSUMER = "kv_producer", "kv_consumer"
 
 
@@ -23,7 +24,11 @@ def nixl_config(models: TinyModels, role: str, core: int, env: tuple = (),
                 policy: str | None = None) -> ServerConfig:
     """The dense model as a NIXL ``role`` instance bound to CPU ``core``; ``env`` as
     (name, value) pairs (llmtrace's settings)."""
-    transfer = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
+    transfer = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu",
+                # NIXL's default is 4 UCX progress threads per agent, which spin: on a
+                # 2-core machine they starve the engines (transfers then outlive their
+                # 30 s lease). One is enough on loopback.
+                "kv_connector_extra_config": {"num_threads": NIXL_THREADS}}
     if policy is not None:
         transfer["kv_load_failure_policy"] = policy
     pd_env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",

@@ -113,6 +113,46 @@ def test_missing_or_changed_target_disables_only_that_hook(caplog):
         del sys.modules[module.__name__]
 
 
+def test_per_instance_hooks_fit_each_object_and_a_changed_method_disables_only_itself(caplog):
+    """KV connectors: every class overrides the interface method, so the hooks go on each
+    connector object; one whose override no longer takes the parameters read is left
+    alone, with one warning naming its class."""
+    from llmtrace.instrumentation._patching import install_on
+
+    class Connector:  # a connector class someone wrote against the v1 interface
+        def update_state_after_alloc(self, request, blocks, num_external_tokens):
+            return num_external_tokens
+
+        def request_finished(self, req, block_ids):  # a renamed parameter
+            return False, None
+
+    calls = []
+
+    def after(instance, args, kwargs, result, token):
+        calls.append((instance, result))
+
+    base = "vllm.distributed.kv_transfer.kv_connector.v1.base"
+    hooks = [Hook("fake.kv.alloc", (T(base, "KVConnectorBase_V1.update_state_after_alloc",
+                                      ("request", "blocks", "num_external_tokens")),),
+                  after=after),
+             Hook("fake.kv.finished", (T(base, "KVConnectorBase_V1.request_finished",
+                                         ("request", "block_ids")),), after=after),
+             Hook("fake.kv.optional", (T(base, "KVConnectorBase_V1.not_on_this_class"),))]
+    one, other = Connector(), Connector()
+    with caplog.at_level(logging.WARNING, logger="llmtrace"):
+        assert install_on(one, hooks) == ["fake.kv.alloc"]
+    try:
+        assert one.update_state_after_alloc("r", [], 7) == 7 and calls == [(one, 7)]
+        assert other.update_state_after_alloc("r", [], 5) == 5 and len(calls) == 1  # not it
+        assert one.request_finished("r", []) == (False, None)
+        assert "Connector.request_finished" in DISABLED_HOOKS["fake.kv.finished"]
+        assert sum("fake.kv.finished" in r.getMessage() for r in caplog.records) == 1
+        assert "fake.kv.optional" not in DISABLED_HOOKS  # absent on this class: nothing to do
+    finally:
+        for name in ("fake.kv.alloc", "fake.kv.finished"):
+            DISABLED_HOOKS.pop(name, None)
+
+
 def test_disabled_hook_warning_names_the_installed_vllm(caplog):
     from llmtrace.instrumentation._patching import installed_version
     from llmtrace.instrumentation.vllm import vllm_distribution

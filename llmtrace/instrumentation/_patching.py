@@ -193,36 +193,43 @@ def install(hooks: list[Hook], measure: bool = False) -> list[Installed]:
     return done
 
 
+def method_of(obj: object, hook: Hook) -> tuple[str, Callable | None]:
+    """``obj``'s own method for ``hook`` (its first target's leaf name), checked like
+    :func:`install` checks a class's: None when ``obj`` lacks it (an optional method)
+    or when it no longer takes the parameters the bodies read, which disables the hook
+    with one warning naming ``obj``'s class."""
+    target = hook.targets[0]
+    leaf = target.attr.rsplit(".", 1)[-1]
+    bound = getattr(obj, leaf, None)
+    if bound is None or not target.params:
+        return leaf, bound
+    try:
+        names = [p.name for p in inspect.signature(bound).parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return leaf, bound  # no signature to check: trust the name
+    if problem := params_problem(target, names, is_method=False):
+        cls = type(obj)
+        disable_hook(hook.name, f"{cls.__module__}.{cls.__qualname__}.{leaf}: {problem} "
+                                f"[installed: {installed_version(target.module)}]")
+        return leaf, None
+    return leaf, bound
+
+
 def install_on(obj: object, hooks: list[Hook], measure: bool = False) -> list[str]:
     """Wrap ``hooks`` on one object (an instance attribute shadowing its class's method).
 
     For interfaces whose implementations override the method (vLLM's KV connectors):
     each hook's first target names the interface method, whose leading parameters the
-    object's own method must still take. A hook that does not fit is disabled with one
-    warning naming the object's class, as :func:`install` does for a class. Returns the
-    names of the hooks wrapped.
+    object's own method must still take (:func:`method_of`). Returns the names of the
+    hooks wrapped.
     """
     done = []
-    cls = type(obj)
     for hook in hooks:
         if hook.name in DISABLED_HOOKS or not hook.targets:
             continue
-        target = hook.targets[0]
-        leaf = target.attr.rsplit(".", 1)[-1]
-        bound = getattr(obj, leaf, None)
+        leaf, bound = method_of(obj, hook)
         if bound is None:
-            continue  # the interface method is optional for this class (a mixin's)
-        problem = None
-        if target.params:
-            try:
-                names = [p.name for p in inspect.signature(bound).parameters.values()
-                         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-                problem = params_problem(target, names, is_method=False)
-            except (TypeError, ValueError):
-                problem = None
-        if problem:
-            disable_hook(hook.name, f"{cls.__module__}.{cls.__qualname__}.{leaf}: {problem} "
-                                    f"[installed: {installed_version(target.module)}]")
             continue
         wrapper = guarded(hook, measure)
 
@@ -232,7 +239,7 @@ def install_on(obj: object, hooks: list[Hook], measure: bool = False) -> list[st
         try:
             setattr(obj, leaf, functools.wraps(bound)(call))
         except (AttributeError, TypeError) as exc:  # __slots__ and the like
-            disable_hook(hook.name, f"cannot wrap {cls.__qualname__}.{leaf} on its "
+            disable_hook(hook.name, f"cannot wrap {type(obj).__qualname__}.{leaf} on its "
                                     f"instance: {exc}")
             continue
         done.append(hook.name)

@@ -37,6 +37,7 @@ import wrapt
 from opentelemetry import context as otel_context
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.trace import get_current_span
 
 from llmtrace import semconv as sc
 from llmtrace.config import load_config, switched_off
@@ -144,13 +145,16 @@ class RouteTracer:
         tracer = self
 
         def before(instance, args, kwargs) -> tuple | None:
+            parent = otel_context.get_current()
+            current = get_current_span(parent).get_span_context()
+            if current.is_valid and not current.trace_flags.sampled:
+                return None  # the request is not traced: its decision would be dropped
             model_group = kwargs.get("model_group", args[0] if args else "")
             candidates = kwargs.get("healthy_deployments", args[1] if len(args) > 1 else ())
             candidates = [d for d in candidates or () if isinstance(d, Mapping)]
             ids = tuple(_id(d) for d in candidates)
             return (time.time_ns(), str(model_group), ids, tuple(_endpoint(d) for d in candidates),
-                    _scores(selector, instance, str(model_group), ids),
-                    otel_context.get_current())
+                    _scores(selector, instance, str(model_group), ids), parent)
 
         def after(token: tuple | None, picked: Any) -> None:
             if token is None:
