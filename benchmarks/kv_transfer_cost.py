@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not 
 
 from benchmarks.overhead import llmtrace_cpu_s, llmtrace_env
 from llmtrace import semconv as sc
+from llmtrace.instrumentation.vllm.kv_transfer import timed_call
 from testbed.models import DENSE, ensure_models
 from testbed.otlp_receiver import OTLPReceiver
 from testbed.pd import CONSUMER, PRODUCER, nixl_config, pd_router_args
@@ -52,16 +53,7 @@ def _bare_timer_us(n: int = 200_000) -> float:
     def work() -> None:
         return None
 
-    totals = [0.0, 0]
-    clock = time.perf_counter
-
-    def timed(*args, _bound=work, _totals=totals, _clock=clock, **kwargs):
-        start = _clock()
-        try:
-            return _bound(*args, **kwargs)
-        finally:
-            _totals[0] += _clock() - start
-            _totals[1] += 1
+    timed = timed_call(work, [0.0, 0])
 
     best = []
     for fn in (work, timed):

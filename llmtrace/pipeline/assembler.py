@@ -151,26 +151,24 @@ class TraceAssembler:
         self.on_record(record)
 
     def _usage(self, span: SpanView) -> None:
-        try:
-            usage = usage_record(span)
-        except Exception as exc:  # noqa: BLE001 - as for a request
-            self._refuse(DERIVATION_FAILED, span, f"{type(exc).__name__}: {exc}")
-            return
-        if problem := usage_problem(usage):
-            self._refuse(INVALID_RECORD, span, problem)
-            return
-        self.on_usage(usage)
+        self._aggregate(span, usage_record, usage_problem, self.on_usage)
 
     def _transfer(self, span: SpanView) -> None:
+        self._aggregate(span, transfer_record, transfer_problem, self.on_transfer)
+
+    def _aggregate(self, span: SpanView, derive: Callable, problem_of: Callable,
+                   sink: Callable) -> None:
+        """A span that is a record on its own (engine usage, a KV transfer): derived,
+        checked and handed on at once; one that fails is counted as a request would be."""
         try:
-            transfer = transfer_record(span)
-        except Exception as exc:  # noqa: BLE001 - as for a request
+            record = derive(span)
+        except Exception as exc:  # noqa: BLE001 - input the derivation did not foresee
             self._refuse(DERIVATION_FAILED, span, f"{type(exc).__name__}: {exc}")
             return
-        if problem := transfer_problem(transfer):
+        if problem := problem_of(record):
             self._refuse(INVALID_RECORD, span, problem)
             return
-        self.on_transfer(transfer)
+        sink(record)
 
     def _refuse(self, reason: str, span: SpanView, problem: str) -> None:
         """Count a span whose record cannot be used; the first of each reason is logged."""

@@ -229,17 +229,7 @@ class KVTransferTracer:
                 continue
             totals = self.worker_totals.setdefault(
                 (name, hook_name.removeprefix("vllm.kv.")), [0.0, 0])
-            clock = time.perf_counter
-
-            def timed(*args, _bound=bound, _totals=totals, _clock=clock, **kwargs):
-                start = _clock()
-                try:
-                    return _bound(*args, **kwargs)
-                finally:
-                    _totals[0] += _clock() - start
-                    _totals[1] += 1
-
-            setattr(connector, leaf, timed)
+            setattr(connector, leaf, timed_call(bound, totals))
 
     def _worker_view(self) -> dict[tuple[str, str], list]:
         return self.worker_totals
@@ -392,6 +382,21 @@ class KVTransferTracer:
         if t.failure:
             span.set_status(Status(StatusCode.ERROR, t.failure))
         span.end(end_time=t.end_ns)
+
+
+def timed_call(bound: Any, totals: list) -> Any:
+    """``bound`` with its wall time and calls added to ``totals`` ([seconds, calls])."""
+    clock = time.perf_counter
+
+    def timed(*args, **kwargs):
+        start = clock()
+        try:
+            return bound(*args, **kwargs)
+        finally:
+            totals[0] += clock() - start
+            totals[1] += 1
+
+    return timed
 
 
 def _perf_now(instance, args, kwargs) -> int:
