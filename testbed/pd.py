@@ -34,7 +34,11 @@ def nixl_config(models: TinyModels, role: str, core: int, env: tuple = (),
     pd_env = {"VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
               "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
               "VLLM_CPU_OMP_THREADS_BIND": str(core),
-              "LLMTRACE_TESTBED_NO_AMX": "1"}
+              "LLMTRACE_TESTBED_NO_AMX": "1",
+              # NIXL's progress thread polls without pause (testbed.vllm_cli): 100 us
+              "LLMTRACE_TESTBED_NIXL_PROGRESS_DELAY_US": "100",
+              # what vLLM sets when it imports NIXL itself (the launcher imports it first)
+              "UCX_RCACHE_MAX_UNRELEASED": "1024"}
     return ServerConfig(model_dir=models.dense, served_name=DENSE, max_model_len=1024,
                         args=("--block-size", str(BLOCK), "--kv-transfer-config",
                               json.dumps(transfer)),

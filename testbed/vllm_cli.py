@@ -42,6 +42,37 @@ if _os.environ.get("LLMTRACE_TESTBED_NO_AMX") == "1":
 
     _torch.cpu._is_amx_tile_supported = lambda: False
 
+_PTHR_DELAY = _os.environ.get("LLMTRACE_TESTBED_NIXL_PROGRESS_DELAY_US")
+if _PTHR_DELAY:
+    # NIXL's Python agent hard-codes a zero delay for its progress thread, which then
+    # busy-polls a core per instance even when idle; on a 2-core test machine that
+    # starves the engines (transfers outlive their lease). Let it sleep between polls.
+    try:
+        import nixl_cu12._api as _nixl_api
+    except ImportError:  # no NIXL here: nothing to tune
+        _nixl_api = None
+    if _nixl_api is not None:
+        _Config = _nixl_api.nixlBind.nixlAgentConfig
+        _delay_prop = _Config.pthrDelay
+
+        class _DelayedConfig(_Config):
+            @property
+            def pthrDelay(self):  # noqa: N802 - NIXL's name
+                return _delay_prop.__get__(self)
+
+            @pthrDelay.setter
+            def pthrDelay(self, value):  # noqa: N802 - NIXL's name
+                _delay_prop.__set__(self, max(int(value), int(_PTHR_DELAY)))
+
+        class _Bind:
+            def __getattr__(self, name):
+                return getattr(_nixl_api_bind, name)
+
+            nixlAgentConfig = _DelayedConfig  # noqa: N815 - NIXL's name
+
+        _nixl_api_bind = _nixl_api.nixlBind
+        _nixl_api.nixlBind = _Bind()
+
 
 def main() -> None:
     from vllm.entrypoints.cli.main import main as vllm_main

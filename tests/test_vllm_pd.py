@@ -23,6 +23,7 @@ import json
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,21 @@ def _by_trace(receiver: OTLPReceiver, trace_ids: set[str]) -> dict[str, list[Rec
     return out
 
 
+def _missing(receiver: OTLPReceiver, trace_ids: set[str], *servers: VLLMServer) -> str:
+    """What arrived per trace, and what the servers logged about KV: a failure report."""
+    lines = []
+    for trace_id, spans in _by_trace(receiver, trace_ids).items():
+        names = Counter((s.resource.get("service.name"), s.name) for s in spans)
+        lines.append(f"trace {trace_id}: " + ", ".join(
+            f"{service}/{name} x{n}" for (service, name), n in sorted(names.items())))
+    for server in servers:
+        text = server.log_path.read_text(errors="replace").splitlines()
+        kv = [line for line in text if "expired" in line.lower() or "nixl" in line.lower()
+              and ("error" in line.lower() or "fail" in line.lower())]
+        lines.append(f"{server.log_path}: {len(kv)} KV warnings; last: {kv[-3:]}")
+    return "\n".join(lines)
+
+
 def _wait(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -145,9 +161,8 @@ def test_router_prefill_transfer_and_decode_in_one_trace_with_bytes_from_the_mod
                 return False
         return True
 
-    assert otlp_receiver.wait_for(complete, timeout=90), {
-        t: sorted((s.resource.get("service.name"), s.name) for s in spans)
-        for t, spans in _by_trace(otlp_receiver, set(sent)).items()}
+    if not otlp_receiver.wait_for(complete, timeout=180):
+        pytest.fail(_missing(otlp_receiver, set(sent), prefill, decode), pytrace=False)
     for trace_id, spans in _by_trace(otlp_receiver, set(sent)).items():
         client_span, timing = sent[trace_id]
         p_req = _one(spans, sc.SPAN_LLMTRACE_REQUEST, PREFILL)
@@ -278,7 +293,7 @@ def test_transfer_metrics_agree_with_the_spans(pd, otlp_receiver: OTLPReceiver):
                            if s.status_code != 2)
             return bool(spans) and count == len(spans) and moved == ok_bytes
 
-        assert otlp_receiver.wait_for(agrees, timeout=30), (service, direction)
+        assert otlp_receiver.wait_for(agrees, timeout=90), (service, direction)
 
 
 def test_the_kv_transfer_panels_return_data_from_a_real_prometheus(
