@@ -2,9 +2,10 @@
 
 What it takes here (docs/design/kv-transfer.md has the study): ``kv_buffer_device:
 cpu``, block sizes that are multiples of 32, a NIXL side channel per instance on
-loopback, one core per instance (idle NIXL workers spin), and vLLM's vector
-attention kernel instead of the AMX one (``LLMTRACE_TESTBED_NO_AMX``, applied by
-:mod:`testbed.vllm_cli`).
+loopback, one core per instance, one UCX progress thread that pauses between polls
+(``LLMTRACE_TESTBED_NIXL_PROGRESS_DELAY_US``; NIXL's default busy-polls), and vLLM's
+vector attention kernel instead of the AMX one (``LLMTRACE_TESTBED_NO_AMX``); the
+last two are applied by :mod:`testbed.vllm_cli`.
 """
 
 from __future__ import annotations
