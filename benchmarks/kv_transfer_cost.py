@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
 
-from benchmarks.overhead import llmtrace_cpu_s, llmtrace_env
+from benchmarks.overhead import llmtrace_cpu_s, llmtrace_env, median_line
 from llmtrace import semconv as sc
 from llmtrace.instrumentation.vllm.kv_transfer import timed_call
 from testbed.models import DENSE, ensure_models
@@ -36,11 +35,6 @@ from testbed.stream_client import run_load
 from testbed.vllm_server import ServerPool
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _line(name: str, values: list[float], unit: str = "us") -> str:
-    return (f"  {name:<46} median {statistics.median(values):9.1f} {unit}  "
-            f"[min {min(values):.1f}, max {max(values):.1f}]")
 
 
 def _kv(hooks: dict[str, float]) -> float:
@@ -118,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nCPU per disaggregated request, {args.rounds} rounds x {args.requests} "
                   f"requests (32 output tokens, concurrency {args.concurrency}, 100% sampling):")
             for name, values in figures.items():
-                print(_line(name, values, "B " if name.startswith("KV bytes") else "us"))
+                print(median_line(name, values, "B " if name.startswith("KV bytes") else "us", 46))
             calls: dict[tuple[str, str], float] = {}
             for pt in rx.points():
                 if pt.metric == sc.METRIC_LLMTRACE_KV_TRANSFER_WORKER_CALLS:

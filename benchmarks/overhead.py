@@ -82,6 +82,12 @@ def llmtrace_cpu_s(directory: Path) -> tuple[float, float, dict[str, float], dic
     return in_vllm, exporter, per_hook, dropped
 
 
+def median_line(name: str, values: list[float], unit: str = "us", width: int = 44) -> str:
+    """One printed figure: the median over rounds, with min and max."""
+    return (f"  {name:<{width}} median {statistics.median(values):9.1f} {unit}  "
+            f"[min {min(values):.1f}, max {max(values):.1f}]")
+
+
 def workload(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     text = "Explain the scheduler "

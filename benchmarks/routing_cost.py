@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # testbed/ is not installed
 
-from benchmarks.overhead import llmtrace_cpu_s, llmtrace_env, workload
+from benchmarks.overhead import llmtrace_cpu_s, llmtrace_env, median_line, workload
 from testbed.models import DENSE, ensure_models
 from testbed.otlp_receiver import OTLPReceiver
 from testbed.procs import cpu_seconds
@@ -35,11 +35,6 @@ from testbed.vllm_server import ServerConfig, ServerPool
 REPO = Path(__file__).resolve().parents[1]
 CHOICE_HOOK = "vllm.dp.choose_rank"
 
-
-
-def _line(name: str, values: list[float]) -> str:
-    return (f"  {name:<44} median {statistics.median(values):8.1f} us  "
-            f"[min {min(values):.1f}, max {max(values):.1f}]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nCPU per request, {args.rounds} rounds x {args.requests} requests "
                   f"(64 output tokens, concurrency {args.concurrency}, 100% sampling):")
             for name, values in figures.items():
-                print(_line(name, values))
+                print(median_line(name, values))
             print("\n  per hook (median us per request)      dp2       dp1")
             for key in sorted(set(hooks["dp2"]) | set(hooks["dp1"])):
                 cells = [f"{statistics.median(hooks[arm][key]):8.1f}" if key in hooks[arm]

@@ -40,12 +40,16 @@ class Hook:
     gate: Callable[[], bool] | None = None  # False: nothing to do, skip the bodies
 
 
-def guarded(hook: Hook, measure: bool = False) -> Callable:
+def guarded(hook: Hook, measure: bool = False, awaitable: bool = False) -> Callable:
     """The wrapt wrapper running ``hook``'s bodies under the guard of ``hook.name``.
 
     Without ``measure`` the guard is inlined (a try/except and a dict lookup, no
     guard object per call): these wrappers run per engine step and per output batch.
+    ``awaitable``: the target may be a coroutine function (a library's async API);
+    ``after`` then runs when its result is awaited, with the awaited value.
     """
+    if awaitable:
+        return _guarded_awaitable(hook)
     name, before, after, gate = hook.name, hook.before, hook.after, hook.gate
     if not measure:
         disabled = DISABLED_HOOKS
@@ -79,6 +83,38 @@ def guarded(hook: Hook, measure: bool = False) -> Callable:
                 if g.enabled:
                     after(instance, args, kwargs, result, token)
         return result
+
+    return wrapper
+
+
+def _guarded_awaitable(hook: Hook) -> Callable:
+    """:func:`guarded` for targets that may return an awaitable (kept apart so the
+    per-step wrappers of synchronous targets pay no ``isawaitable`` check)."""
+    name, before, after, gate = hook.name, hook.before, hook.after, hook.gate
+    disabled = DISABLED_HOOKS
+
+    def body(fn: Callable | None, *args) -> object:
+        if fn is None or name in disabled or (gate is not None and not gate()):
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - the host must never see it
+            hook_failed(name, exc)
+            return None
+
+    def wrapper(wrapped, instance, args, kwargs):
+        token = body(before, instance, args, kwargs)
+        result = wrapped(*args, **kwargs)
+        if not inspect.isawaitable(result):
+            body(after, instance, args, kwargs, result, token)
+            return result
+
+        async def finish():
+            value = await result
+            body(after, instance, args, kwargs, value, token)
+            return value
+
+        return finish()
 
     return wrapper
 

@@ -41,8 +41,9 @@ from opentelemetry.trace import get_current_span
 
 from llmtrace import semconv as sc
 from llmtrace.config import load_config, switched_off
+from llmtrace.instrumentation._patching import Hook, guarded
 from llmtrace.telemetry import Telemetry
-from llmtrace.telemetry.guard import DISABLED_HOOKS, disable_hook, hook_failed
+from llmtrace.telemetry.guard import disable_hook
 
 logger = logging.getLogger("llmtrace")
 _STRATEGIES = "litellm.router_strategy"
@@ -141,7 +142,8 @@ class RouteTracer:
         self.telemetry = telemetry
 
     def wrapper(self, selector: Selector) -> Callable:
-        name = selector.hook
+        """The guarded wrapt wrapper recording ``selector``'s decisions (its
+        ``async_`` method returns a coroutine: the choice is read when awaited)."""
         tracer = self
 
         def before(instance, args, kwargs) -> tuple | None:
@@ -156,7 +158,7 @@ class RouteTracer:
             return (time.time_ns(), str(model_group), ids, tuple(_endpoint(d) for d in candidates),
                     _scores(selector, instance, str(model_group), ids), parent)
 
-        def after(token: tuple | None, picked: Any) -> None:
+        def after(instance, args, kwargs, picked: Any, token: tuple | None) -> None:
             if token is None:
                 return
             start, group, ids, endpoints, scores, parent = token
@@ -166,28 +168,7 @@ class RouteTracer:
                 selector.score_name, _id(chosen) if chosen else None,
                 _endpoint(chosen) if chosen else None, parent))
 
-        def guarded(body: Callable, *a) -> Any:
-            if name in DISABLED_HOOKS:
-                return None
-            try:
-                return body(*a)
-            except Exception as exc:  # noqa: BLE001 - the host must never see it
-                hook_failed(name, exc)
-                return None
-
-        def wrapped_call(wrapped, instance, args, kwargs):
-            token = guarded(before, instance, args, kwargs)
-            result = wrapped(*args, **kwargs)
-            if inspect.isawaitable(result):
-                async def finish():
-                    picked = await result
-                    guarded(after, token, picked)
-                    return picked
-                return finish()
-            guarded(after, token, result)
-            return result
-
-        return wrapped_call
+        return guarded(Hook(selector.hook, (), before=before, after=after), awaitable=True)
 
     def build(self, d: Decision) -> None:
         attrs: dict[str, Any] = {

@@ -150,10 +150,9 @@ def _unhashed(blocks: Any) -> tuple[list[int], frozenset[int]]:
     """Per group, the allocated blocks without a prefix-cache hash (the ones a load fills)."""
     try:
         groups = blocks.get_unhashed_block_ids_all_groups()
-        return [len(g) for g in groups], frozenset(groups[0]) if groups else frozenset()
     except AttributeError:  # a release without it: the same rule by hand
         groups = [[b.block_id for b in g if b.block_hash is None] for g in blocks.blocks]
-        return [len(g) for g in groups], frozenset(groups[0]) if groups else frozenset()
+    return [len(g) for g in groups], frozenset(groups[0]) if groups else frozenset()
 
 
 @dataclass
