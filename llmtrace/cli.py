@@ -1,6 +1,8 @@
 """The ``llmtrace`` command line: ``llmtrace collector [--config FILE] [flags]``, and
 ``llmtrace doctor [--json]`` (will llmtrace work in this environment?), and
-``llmtrace assets --out DIR`` (the shipped dashboards, rules and configs)."""
+``llmtrace assets --out DIR`` (the shipped dashboards, rules and configs), and
+``llmtrace profile convert TRACE...`` (torch profiler traces -> OTLP spans joined to
+llmtrace's traces)."""
 
 from __future__ import annotations
 
@@ -59,6 +61,75 @@ def _run_collector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_args(sub: argparse._SubParsersAction) -> None:
+    from llmtrace.profiling.convert import Limits
+
+    p = sub.add_parser("profile", help="torch profiler traces and llmtrace's traces")
+    psub = p.add_subparsers(dest="profile_command", required=True)
+    c = psub.add_parser(
+        "convert", help="convert torch profiler Chrome traces to OTLP spans",
+        description="Convert torch profiler Chrome traces (.json or .json.gz, e.g. from "
+        "vLLM's /start_profile) to OTLP spans: events inside regions llmtrace tagged go "
+        "into those regions' traces, the rest under one llmtrace.profile root per file, "
+        "linked both ways. Exit 2 on unreadable input, 1 when the export fails.")
+    c.add_argument("traces", nargs="+", type=Path, metavar="TRACE", help="Chrome trace file")
+    dest = c.add_mutually_exclusive_group()
+    dest.add_argument("--endpoint", help="OTLP endpoint (default: LLMTRACE_OTLP_ENDPOINT / "
+                      "OTEL_EXPORTER_OTLP_* as for serving)")
+    dest.add_argument("--out", type=Path, metavar="FILE",
+                      help="write OTLP JSON lines (one request per trace file) instead")
+    c.add_argument("--protocol", choices=("grpc", "http/protobuf"),
+                   help="OTLP protocol (default: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, grpc)")
+    defaults = Limits()
+    c.add_argument("--max-events", type=int, default=defaults.max_events, metavar="N",
+                   help=f"at most N spans per file (default {defaults.max_events}); the "
+                        "rest are counted as dropped")
+    c.add_argument("--min-duration-us", type=float, default=defaults.min_duration_us,
+                   metavar="X", help="leave out operators and device work shorter than X "
+                   f"microseconds (default {defaults.min_duration_us})")
+    c.add_argument("--all-events", action="store_true",
+                   help="every event above the minimum duration, not only annotations, "
+                        "outermost operators and device work")
+    c.add_argument("--base-time-ns", type=int, metavar="N",
+                   help="Unix epoch ns of ts=0, for traces without baseTimeNanoseconds "
+                        "(torch < 2.4: 0, their ts are epoch microseconds)")
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from llmtrace.profiling import chrome, convert, export
+
+    limits = convert.Limits(args.max_events, args.min_duration_us, args.all_events)
+    if limits.max_events < 0 or limits.min_duration_us < 0:
+        print("llmtrace profile convert: --max-events and --min-duration-us must be >= 0",
+              file=sys.stderr)
+        return 2
+    try:  # read every file first: a bad one stops the run before anything is sent
+        done = [convert.convert(chrome.load(p, args.base_time_ns), limits) for p in args.traces]
+    except chrome.ProfileError as exc:
+        print(f"llmtrace profile convert: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as out:
+                for c in done:
+                    export.write_json(c.spans, out)
+            where = str(args.out)
+        else:
+            for c in done:
+                where = export.send(c.spans, args.endpoint, args.protocol)
+    except ConfigError as exc:
+        print(f"llmtrace profile convert: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, export.ExportError) as exc:
+        print(f"llmtrace profile convert: {exc}", file=sys.stderr)
+        return 1
+    for path, c in zip(args.traces, done, strict=True):
+        print(f"{path}: {c.converted} spans ({c.dropped} dropped by --max-events) in "
+              f"{len(c.traces)} tagged trace(s); profile root trace "
+              f"{c.root.context.trace_id:032x} -> {where}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmtrace")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     assets = sub.add_parser("assets", help="write the shipped dashboards, SLO rules, scrape "
                             "and collector configs and example price table to a directory")
     assets.add_argument("--out", required=True, type=Path, help="directory to write into")
+    _profile_args(sub)
     args = parser.parse_args(argv)
     if args.command == "assets":
         from llmtrace.assets import copy_to
@@ -85,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         from llmtrace.doctor import main as doctor_main
 
         return doctor_main(args.json, args.metrics_url)
+    if args.command == "profile":
+        return _run_profile(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from prometheus_client import disable_created_metrics
     disable_created_metrics()  # _created series double the count for no dashboard use

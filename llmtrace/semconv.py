@@ -81,6 +81,14 @@ GEN_AI_USAGE_OUTPUT_TOKENS: Final = 'gen_ai.usage.output_tokens'
 """[upstream] Generated tokens."""
 GEN_AI_USAGE_PROMPT_TOKENS: Final = 'gen_ai.usage.prompt_tokens'
 """[input only] vLLM built-in (deprecated upstream name for gen_ai.usage.input_tokens)."""
+HW_GPU_TASK: Final = 'hw.gpu.task'
+"""[upstream] `general`: NVML's utilisation counts any kernel running."""
+HW_ID: Final = 'hw.id'
+"""[upstream] The GPU's NVML UUID (`GPU-...`): unique on the host and stable across restarts."""
+HW_MODEL: Final = 'hw.model'
+"""[upstream] The GPU's product name as NVML reports it, e.g. `NVIDIA H200`."""
+HW_TYPE: Final = 'hw.type'
+"""[upstream] `gpu` on `hw.temperature` (the one generic hardware metric used here)."""
 LLM_D_EPP_DISAGG_REASON: Final = 'llm_d.epp.disagg.reason'
 """[input only] llm-d `prepare_disaggregation`, why no disaggregation was prepared at all."""
 LLM_D_EPP_PD_DISAGGREGATION_USED: Final = 'llm_d.epp.pd.disaggregation_used'
@@ -189,14 +197,22 @@ LLMTRACE_LATENCY_TIME_PER_OUTPUT_TOKEN: Final = 'llmtrace.latency.time_per_outpu
 """Decode time divided by output tokens after the first, seconds."""
 LLMTRACE_LATENCY_TIME_TO_FIRST_TOKEN: Final = 'llmtrace.latency.time_to_first_token'
 """Request bytes read by the HTTP server to the first response byte written, seconds."""
+LLMTRACE_MOE_EXPERT: Final = 'llmtrace.moe.expert'
+"""A logical expert id (the opt-in per-expert metric's label)."""
+LLMTRACE_MOE_EXPERT_TOKENS: Final = 'llmtrace.moe.expert_tokens'
+"""Token assignments per expert in the layer in the step, indexed by logical expert id; sums to tokens x top_k."""
+LLMTRACE_MOE_HOT_EXPERT: Final = 'llmtrace.moe.hot_expert'
+"""The busiest expert (lowest id on a tie)."""
+LLMTRACE_MOE_HOT_EXPERT_SHARE: Final = 'llmtrace.moe.hot_expert_share'
+"""The busiest expert's share of the layer's assignments (1/experts is balanced)."""
 LLMTRACE_MOE_LAYER: Final = 'llmtrace.moe.layer'
-"""MoE layer index."""
+"""MoE layer index (vLLM's layer id)."""
 LLMTRACE_MOE_LOAD_IMBALANCE: Final = 'llmtrace.moe.load_imbalance'
-"""Busiest expert's token count divided by the mean (1.0 is perfectly balanced)."""
+"""Busiest expert's assignments divided by the mean over the layer's experts (1.0 is balanced; at most the expert count)."""
 LLMTRACE_MOE_NUM_EXPERTS: Final = 'llmtrace.moe.num_experts'
-"""Experts in the layer."""
+"""Routed experts in the layer."""
 LLMTRACE_MOE_TOKENS: Final = 'llmtrace.moe.tokens'
-"""Tokens routed in the step."""
+"""Tokens routed through the layer in the step."""
 LLMTRACE_MOE_TOP_K: Final = 'llmtrace.moe.top_k'
 """Experts selected per token."""
 LLMTRACE_PREEMPTION_REASON: Final = 'llmtrace.preemption.reason'
@@ -209,14 +225,46 @@ LLMTRACE_PREFILL_CHUNK_INDEX: Final = 'llmtrace.prefill.chunk.index'
 """Zero-based index of a prefill chunk within the request."""
 LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS: Final = 'llmtrace.prefill.external_cached_tokens'
 """Prompt tokens loaded through a KV connector (external cache or remote prefill)."""
-LLMTRACE_PROFILER_REGION: Final = 'llmtrace.profiler.region'
-"""Torch-profiler / vLLM profiling-scope name."""
+LLMTRACE_PROCESS_NAME: Final = 'llmtrace.process.name'
+"""vLLM's process title without its prefix (`EngineCore`, `EngineCore_DP1`, `Worker`, `Worker_TP1`, ...): one value per rank, bounded by the parallel sizes."""
+LLMTRACE_PROCESS_ROLE: Final = 'llmtrace.process.role'
+"""The vLLM process a process metric describes; the engine core observes its workers, so workers need no exporter."""
+LLMTRACE_PROFILE_CATEGORY: Final = 'llmtrace.profile.category'
+"""The profiler's category of the event (Chrome trace `cat`)."""
+LLMTRACE_PROFILE_DEVICE: Final = 'llmtrace.profile.device'
+"""Device index of a kernel or memory operation (Kineto's `device` argument)."""
+LLMTRACE_PROFILE_EVENTS_CONVERTED: Final = 'llmtrace.profile.events.converted'
+"""Spans the conversion emitted for the file, besides its root."""
+LLMTRACE_PROFILE_EVENTS_DROPPED: Final = 'llmtrace.profile.events.dropped'
+"""Events selected for conversion but left out by the event cap (`--max-events`)."""
+LLMTRACE_PROFILE_EVENTS_READ: Final = 'llmtrace.profile.events.read'
+"""Timed (complete, `ph: X`) events in the file."""
+LLMTRACE_PROFILE_FILE: Final = 'llmtrace.profile.file'
+"""Path of the converted Chrome trace file, as given to the converter."""
+LLMTRACE_PROFILE_LINKS_DROPPED: Final = 'llmtrace.profile.links.dropped'
+"""Traces the root span could not link to, beyond the 128-link limit."""
+LLMTRACE_PROFILE_PID: Final = 'llmtrace.profile.pid'
+"""Process id of the event (Chrome trace `pid`; the device index for device events); on the root, the profiled process."""
+LLMTRACE_PROFILE_PROCESS_NAME: Final = 'llmtrace.profile.process_name'
+"""Name of the profiled process (Chrome trace `process_name` metadata)."""
+LLMTRACE_PROFILE_REGION: Final = 'llmtrace.profile.region'
+"""The tagged region's name as the profile recorded it, without the tag."""
+LLMTRACE_PROFILE_STREAM: Final = 'llmtrace.profile.stream'
+"""Stream of a kernel or memory operation (Kineto's `stream` argument)."""
+LLMTRACE_PROFILE_TID: Final = 'llmtrace.profile.tid'
+"""Thread id of the event (Chrome trace `tid`; the stream for device events)."""
+LLMTRACE_PROFILE_TRACES: Final = 'llmtrace.profile.traces'
+"""Distinct traces the file's tagged regions belong to."""
 LLMTRACE_QUALITY_DIMENSION: Final = 'llmtrace.quality.dimension'
 """Quality dimension a score refers to."""
 LLMTRACE_QUEUE_REASON: Final = 'llmtrace.queue.reason'
 """Why the request was waiting."""
 LLMTRACE_RECORD_SOURCE: Final = 'llmtrace.record.source'
 """Which request record, and so which definitions, a derived series carries."""
+LLMTRACE_REGION_NAME: Final = 'llmtrace.region.name'
+"""A profiling region's name, as vLLM's profiling scope or the user's llmtrace.region() names it."""
+LLMTRACE_REGION_SOURCE: Final = 'llmtrace.region.source'
+"""Who opened the region."""
 LLMTRACE_REQUEST_CLIENT_DISCONNECTED: Final = 'llmtrace.request.client_disconnected'
 """The client closed the connection before the response ended. vLLM may abort the request or, when the stream is not closed promptly, run it to completion for nobody (wasted accelerator time)."""
 LLMTRACE_REQUEST_FINISH_REASON: Final = 'llmtrace.request.finish_reason'
@@ -263,8 +311,18 @@ LLMTRACE_ROUTER_STRATEGY: Final = 'llmtrace.router.strategy'
 """The router's routing strategy (a Python router's, e.g. LiteLLM's `routing_strategy`)."""
 LLMTRACE_STEP_BATCH_SIZE: Final = 'llmtrace.step.batch_size'
 """Requests scheduled in the engine step."""
+LLMTRACE_STEP_DECODE_TOKENS: Final = 'llmtrace.step.decode_tokens'
+"""Output tokens scheduled in the step (decode), over all requests."""
 LLMTRACE_STEP_INDEX: Final = 'llmtrace.step.index'
 """Monotonic engine step counter within one engine process."""
+LLMTRACE_STEP_PHASE: Final = 'llmtrace.step.phase'
+"""A phase of an engine step; the phases run one after the other within the step."""
+LLMTRACE_STEP_PREFILL_REQUESTS: Final = 'llmtrace.step.prefill_requests'
+"""Requests with prompt tokens in the step."""
+LLMTRACE_STEP_PREFILL_TOKENS: Final = 'llmtrace.step.prefill_tokens'
+"""Prompt tokens scheduled in the step, over all requests."""
+LLMTRACE_STEP_SAMPLE_EVERY: Final = 'llmtrace.step.sample_every'
+"""One step in this many is sampled (the step span's representativeness)."""
 LLMTRACE_STEP_SCHEDULED_TOKENS: Final = 'llmtrace.step.scheduled_tokens'
 """Tokens scheduled in the engine step, over all requests."""
 LLMTRACE_TELEMETRY_HOOK: Final = 'llmtrace.telemetry.hook'
@@ -273,6 +331,22 @@ LLMTRACE_TELEMETRY_REASON: Final = 'llmtrace.telemetry.reason'
 """Why telemetry was dropped or a label value changed."""
 LLMTRACE_TENANT: Final = 'llmtrace.tenant'
 """Tenant the request is billed to, from a configured request header or API-key mapping."""
+LLMTRACE_VLLM_CPU_ATTN_SPLIT_KV: Final = 'llmtrace.vllm.cpu.attn_split_kv'
+"""`VLLM_CPU_ATTN_SPLIT_KV`: split-KV attention on CPU, as set (resource attribute)."""
+LLMTRACE_VLLM_CPU_INT4_W4A8: Final = 'llmtrace.vllm.cpu.int4_w4a8'
+"""`VLLM_CPU_INT4_W4A8`: int4 W4A8 kernels for AWQ on CPU, as set (resource attribute)."""
+LLMTRACE_VLLM_CPU_KVCACHE_SPACE: Final = 'llmtrace.vllm.cpu.kvcache_space'
+"""`VLLM_CPU_KVCACHE_SPACE`: KV-cache space per worker in GiB, as set (resource attribute)."""
+LLMTRACE_VLLM_CPU_LD_PRELOAD: Final = 'llmtrace.vllm.cpu.ld_preload'
+"""File names (no directories) in `LD_PRELOAD`, `:`-separated: vLLM's CPU backend is markedly slower without tcmalloc and Intel OpenMP preloaded (resource attribute)."""
+LLMTRACE_VLLM_CPU_MOE_PREPACK: Final = 'llmtrace.vllm.cpu.moe_prepack'
+"""`VLLM_CPU_MOE_PREPACK`: pre-packed MoE weights on CPU, as set (resource attribute)."""
+LLMTRACE_VLLM_CPU_OMP_NUM_THREADS: Final = 'llmtrace.vllm.cpu.omp_num_threads'
+"""`OMP_NUM_THREADS`, as set: caps the OpenMP threads a CPU worker runs (resource attribute)."""
+LLMTRACE_VLLM_CPU_OMP_THREADS_BIND: Final = 'llmtrace.vllm.cpu.omp_threads_bind'
+"""`VLLM_CPU_OMP_THREADS_BIND` as set: `auto`, `nobind`, or core lists per rank separated by `|` (resource attribute)."""
+LLMTRACE_VLLM_CPU_RESERVED_CPUS: Final = 'llmtrace.vllm.cpu.reserved_cpus'
+"""`VLLM_CPU_NUM_OF_RESERVED_CPU`: cores per rank kept free of OpenMP threads, as set (resource attribute)."""
 SERVER_ADDRESS: Final = 'server.address'
 """[upstream] Address of the serving endpoint (engine or router target)."""
 SERVER_PORT: Final = 'server.port'
@@ -320,6 +394,13 @@ class LlmtraceKvTransferOperationValues(StrEnum):
     GET_FINISHED = 'get_finished'
 
 
+class LlmtraceProcessRoleValues(StrEnum):
+    """Values of ``llmtrace.process.role``."""
+
+    ENGINE_CORE = 'engine_core'
+    WORKER = 'worker'
+
+
 class LlmtraceQualityDimensionValues(StrEnum):
     """Values of ``llmtrace.quality.dimension``."""
 
@@ -344,6 +425,13 @@ class LlmtraceRecordSourceValues(StrEnum):
     VLLM_BUILTIN = 'vllm_builtin'
 
 
+class LlmtraceRegionSourceValues(StrEnum):
+    """Values of ``llmtrace.region.source``."""
+
+    VLLM = 'vllm'
+    USER = 'user'
+
+
 class LlmtraceRequestFinishReasonValues(StrEnum):
     """Values of ``llmtrace.request.finish_reason``."""
 
@@ -354,6 +442,15 @@ class LlmtraceRequestFinishReasonValues(StrEnum):
     REPETITION = 'repetition'
 
 
+class LlmtraceStepPhaseValues(StrEnum):
+    """Values of ``llmtrace.step.phase``."""
+
+    SCHEDULE = 'schedule'
+    EXECUTE = 'execute'
+    SAMPLE = 'sample'
+    OUTPUT = 'output'
+
+
 # -- Spans (name -> kind) -------------------------------------------------------
 SPAN_LLM_REQUEST: Final = 'llm_request'
 SPAN_LLMTRACE_DECODE: Final = 'llmtrace.decode'
@@ -362,26 +459,35 @@ SPAN_LLMTRACE_ENGINE_REQUEST: Final = 'llmtrace.engine.request'
 SPAN_LLMTRACE_ENGINE_STEP: Final = 'llmtrace.engine.step'
 SPAN_LLMTRACE_FIRST_TOKEN_DELIVERY: Final = 'llmtrace.first_token_delivery'
 SPAN_LLMTRACE_KV_TRANSFER: Final = 'llmtrace.kv_transfer'
-SPAN_LLMTRACE_MOE_DISPATCH: Final = 'llmtrace.moe.dispatch'
 SPAN_LLMTRACE_PREEMPTION: Final = 'llmtrace.preemption'
 SPAN_LLMTRACE_PREFILL: Final = 'llmtrace.prefill'
 SPAN_LLMTRACE_PREFILL_CHUNK: Final = 'llmtrace.prefill.chunk'
 SPAN_LLMTRACE_PREPROCESS: Final = 'llmtrace.preprocess'
-SPAN_LLMTRACE_PROFILER_REGION: Final = 'llmtrace.profiler.region'
+SPAN_LLMTRACE_PROFILE: Final = 'llmtrace.profile'
+SPAN_LLMTRACE_PROFILE_EXCERPT: Final = 'llmtrace.profile.excerpt'
 SPAN_LLMTRACE_QUEUE: Final = 'llmtrace.queue'
+SPAN_LLMTRACE_REGION: Final = 'llmtrace.region'
 SPAN_LLMTRACE_REQUEST: Final = 'llmtrace.request'
 SPAN_LLMTRACE_ROUTE_DP: Final = 'llmtrace.route.dp'
 SPAN_LLMTRACE_ROUTER_ROUTE: Final = 'llmtrace.router.route'
+SPAN_LLMTRACE_STEP_PHASE: Final = 'llmtrace.step.phase'
 
 # -- Events ---------------------------------------------------------------------
 EVENT_LLMTRACE_FIRST_TOKEN: Final = 'llmtrace.first_token'
 EVENT_LLMTRACE_HOOK_DISABLED: Final = 'llmtrace.hook_disabled'
+EVENT_LLMTRACE_MOE_DISPATCH: Final = 'llmtrace.moe.dispatch'
 EVENT_LLMTRACE_PREEMPTED: Final = 'llmtrace.preempted'
 
 # -- Metrics --------------------------------------------------------------------
 METRIC_GEN_AI_SERVER_REQUEST_DURATION: Final = 'gen_ai.server.request.duration'
 METRIC_GEN_AI_SERVER_TIME_PER_OUTPUT_TOKEN: Final = 'gen_ai.server.time_per_output_token'
 METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN: Final = 'gen_ai.server.time_to_first_token'
+METRIC_HW_GPU_MEMORY_LIMIT: Final = 'hw.gpu.memory.limit'
+METRIC_HW_GPU_MEMORY_USAGE: Final = 'hw.gpu.memory.usage'
+METRIC_HW_GPU_MEMORY_UTILIZATION: Final = 'hw.gpu.memory.utilization'
+METRIC_HW_GPU_POWER: Final = 'hw.gpu.power'
+METRIC_HW_GPU_UTILIZATION: Final = 'hw.gpu.utilization'
+METRIC_HW_TEMPERATURE: Final = 'hw.temperature'
 METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.accelerator_seconds'
 METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.idle_accelerator_seconds'
 METRIC_LLMTRACE_COST_USD: Final = 'llmtrace.cost.usd'
@@ -397,6 +503,11 @@ METRIC_LLMTRACE_KV_TRANSFER_FAILURES: Final = 'llmtrace.kv_transfer.failures'
 METRIC_LLMTRACE_KV_TRANSFER_SIZE: Final = 'llmtrace.kv_transfer.size'
 METRIC_LLMTRACE_KV_TRANSFER_WORKER_CALLS: Final = 'llmtrace.kv_transfer.worker.calls'
 METRIC_LLMTRACE_KV_TRANSFER_WORKER_TIME: Final = 'llmtrace.kv_transfer.worker.time'
+METRIC_LLMTRACE_MOE_DISPATCHED: Final = 'llmtrace.moe.dispatched'
+METRIC_LLMTRACE_MOE_EXPERT_ASSIGNMENTS: Final = 'llmtrace.moe.expert.assignments'
+METRIC_LLMTRACE_MOE_HOT_EXPERT_SHARE: Final = 'llmtrace.moe.hot_expert_share'
+METRIC_LLMTRACE_MOE_LAYER_LOAD_IMBALANCE: Final = 'llmtrace.moe.layer.load_imbalance'
+METRIC_LLMTRACE_MOE_LOAD_IMBALANCE: Final = 'llmtrace.moe.load_imbalance'
 METRIC_LLMTRACE_OUTPUT_ENTROPY: Final = 'llmtrace.output.entropy'
 METRIC_LLMTRACE_PD_HANDOFF_DURATION: Final = 'llmtrace.pd.handoff.duration'
 METRIC_LLMTRACE_PD_LOCAL_DURATION: Final = 'llmtrace.pd.local.duration'
@@ -409,6 +520,7 @@ METRIC_LLMTRACE_PIPELINE_RECEIVED_SPANS: Final = 'llmtrace.pipeline.received_spa
 METRIC_LLMTRACE_PIPELINE_REJECTED_PAYLOADS: Final = 'llmtrace.pipeline.rejected_payloads'
 METRIC_LLMTRACE_PIPELINE_REQUESTS: Final = 'llmtrace.pipeline.requests'
 METRIC_LLMTRACE_PIPELINE_UNPRICED_REQUESTS: Final = 'llmtrace.pipeline.unpriced_requests'
+METRIC_LLMTRACE_PROCESS_CPU_AVAILABLE: Final = 'llmtrace.process.cpu.available'
 METRIC_LLMTRACE_QUALITY_EVALUATIONS: Final = 'llmtrace.quality.evaluations'
 METRIC_LLMTRACE_QUALITY_HALLUCINATIONS: Final = 'llmtrace.quality.hallucinations'
 METRIC_LLMTRACE_QUALITY_SCORE: Final = 'llmtrace.quality.score'
@@ -429,11 +541,17 @@ METRIC_LLMTRACE_SERVER_QUEUE_DURATION: Final = 'llmtrace.server.queue.duration'
 METRIC_LLMTRACE_SERVER_REQUEST_GENERATION_TOKENS: Final = 'llmtrace.server.request.generation_tokens'
 METRIC_LLMTRACE_SERVER_REQUEST_PROMPT_TOKENS: Final = 'llmtrace.server.request.prompt_tokens'
 METRIC_LLMTRACE_SERVER_REQUESTS: Final = 'llmtrace.server.requests'
+METRIC_LLMTRACE_STEP_DURATION: Final = 'llmtrace.step.duration'
+METRIC_LLMTRACE_STEP_PHASE_DURATION: Final = 'llmtrace.step.phase.duration'
 METRIC_LLMTRACE_TELEMETRY_DISABLED_HOOKS: Final = 'llmtrace.telemetry.disabled_hooks'
 METRIC_LLMTRACE_TELEMETRY_DROPPED: Final = 'llmtrace.telemetry.dropped'
 METRIC_LLMTRACE_TELEMETRY_HOOK_ERRORS: Final = 'llmtrace.telemetry.hook_errors'
 METRIC_LLMTRACE_TELEMETRY_LABEL_OVERFLOWS: Final = 'llmtrace.telemetry.label_overflows'
 METRIC_LLMTRACE_USER_REGENERATIONS: Final = 'llmtrace.user.regenerations'
+METRIC_PROCESS_CPU_TIME: Final = 'process.cpu.time'
+METRIC_PROCESS_CPU_UTILIZATION: Final = 'process.cpu.utilization'
+METRIC_PROCESS_MEMORY_USAGE: Final = 'process.memory.usage'
+METRIC_PROCESS_THREAD_COUNT: Final = 'process.thread.count'
 
 # -- Registry sets, for validation ---------------------------------------------
 ATTRIBUTES: Final[frozenset[str]] = frozenset({
@@ -462,6 +580,10 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'gen_ai.usage.cache_read.input_tokens',
     'gen_ai.usage.input_tokens',
     'gen_ai.usage.output_tokens',
+    'hw.gpu.task',
+    'hw.id',
+    'hw.model',
+    'hw.type',
     'llmtrace.cost.accelerator_seconds',
     'llmtrace.cost.basis',
     'llmtrace.cost.instance_type',
@@ -504,6 +626,10 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.latency.queue',
     'llmtrace.latency.time_per_output_token',
     'llmtrace.latency.time_to_first_token',
+    'llmtrace.moe.expert',
+    'llmtrace.moe.expert_tokens',
+    'llmtrace.moe.hot_expert',
+    'llmtrace.moe.hot_expert_share',
     'llmtrace.moe.layer',
     'llmtrace.moe.load_imbalance',
     'llmtrace.moe.num_experts',
@@ -514,10 +640,26 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.prefill.chunk.computed_tokens',
     'llmtrace.prefill.chunk.index',
     'llmtrace.prefill.external_cached_tokens',
-    'llmtrace.profiler.region',
+    'llmtrace.process.name',
+    'llmtrace.process.role',
+    'llmtrace.profile.category',
+    'llmtrace.profile.device',
+    'llmtrace.profile.events.converted',
+    'llmtrace.profile.events.dropped',
+    'llmtrace.profile.events.read',
+    'llmtrace.profile.file',
+    'llmtrace.profile.links.dropped',
+    'llmtrace.profile.pid',
+    'llmtrace.profile.process_name',
+    'llmtrace.profile.region',
+    'llmtrace.profile.stream',
+    'llmtrace.profile.tid',
+    'llmtrace.profile.traces',
     'llmtrace.quality.dimension',
     'llmtrace.queue.reason',
     'llmtrace.record.source',
+    'llmtrace.region.name',
+    'llmtrace.region.source',
     'llmtrace.request.client_disconnected',
     'llmtrace.request.finish_reason',
     'llmtrace.request.id',
@@ -541,11 +683,24 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.router.scorer_max',
     'llmtrace.router.strategy',
     'llmtrace.step.batch_size',
+    'llmtrace.step.decode_tokens',
     'llmtrace.step.index',
+    'llmtrace.step.phase',
+    'llmtrace.step.prefill_requests',
+    'llmtrace.step.prefill_tokens',
+    'llmtrace.step.sample_every',
     'llmtrace.step.scheduled_tokens',
     'llmtrace.telemetry.hook',
     'llmtrace.telemetry.reason',
     'llmtrace.tenant',
+    'llmtrace.vllm.cpu.attn_split_kv',
+    'llmtrace.vllm.cpu.int4_w4a8',
+    'llmtrace.vllm.cpu.kvcache_space',
+    'llmtrace.vllm.cpu.ld_preload',
+    'llmtrace.vllm.cpu.moe_prepack',
+    'llmtrace.vllm.cpu.omp_num_threads',
+    'llmtrace.vllm.cpu.omp_threads_bind',
+    'llmtrace.vllm.cpu.reserved_cpus',
     'server.address',
     'server.port',
 })
@@ -584,16 +739,18 @@ SPAN_KINDS: Final[dict[str, str]] = {
     'llmtrace.engine.step': 'internal',
     'llmtrace.first_token_delivery': 'internal',
     'llmtrace.kv_transfer': 'internal',
-    'llmtrace.moe.dispatch': 'internal',
     'llmtrace.preemption': 'internal',
     'llmtrace.prefill': 'internal',
     'llmtrace.prefill.chunk': 'internal',
     'llmtrace.preprocess': 'internal',
-    'llmtrace.profiler.region': 'internal',
+    'llmtrace.profile': 'internal',
+    'llmtrace.profile.excerpt': 'internal',
     'llmtrace.queue': 'internal',
+    'llmtrace.region': 'internal',
     'llmtrace.request': 'server',
     'llmtrace.route.dp': 'internal',
     'llmtrace.router.route': 'internal',
+    'llmtrace.step.phase': 'internal',
 }
 """Span names llmtrace may emit, with their span kind."""
 
@@ -646,7 +803,12 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.step.index',
         'llmtrace.step.batch_size',
         'llmtrace.step.scheduled_tokens',
+        'llmtrace.step.prefill_tokens',
+        'llmtrace.step.decode_tokens',
+        'llmtrace.step.prefill_requests',
+        'llmtrace.step.sample_every',
         'llmtrace.engine.index',
+        'gen_ai.request.model',
     }),
     'llmtrace.first_token_delivery': frozenset({
     }),
@@ -666,13 +828,6 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.engine.index',
         'gen_ai.request.model',
         'llmtrace.deployment.version',
-    }),
-    'llmtrace.moe.dispatch': frozenset({
-        'llmtrace.moe.layer',
-        'llmtrace.moe.num_experts',
-        'llmtrace.moe.top_k',
-        'llmtrace.moe.tokens',
-        'llmtrace.moe.load_imbalance',
     }),
     'llmtrace.preemption': frozenset({
         'llmtrace.preemption.reason',
@@ -694,12 +849,29 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
     }),
     'llmtrace.preprocess': frozenset({
     }),
-    'llmtrace.profiler.region': frozenset({
-        'llmtrace.profiler.region',
-        'llmtrace.step.index',
+    'llmtrace.profile': frozenset({
+        'llmtrace.profile.file',
+        'llmtrace.profile.events.read',
+        'llmtrace.profile.events.converted',
+        'llmtrace.profile.events.dropped',
+        'llmtrace.profile.traces',
+        'llmtrace.profile.links.dropped',
+        'llmtrace.profile.pid',
+        'llmtrace.profile.process_name',
+    }),
+    'llmtrace.profile.excerpt': frozenset({
+        'llmtrace.profile.region',
+        'llmtrace.profile.file',
+        'llmtrace.profile.category',
+        'llmtrace.profile.pid',
+        'llmtrace.profile.tid',
     }),
     'llmtrace.queue': frozenset({
         'llmtrace.queue.reason',
+    }),
+    'llmtrace.region': frozenset({
+        'llmtrace.region.name',
+        'llmtrace.region.source',
     }),
     'llmtrace.request': frozenset({
         'gen_ai.operation.name',
@@ -769,12 +941,16 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.router.candidate.scores',
         'llmtrace.router.score_name',
     }),
+    'llmtrace.step.phase': frozenset({
+        'llmtrace.step.phase',
+    }),
 }
 """Attributes each span may carry."""
 
 EVENTS: Final[frozenset[str]] = frozenset({
     'llmtrace.first_token',
     'llmtrace.hook_disabled',
+    'llmtrace.moe.dispatch',
     'llmtrace.preempted',
 })
 
@@ -782,6 +958,12 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'gen_ai.server.request.duration': 'histogram',
     'gen_ai.server.time_per_output_token': 'histogram',
     'gen_ai.server.time_to_first_token': 'histogram',
+    'hw.gpu.memory.limit': 'updowncounter',
+    'hw.gpu.memory.usage': 'updowncounter',
+    'hw.gpu.memory.utilization': 'gauge',
+    'hw.gpu.power': 'gauge',
+    'hw.gpu.utilization': 'gauge',
+    'hw.temperature': 'gauge',
     'llmtrace.cost.accelerator_seconds': 'counter',
     'llmtrace.cost.idle_accelerator_seconds': 'counter',
     'llmtrace.cost.usd': 'counter',
@@ -797,6 +979,11 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.size': 'histogram',
     'llmtrace.kv_transfer.worker.calls': 'counter',
     'llmtrace.kv_transfer.worker.time': 'counter',
+    'llmtrace.moe.dispatched': 'counter',
+    'llmtrace.moe.expert.assignments': 'counter',
+    'llmtrace.moe.hot_expert_share': 'histogram',
+    'llmtrace.moe.layer.load_imbalance': 'gauge',
+    'llmtrace.moe.load_imbalance': 'histogram',
     'llmtrace.output.entropy': 'histogram',
     'llmtrace.pd.handoff.duration': 'histogram',
     'llmtrace.pd.local.duration': 'histogram',
@@ -809,6 +996,7 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.pipeline.rejected_payloads': 'counter',
     'llmtrace.pipeline.requests': 'counter',
     'llmtrace.pipeline.unpriced_requests': 'counter',
+    'llmtrace.process.cpu.available': 'updowncounter',
     'llmtrace.quality.evaluations': 'counter',
     'llmtrace.quality.hallucinations': 'counter',
     'llmtrace.quality.score': 'histogram',
@@ -829,17 +1017,29 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': 'histogram',
     'llmtrace.server.request.prompt_tokens': 'histogram',
     'llmtrace.server.requests': 'counter',
+    'llmtrace.step.duration': 'histogram',
+    'llmtrace.step.phase.duration': 'histogram',
     'llmtrace.telemetry.disabled_hooks': 'gauge',
     'llmtrace.telemetry.dropped': 'counter',
     'llmtrace.telemetry.hook_errors': 'counter',
     'llmtrace.telemetry.label_overflows': 'counter',
     'llmtrace.user.regenerations': 'counter',
+    'process.cpu.time': 'counter',
+    'process.cpu.utilization': 'gauge',
+    'process.memory.usage': 'updowncounter',
+    'process.thread.count': 'updowncounter',
 }
 
 METRIC_UNITS: Final[dict[str, str]] = {
     'gen_ai.server.request.duration': 's',
     'gen_ai.server.time_per_output_token': 's',
     'gen_ai.server.time_to_first_token': 's',
+    'hw.gpu.memory.limit': 'By',
+    'hw.gpu.memory.usage': 'By',
+    'hw.gpu.memory.utilization': '1',
+    'hw.gpu.power': 'W',
+    'hw.gpu.utilization': '1',
+    'hw.temperature': 'Cel',
     'llmtrace.cost.accelerator_seconds': 's',
     'llmtrace.cost.idle_accelerator_seconds': 's',
     'llmtrace.cost.usd': '{USD}',
@@ -855,6 +1055,11 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.size': 'KiBy',
     'llmtrace.kv_transfer.worker.calls': '{call}',
     'llmtrace.kv_transfer.worker.time': 's',
+    'llmtrace.moe.dispatched': '{assignment}',
+    'llmtrace.moe.expert.assignments': '{assignment}',
+    'llmtrace.moe.hot_expert_share': '1',
+    'llmtrace.moe.layer.load_imbalance': '1',
+    'llmtrace.moe.load_imbalance': '1',
     'llmtrace.output.entropy': '{nat}',
     'llmtrace.pd.handoff.duration': 's',
     'llmtrace.pd.local.duration': 's',
@@ -867,6 +1072,7 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.pipeline.rejected_payloads': '{payload}',
     'llmtrace.pipeline.requests': '{request}',
     'llmtrace.pipeline.unpriced_requests': '{request}',
+    'llmtrace.process.cpu.available': '{cpu}',
     'llmtrace.quality.evaluations': '{evaluation}',
     'llmtrace.quality.hallucinations': '{response}',
     'llmtrace.quality.score': '1',
@@ -887,17 +1093,29 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': '{token}',
     'llmtrace.server.request.prompt_tokens': '{token}',
     'llmtrace.server.requests': '{request}',
+    'llmtrace.step.duration': 's',
+    'llmtrace.step.phase.duration': 's',
     'llmtrace.telemetry.disabled_hooks': '{hook}',
     'llmtrace.telemetry.dropped': '{item}',
     'llmtrace.telemetry.hook_errors': '{error}',
     'llmtrace.telemetry.label_overflows': '{value}',
     'llmtrace.user.regenerations': '{request}',
+    'process.cpu.time': 's',
+    'process.cpu.utilization': '1',
+    'process.memory.usage': 'By',
+    'process.thread.count': '{thread}',
 }
 
 METRIC_BRIEFS: Final[dict[str, str]] = {
     'gen_ai.server.request.duration': 'Request read to the last output token or the failure (upstream GenAI metric).',
     'gen_ai.server.time_per_output_token': 'Decode time over output tokens after the first, per request (upstream GenAI metric).',
     'gen_ai.server.time_to_first_token': 'Request read to the first response byte written (upstream GenAI metric; definition per llmtrace.record.source).',
+    'hw.gpu.memory.limit': 'GPU memory size (upstream metric): the provisioned side of memory utilisation.',
+    'hw.gpu.memory.usage': 'GPU memory in use, by every process on the device (upstream metric).',
+    'hw.gpu.memory.utilization': 'GPU memory in use over GPU memory size (upstream metric). vLLM reserves its KV cache up front, so this stays high while idle.',
+    'hw.gpu.power': "GPU board power draw, NVML's averaged reading (upstream metric).",
+    'hw.gpu.utilization': 'Fraction of the last NVML sample period (1/6 s to 1 s) in which a kernel ran on the GPU (upstream metric).',
+    'hw.temperature': 'GPU die temperature (upstream metric, `hw.type=gpu`).',
     'llmtrace.cost.accelerator_seconds': 'Accelerator-seconds attributed to requests by batch share.',
     'llmtrace.cost.idle_accelerator_seconds': 'Accelerator-seconds with no request scheduled.',
     'llmtrace.cost.usd': 'Attributed cost in US dollars.',
@@ -913,6 +1131,11 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.size': "KV bytes each request's transfer moved, in KiB (blocks times bytes per block), per connector and direction.",
     'llmtrace.kv_transfer.worker.calls': 'Worker-side KV connector calls, per call.',
     'llmtrace.kv_transfer.worker.time': 'Time the worker-side KV connector calls took, per call (start_load_kv, wait_for_save, get_finished), summed over steps.',
+    'llmtrace.moe.dispatched': 'Token-to-expert assignments over all MoE layers, every step (scheduled tokens x top_k x MoE layers).',
+    'llmtrace.moe.expert.assignments': 'Opt-in (llmtrace.moe_expert_metrics): assignments per layer and expert in sampled steps.',
+    'llmtrace.moe.hot_expert_share': "Per MoE layer and sampled step: the busiest expert's share of the layer's assignments.",
+    'llmtrace.moe.layer.load_imbalance': "Each MoE layer's load imbalance in the last sampled step (one series per layer).",
+    'llmtrace.moe.load_imbalance': "Per MoE layer and sampled step: busiest expert's assignments over the mean (1.0 balanced).",
     'llmtrace.output.entropy': 'Mean per-token entropy of the output distribution.',
     'llmtrace.pd.handoff.duration': "From the prefill instance's answer to the decode instance reading the request: the proxy's hop.",
     'llmtrace.pd.local.duration': "The decode instance's own part of a disaggregated request's time to first token, apart from waiting for the KV transfer.",
@@ -925,6 +1148,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.pipeline.rejected_payloads': 'OTLP export requests refused, by reason (malformed, unauthenticated, backpressure).',
     'llmtrace.pipeline.requests': 'Per-request records derived by the pipeline.',
     'llmtrace.pipeline.unpriced_requests': 'Requests whose model (or instance type) has no entry in the price table.',
+    'llmtrace.process.cpu.available': 'CPUs the process may run on (its affinity mask): the provisioned side of process CPU utilisation.',
     'llmtrace.quality.evaluations': 'Responses evaluated.',
     'llmtrace.quality.hallucinations': 'Responses flagged as hallucinated by an evaluation.',
     'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
@@ -945,11 +1169,17 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': 'Output length per request.',
     'llmtrace.server.request.prompt_tokens': 'Prompt length per request.',
     'llmtrace.server.requests': 'Finished requests by finish reason and server-side error type.',
+    'llmtrace.step.duration': 'Sampled engine steps, from the schedule call to the end of output processing (the llmtrace.engine.step span).',
+    'llmtrace.step.phase.duration': 'Duration of each phase of sampled engine steps (the same intervals as the llmtrace.step.phase spans).',
     'llmtrace.telemetry.disabled_hooks': 'Instrumentation hooks disabled in this process (1 per hook, by name): their part of the telemetry is missing while this is non-zero.',
     'llmtrace.telemetry.dropped': 'Spans or records dropped because a queue was full or export failed.',
     'llmtrace.telemetry.hook_errors': 'Exceptions caught inside instrumentation hooks (never raised into the host).',
     'llmtrace.telemetry.label_overflows': 'Label values changed before use: cut to the maximum length (`too_long`), characters that are not printable replaced (`unprintable`), or replaced by `__overflow__` by the cardinality cap (`cardinality_cap`).',
     'llmtrace.user.regenerations': 'Requests that regenerate an earlier answer (user retry signal).',
+    'process.cpu.time': 'CPU seconds (user + system) of the engine core and of each of its workers (upstream metric).',
+    'process.cpu.utilization': 'CPU time since the previous sample over elapsed time and the CPUs the process may run on (upstream metric; 0..1).',
+    'process.memory.usage': 'Resident memory of the engine core and of each of its workers (upstream metric); on CPU it holds the KV cache.',
+    'process.thread.count': 'Threads of the engine core and of each of its workers (upstream metric): OpenMP threads show here on CPU.',
 }
 
 METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
@@ -971,6 +1201,32 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.record.source',
+    }),
+    'hw.gpu.memory.limit': frozenset({
+        'hw.id',
+        'hw.model',
+    }),
+    'hw.gpu.memory.usage': frozenset({
+        'hw.id',
+        'hw.model',
+    }),
+    'hw.gpu.memory.utilization': frozenset({
+        'hw.id',
+        'hw.model',
+    }),
+    'hw.gpu.power': frozenset({
+        'hw.id',
+        'hw.model',
+    }),
+    'hw.gpu.utilization': frozenset({
+        'hw.id',
+        'hw.model',
+        'hw.gpu.task',
+    }),
+    'hw.temperature': frozenset({
+        'hw.id',
+        'hw.type',
+        'hw.model',
     }),
     'llmtrace.cost.accelerator_seconds': frozenset({
         'gen_ai.request.model',
@@ -1057,6 +1313,29 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.kv_transfer.connector',
         'llmtrace.kv_transfer.operation',
     }),
+    'llmtrace.moe.dispatched': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+    }),
+    'llmtrace.moe.expert.assignments': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.moe.layer',
+        'llmtrace.moe.expert',
+    }),
+    'llmtrace.moe.hot_expert_share': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+    }),
+    'llmtrace.moe.layer.load_imbalance': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.moe.layer',
+    }),
+    'llmtrace.moe.load_imbalance': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+    }),
     'llmtrace.output.entropy': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
@@ -1109,6 +1388,10 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.cost.basis',
+    }),
+    'llmtrace.process.cpu.available': frozenset({
+        'llmtrace.process.role',
+        'llmtrace.process.name',
     }),
     'llmtrace.quality.evaluations': frozenset({
         'gen_ai.request.model',
@@ -1231,6 +1514,15 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.request.finish_reason',
         'error.type',
     }),
+    'llmtrace.step.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+    }),
+    'llmtrace.step.phase.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.step.phase',
+    }),
     'llmtrace.telemetry.disabled_hooks': frozenset({
         'llmtrace.telemetry.hook',
     }),
@@ -1248,12 +1540,34 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.tenant',
         'llmtrace.deployment.version',
     }),
+    'process.cpu.time': frozenset({
+        'llmtrace.process.role',
+        'llmtrace.process.name',
+    }),
+    'process.cpu.utilization': frozenset({
+        'llmtrace.process.role',
+        'llmtrace.process.name',
+    }),
+    'process.memory.usage': frozenset({
+        'llmtrace.process.role',
+        'llmtrace.process.name',
+    }),
+    'process.thread.count': frozenset({
+        'llmtrace.process.role',
+        'llmtrace.process.name',
+    }),
 }
 
 PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'gen_ai.server.request.duration': 'gen_ai_server_request_duration_seconds',
     'gen_ai.server.time_per_output_token': 'gen_ai_server_time_per_output_token_seconds',
     'gen_ai.server.time_to_first_token': 'gen_ai_server_time_to_first_token_seconds',
+    'hw.gpu.memory.limit': 'hw_gpu_memory_limit_bytes',
+    'hw.gpu.memory.usage': 'hw_gpu_memory_usage_bytes',
+    'hw.gpu.memory.utilization': 'hw_gpu_memory_utilization_ratio',
+    'hw.gpu.power': 'hw_gpu_power_watts',
+    'hw.gpu.utilization': 'hw_gpu_utilization_ratio',
+    'hw.temperature': 'hw_temperature_celsius',
     'llmtrace.cost.accelerator_seconds': 'llmtrace_cost_accelerator_seconds_total',
     'llmtrace.cost.idle_accelerator_seconds': 'llmtrace_cost_idle_accelerator_seconds_total',
     'llmtrace.cost.usd': 'llmtrace_cost_usd_total',
@@ -1269,6 +1583,11 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.kv_transfer.size': 'llmtrace_kv_transfer_size_KiBy',
     'llmtrace.kv_transfer.worker.calls': 'llmtrace_kv_transfer_worker_calls_total',
     'llmtrace.kv_transfer.worker.time': 'llmtrace_kv_transfer_worker_time_seconds_total',
+    'llmtrace.moe.dispatched': 'llmtrace_moe_dispatched_total',
+    'llmtrace.moe.expert.assignments': 'llmtrace_moe_expert_assignments_total',
+    'llmtrace.moe.hot_expert_share': 'llmtrace_moe_hot_expert_share',
+    'llmtrace.moe.layer.load_imbalance': 'llmtrace_moe_layer_load_imbalance_ratio',
+    'llmtrace.moe.load_imbalance': 'llmtrace_moe_load_imbalance',
     'llmtrace.output.entropy': 'llmtrace_output_entropy',
     'llmtrace.pd.handoff.duration': 'llmtrace_pd_handoff_duration_seconds',
     'llmtrace.pd.local.duration': 'llmtrace_pd_local_duration_seconds',
@@ -1281,6 +1600,7 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.pipeline.rejected_payloads': 'llmtrace_pipeline_rejected_payloads_total',
     'llmtrace.pipeline.requests': 'llmtrace_pipeline_requests_total',
     'llmtrace.pipeline.unpriced_requests': 'llmtrace_pipeline_unpriced_requests_total',
+    'llmtrace.process.cpu.available': 'llmtrace_process_cpu_available',
     'llmtrace.quality.evaluations': 'llmtrace_quality_evaluations_total',
     'llmtrace.quality.hallucinations': 'llmtrace_quality_hallucinations_total',
     'llmtrace.quality.score': 'llmtrace_quality_score',
@@ -1301,10 +1621,16 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.server.request.generation_tokens': 'llmtrace_server_request_generation_tokens',
     'llmtrace.server.request.prompt_tokens': 'llmtrace_server_request_prompt_tokens',
     'llmtrace.server.requests': 'llmtrace_server_requests_total',
+    'llmtrace.step.duration': 'llmtrace_step_duration_seconds',
+    'llmtrace.step.phase.duration': 'llmtrace_step_phase_duration_seconds',
     'llmtrace.telemetry.disabled_hooks': 'llmtrace_telemetry_disabled_hooks',
     'llmtrace.telemetry.dropped': 'llmtrace_telemetry_dropped_total',
     'llmtrace.telemetry.hook_errors': 'llmtrace_telemetry_hook_errors_total',
     'llmtrace.telemetry.label_overflows': 'llmtrace_telemetry_label_overflows_total',
     'llmtrace.user.regenerations': 'llmtrace_user_regenerations_total',
+    'process.cpu.time': 'process_cpu_time_seconds_total',
+    'process.cpu.utilization': 'process_cpu_utilization_ratio',
+    'process.memory.usage': 'process_memory_usage_bytes',
+    'process.thread.count': 'process_thread_count',
 }
 """The name each metric gets after OTLP -> Prometheus translation (OpenTelemetry compat spec)."""
