@@ -19,7 +19,9 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "flush", "instrument", "uninstrument", "is_instrumented"]
+from llmtrace.profiling.regions import region  # noqa: E402 - after __version__
+
+__all__ = ["__version__", "flush", "instrument", "uninstrument", "is_instrumented", "region"]
 
 
 def instrument(*, tracer_provider: Any = None, meter_provider: Any = None,

@@ -98,6 +98,18 @@ class Config(BaseModel):
     #: is used, per signal; otherwise llmtrace builds its own. ``private``: always its
     #: own, exporting per the LLMTRACE_*/OTEL_* exporter settings.
     pipeline: Literal["auto", "private"] = "auto"
+    #: One engine step in this many gets a step span (phases, profiling regions, MoE
+    #: expert counts); 0 switches step sampling off. Sampled steps cost the worker a
+    #: few reads; the others a counter check.
+    step_sample_every: int = Field(default=128, ge=0)
+    #: Count MoE expert routing (a tensor copy per MoE layer per step in the forward,
+    #: read on sampled steps). Off: the model's routers are left untouched.
+    moe_counts: bool = True
+    #: Per-expert assignment counters (labels layer and expert): off by default, since
+    #: layers x experts series can run to tens of thousands ...
+    moe_expert_metrics: bool = False
+    #: ... and capped at this many series per engine when on (the rest counted as dropped).
+    moe_expert_series: int = Field(default=1024, ge=1)
 
     @field_validator("metrics_exporter")
     @classmethod
@@ -173,13 +185,18 @@ _ENV: dict[str, tuple[str, ...]] = {
     "build_queue_size": ("LLMTRACE_BUILD_QUEUE_SIZE",),
     "exemplars": ("LLMTRACE_EXEMPLARS",),
     "span_export": ("LLMTRACE_SPAN_EXPORT",),
+    "step_sample_every": ("LLMTRACE_STEP_SAMPLE_EVERY",),
+    "moe_counts": ("LLMTRACE_MOE_COUNTS",),
+    "moe_expert_metrics": ("LLMTRACE_MOE_EXPERT_METRICS",),
+    "moe_expert_series": ("LLMTRACE_MOE_EXPERT_SERIES",),
 }
 
 
 def _parse(field: str, raw: str) -> Any:
     """An environment value as the field takes it; a ConfigError says what is wrong with
     it (the caller names the variable and the value)."""
-    if field in ("enabled", "capture_content", "metrics_enabled", "measure_overhead"):
+    if field in ("enabled", "capture_content", "metrics_enabled", "measure_overhead",
+                 "moe_counts", "moe_expert_metrics"):
         low = raw.strip().lower()
         if low in _TRUE:
             return True

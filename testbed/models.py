@@ -228,6 +228,38 @@ def _generate(cache_dir: Path, missing: dict[str, Path], *, verbose: bool) -> No
         print(f"model generation took {time.monotonic() - started:.1f} s")
 
 
+def biased_moe(src: Path, dst: Path, expert: int, strength: float = 8.0) -> Path:
+    """A copy of the MoE model whose routers send every token to ``expert`` (plus one).
+
+    Random weights route tokens evenly-ish, so a skew is built in: every token's
+    embedding gets a large constant component in hidden dimension 0, which survives
+    the tiny residual stream's updates; each layer's router weighs that dimension
+    ``+strength`` for ``expert`` and ``-strength`` for the others. The test can then
+    expect that expert in every token's top-k in every layer: half the assignments
+    with top-2, an imbalance of experts / top_k.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if _ready(dst):
+        return dst
+    staging = dst.with_name(dst.name + ".build")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(src, staging)
+    weights = load_file(str(staging / "model.safetensors"))
+    weights["model.embed_tokens.weight"][:, 0] = 4.0
+    for name, w in weights.items():
+        if name.endswith("mlp.gate.weight"):  # [experts, hidden]
+            w[:, 0] = -strength
+            w[expert, 0] = strength
+    save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    (staging / ".complete").write_text(f"biased to expert {expert}")
+    if dst.exists():
+        shutil.rmtree(dst)
+    staging.rename(dst)
+    return dst
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", type=Path, default=None)

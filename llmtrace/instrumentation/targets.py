@@ -44,7 +44,7 @@ class Fields:
 @dataclass(frozen=True)
 class HookSpec:
     name: str  # stable: used in warnings, self-telemetry and the matrix
-    process: str  # where it fires: "api-server" or "engine-core"
+    process: str  # where it fires: "api-server", "engine-core" or "worker"
     targets: tuple[Target, ...]
     why: str  # what the hook records, for the docs and the doctor
     reads: tuple[Fields, ...] = ()

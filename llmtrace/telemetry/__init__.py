@@ -332,9 +332,14 @@ class Telemetry:
         #: /metrics): the Prometheus reader joins it and no extra port is opened
         self.metrics_served_by_host = False
         self._prices = False  # not loaded yet
+        #: attributes an integration adds to llmtrace's own resource (vLLM's CPU
+        #: settings); set before the first span or metric builds a provider
+        self.resource_attributes: dict[str, Any] = {}
 
     def resource(self) -> Resource:
-        attrs = {"service.name": self.config.service_name} if self.config.service_name else {}
+        attrs = dict(self.resource_attributes)
+        if self.config.service_name:
+            attrs["service.name"] = self.config.service_name
         if self.config.instance_type != "unknown":  # prices this engine's accelerator time
             attrs[semconv.LLMTRACE_COST_INSTANCE_TYPE] = self.config.instance_type
         # Resource.create honours OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME.
@@ -418,17 +423,23 @@ class Telemetry:
         return trace_id, span_id, sampled, None
 
     def build_root(self, name: str, parent: Context, trace_id: int, span_id: int,
-                   start_ns: int, attributes: dict[str, Any]) -> Span:
+                   start_ns: int, attributes: dict[str, Any], links: tuple = (),
+                   kind: SpanKind = SpanKind.SERVER) -> Span:
         """Start, off the serving path, the span :meth:`new_root` gave ids to."""
         sink = self._sink
         if sink is not None:
             parent_ctx = get_current_span(parent).get_span_context()
             return sink.start(name, parent_ctx if parent_ctx.is_valid else None, trace_id,
-                              span_id, start_ns, attributes, SpanKind.SERVER)
+                              span_id, start_ns, attributes, kind, links)
+        if self._ids is None:  # a tracer that takes no preset ids: its own
+            return self.tracer.start_span(name, context=parent, kind=kind,
+                                          attributes=attributes, start_time=start_ns,
+                                          links=links or None)
         self._ids.preset(trace_id, span_id)
         try:
-            return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER,
-                                          attributes=attributes, start_time=start_ns)
+            return self.tracer.start_span(name, context=parent, kind=kind,
+                                          attributes=attributes, start_time=start_ns,
+                                          links=links or None)
         finally:
             self._ids.clear()
 
@@ -493,19 +504,32 @@ class Telemetry:
         return self._prices
 
     def child_span(self, name: str, parent: Context | Span, start_ns: int,
-                   attributes: dict[str, Any] | None = None, links: tuple = ()) -> Span:
+                   attributes: dict[str, Any] | None = None, links: tuple = (),
+                   span_id: int = 0) -> Span:
         """Start ``name`` at ``start_ns`` under ``parent`` (a span, or an extracted context);
-        ``links``: :class:`opentelemetry.trace.Link` s to spans of other requests."""
+        ``links``: :class:`opentelemetry.trace.Link` s to spans of other requests;
+        ``span_id``: an id the serving path already handed out (a profiler region's
+        tag), kept where the tracer takes preset ids."""
         tracer = self.tracer
         sink = self._sink
         if sink is not None:
             if isinstance(parent, DirectSpan):
-                return sink.child(name, parent.get_span_context(), start_ns, attributes, links)
+                return sink.child(name, parent.get_span_context(), start_ns, attributes, links,
+                                  span_id)
             span_ctx = get_current_span(parent).get_span_context() \
                 if isinstance(parent, Context) else parent.get_span_context()
             if span_ctx.is_valid and span_ctx.trace_flags.sampled:
-                return sink.child(name, span_ctx, start_ns, attributes, links)
+                return sink.child(name, span_ctx, start_ns, attributes, links, span_id)
         ctx = parent if isinstance(parent, Context) else set_span_in_context(parent)
+        ids = self._ids
+        if span_id and ids is not None:
+            span_ctx = get_current_span(ctx).get_span_context()
+            ids.preset(span_ctx.trace_id, span_id)
+            try:
+                return tracer.start_span(name, context=ctx, start_time=start_ns,
+                                         attributes=attributes, links=links or None)
+            finally:
+                ids.clear()
         return tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attributes,
                                  links=links or None)
 

@@ -33,6 +33,7 @@ from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.record import Histogram
 from llmtrace.record.labels import OVERFLOW, Feed, LabelLimiter, label_changes
+from llmtrace.telemetry import hardware
 
 # Passing an explicit empty context skips a context-variable lookup per record.
 _NO_CONTEXT = NO_CONTEXT = Context()
@@ -156,6 +157,10 @@ class Instruments:
         #: the worker-side KV connector calls' running totals, read at collection:
         #: () -> {(connector, operation): [seconds, calls]}
         self.kv_worker_totals: Callable[[], dict[tuple[str, str], list]] | None = None
+        #: the engine core's hardware sampler (llmtrace.telemetry.hardware), read at
+        #: collection; None where no hardware is watched (the API server)
+        self.hardware = None
+        self.meter = meter
 
     def record_request(self, record, context: Context | None = None) -> None:
         """One finished request (:class:`~llmtrace.record.RequestRecord`).
@@ -328,6 +333,7 @@ def instruments_on(meter, config: Config,
     spec = schema.BY_NAME[sc.METRIC_LLMTRACE_TELEMETRY_DISABLED_HOOKS]
     meter.create_observable_gauge(spec.name, [disabled_hooks], unit=spec.unit,
                                   description=spec.brief)
+    hardware.register(meter, lambda: instruments.hardware)
     return instruments
 
 

@@ -66,8 +66,8 @@ class SpanSink:
 
     def child(self, name: str, parent: SpanContext, start_ns: int,
               attributes: dict[str, Any] | None = None,
-              links: tuple[Link, ...] = ()) -> DirectSpan:
-        return self.start(name, parent, parent.trace_id, random.getrandbits(64) or 1,
+              links: tuple[Link, ...] = (), span_id: int = 0) -> DirectSpan:
+        return self.start(name, parent, parent.trace_id, span_id or random.getrandbits(64) or 1,
                           start_ns, attributes, links=links)
 
 

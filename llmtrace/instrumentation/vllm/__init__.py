@@ -9,6 +9,7 @@ point or by ``llmtrace.instrument()``) and cost nothing where they never run.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -18,12 +19,14 @@ from opentelemetry.instrumentation.instrumentor import BaseInstrumentor
 from llmtrace.config import Config, load_config, switched_off
 from llmtrace.instrumentation._patching import Hook, Installed, install, uninstall
 from llmtrace.instrumentation.vllm import http
+from llmtrace.instrumentation.vllm.accelerator import AcceleratorTelemetry, cpu_settings
 from llmtrace.instrumentation.vllm.dp import DPRouting
 from llmtrace.instrumentation.vllm.engine import EngineTracer
 from llmtrace.instrumentation.vllm.frontend import FrontendTracer
 from llmtrace.instrumentation.vllm.hooks import CHECKED_RELEASES, GROUPS, HOOKS
 from llmtrace.instrumentation.vllm.kv_transfer import KVTransferTracer
 from llmtrace.instrumentation.vllm.package import _instruments, _instruments_cpu
+from llmtrace.instrumentation.vllm.worker import WorkerTracer
 from llmtrace.telemetry import Telemetry
 from llmtrace.telemetry.guard import DISABLED_HOOKS, disable_group_of, register_group
 
@@ -40,7 +43,8 @@ def vllm_distribution() -> str | None:
 
 
 def hook_table(frontend: FrontendTracer, engine: EngineTracer,
-               kv: KVTransferTracer | None = None) -> list[Hook]:
+               kv: KVTransferTracer | None = None,
+               worker: WorkerTracer | None = None) -> list[Hook]:
     """The hook table (:data:`~llmtrace.instrumentation.vllm.hooks.HOOKS`) with its bodies.
 
     ``install()`` guards each body under the hook's name; a ``gate`` skips the
@@ -49,7 +53,9 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer,
     connector vLLM creates; the list returned holds the class-level ones.
     """
     f, e, dp = frontend, engine, DPRouting(frontend)
+    hw = AcceleratorTelemetry(engine.config, engine.telemetry)
     kv = kv or KVTransferTracer(engine.config, engine.telemetry, engine)
+    w = worker or WorkerTracer(engine.config)
     ingress = dict(before=http.before_data_received, after=http.after_data_received)
     bodies: dict[str, dict] = {
         "uvicorn.httptools.data_received": ingress,  # either HTTP parser uvicorn runs
@@ -67,7 +73,8 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer,
         "vllm.dp.choose_rank": dict(before=dp.before_balanced, after=dp.after_balanced,
                                     gate=f.has_requests),
         "vllm.dp.single_rank": dict(after=dp.after_single, gate=f.has_requests),
-        "vllm.scheduler.init": dict(after=e.after_scheduler_init),
+        "vllm.scheduler.init": dict(after=_both(e.after_scheduler_init,
+                                                hw.after_scheduler_init)),
         "vllm.scheduler.add_request": dict(after=e.after_add_request),
         "vllm.scheduler.schedule": dict(before=e.before_schedule, after=e.after_schedule,
                                         gate=e.has_usage),
@@ -75,6 +82,11 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer,
                                                   after=e.after_update_from_output),
         "vllm.scheduler.preempt_request": dict(after=e.after_preempt, gate=e.has_records),
         "vllm.scheduler.free_request": dict(before=e.before_free_request, gate=e.has_usage),
+        "vllm.worker.load_model": dict(after=w.after_load_model),
+        "vllm.worker.execute_model": dict(before=w.before_execute_model,
+                                          after=w.after_execute_model),
+        "vllm.worker.sample_tokens": dict(before=w.before_sample_tokens,
+                                          after=w.after_sample_tokens),
         "vllm.kv.create_connector": dict(before=kv.before_create, after=kv.after_create),
         "vllm.kv.matched_tokens": dict(after=kv.after_matched),
         "vllm.kv.update_state_after_alloc": dict(after=kv.after_alloc),
@@ -89,6 +101,14 @@ def hook_table(frontend: FrontendTracer, engine: EngineTracer,
     kv.instance_hooks = {h.name: h for h, spec in zip(hooks, HOOKS, strict=True)
                          if spec.per_instance}
     return [h for h, spec in zip(hooks, HOOKS, strict=True) if not spec.per_instance]
+
+
+def _both(first, second):
+    """One hook body running two (the engine tracer's, then the hardware sampler's)."""
+    def body(instance, args, kwargs, result, token) -> None:
+        first(instance, args, kwargs, result, token)
+        second(instance, args, kwargs, result, token)
+    return body
 
 
 def _outside_checked_releases() -> str | None:
@@ -175,13 +195,15 @@ class VLLMInstrumentor(BaseInstrumentor):
                         _describe(providers["tracer_provider"], adopted),
                         _describe(providers["meter_provider"], adopted))
         self.telemetry = telemetry or Telemetry(self.config, **providers)
+        self.telemetry.resource_attributes.update(cpu_settings(os.environ))
         self.frontend = FrontendTracer(self.config, self.telemetry)
         self.engine = EngineTracer(self.config, self.telemetry)
         self.kv = KVTransferTracer(self.config, self.telemetry, self.engine)
         notice = _outside_checked_releases()
         if notice:
             logger.info(notice)
-        self._installed = install(hook_table(self.frontend, self.engine, self.kv),
+        self._installed = install(hook_table(self.frontend, self.engine, self.kv,
+                                             WorkerTracer(self.config)),
                                   measure=self.config.measure_overhead)
         self._bind_groups()
         if self.config.measure_overhead:

@@ -37,13 +37,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanContext, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.instrumentation.vllm.frontend import CONTEXT_HEADER, TENANT_HEADER
 from llmtrace.instrumentation.vllm.kv_transfer import link_to
+from llmtrace.instrumentation.vllm.steps import StepTracer
 from llmtrace.pricing import price_usage
 from llmtrace.record import UsageRecord
 from llmtrace.telemetry import Telemetry
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from llmtrace.instrumentation.vllm.kv_transfer import KVTransferTracer
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 #: vLLM's RequestStatus.FINISHED_<X> (lower-cased) -> llmtrace.request.finish_reason
 _STATUS_REASONS = {"stopped": "stop", "length_capped": "length", "aborted": "abort",
                    "ignored": "error"}
@@ -72,6 +74,8 @@ class EngineRecord:
     request_id: str = ""
     #: KV loads that ended while the request was in the engine (children of its span)
     transfers: list = field(default_factory=list)
+    #: (trace id, span id) of the sampled engine steps the request ran in (linked)
+    steps: list = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -97,6 +101,8 @@ class StepPending:
     #: (usage, weight) of every request scheduled in the step, and their weight sum
     shares: list[tuple[Usage, float]] = field(default_factory=list)
     weight: float = 0.0
+    prefill_tokens: int = 0  # batch composition: prompt tokens and the requests with some
+    prefill_requests: int = 0
 
 
 class EngineTracer:
@@ -127,6 +133,8 @@ class EngineTracer:
         #: contexts (builder thread; bounded) so the save span can be their child
         self.keep_span_contexts = False
         self._span_contexts: OrderedDict[str, Any] = OrderedDict()
+        #: sampled engine steps (step spans, profiling regions, MoE counts)
+        self.steps = StepTracer(config, telemetry, self)
 
     def idle_seconds(self) -> float:
         """Cumulative idle time, including the idle stretch under way now."""
@@ -150,10 +158,10 @@ class EngineTracer:
         self.records[request.request_id] = EngineRecord(headers[CONTEXT_HEADER], now,
                                                         request_id=request.request_id)
 
-    def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> None:
+    def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> StepPending | None:
         num_scheduled = out.num_scheduled_tokens
         if not num_scheduled:
-            return  # nothing ran: the time goes to the next step or to idle
+            return None  # nothing ran: the time goes to the next step or to idle
         self.step_index += 1
         sched_ns = start_ns
         if self._continuing:
@@ -175,6 +183,9 @@ class EngineTracer:
             before = request.num_computed_tokens - n
             prefill = request.num_prompt_tokens - before
             prefill = 0 if prefill < 0 else (n if prefill > n else prefill)
+            if prefill:
+                step.prefill_tokens += prefill
+                step.prefill_requests += 1
             u = usage.get(rid)
             if u is not None:
                 w = pw * prefill + dw * (n - prefill)
@@ -191,6 +202,7 @@ class EngineTracer:
         if len(self.pending) > 64:  # a step that never completed must not leak
             self.pending.pop(next(iter(self.pending)))
         self.pending[id(out)] = step
+        return step
 
     def on_step_done(self, out: Any, end_ns: int) -> None:
         step = self.pending.pop(id(out), None)
@@ -250,6 +262,9 @@ class EngineTracer:
         if rec.transfers:
             links = link_to(next((t.producer_context for t in rec.transfers
                                   if t.producer_context), None))
+        if rec.steps:  # the sampled steps it ran in
+            links = links + tuple(Link(SpanContext(t, s, True, _SAMPLED))
+                                  for t, s in rec.steps)
         span = self.telemetry.child_span(sc.SPAN_LLMTRACE_ENGINE_REQUEST, parent,
                                          rec.added_ns, attrs, links)
         if self.keep_span_contexts:
@@ -339,19 +354,31 @@ class EngineTracer:
     def after_add_request(self, instance, args, kwargs, result, token) -> None:
         self.on_add(args[0] if args else kwargs["request"])
 
-    @staticmethod
-    def before_schedule(instance, args, kwargs) -> int:
-        return time.time_ns()
+    def before_schedule(self, instance, args, kwargs) -> int:
+        now = time.time_ns()
+        if self.steps.every:
+            self.steps.before_schedule(now)
+        return now
 
     def after_schedule(self, instance, args, kwargs, out, start_ns: int | None) -> None:
         if start_ns is not None:
-            self.on_schedule(instance, out, start_ns)
+            step = self.on_schedule(instance, out, start_ns)
+            steps = self.steps
+            if steps.every:
+                if step is None:
+                    steps.discard()
+                else:
+                    steps.after_schedule(out, step)
 
     def before_update_from_output(self, instance, args, kwargs) -> None:
         # The model's work for the step is done when its output is handed back; close
         # the step's chunks before vLLM frees any request that finished in it.
+        now = time.time_ns()
         if self.pending:
-            self.on_step_done(args[0] if args else kwargs["scheduler_output"], time.time_ns())
+            self.on_step_done(args[0] if args else kwargs["scheduler_output"], now)
+        if self.steps.pending is not None:
+            self.steps.before_output(args[1] if len(args) > 1 else
+                                     kwargs["model_runner_output"], now)
         kv = self.kv
         if kv is not None and kv.loads:
             out = args[1] if len(args) > 1 else kwargs["model_runner_output"]
@@ -360,6 +387,8 @@ class EngineTracer:
     def after_update_from_output(self, instance, args, kwargs, result, token) -> None:
         # requests left: the loop goes straight on to the next step
         self._continuing = bool(getattr(instance, "requests", None))
+        if self.steps.pending is not None:
+            self.steps.after_output(time.time_ns())
 
     def after_preempt(self, instance, args, kwargs, result, token) -> None:
         self.on_preempt(args[0] if args else kwargs["request"])

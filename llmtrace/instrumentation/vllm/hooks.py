@@ -39,6 +39,7 @@ _SAMPLING = Fields("vllm.sampling_params", "SamplingParams",
                    ("max_tokens", "temperature", "top_p", "top_k", "seed", "n",
                     "frequency_penalty", "presence_penalty"))
 _REQUEST = Fields("vllm.v1.request", "Request", ("request_id", "trace_headers"))
+_WORKER = "vllm.v1.worker.gpu_worker"  # the CPU worker subclasses it
 _KV = "vllm.distributed.kv_transfer.kv_connector"
 _KV_BASE = f"{_KV}.v1.base"
 
@@ -128,6 +129,19 @@ HOOKS: tuple[HookSpec, ...] = (
         (Fields("vllm.v1.kv_cache_interface", "KVCacheConfig", ("kv_cache_groups",)),
          Fields("vllm.v1.kv_cache_interface", "KVCacheGroupSpec",
                 ("layer_names", "kv_cache_spec")))),
+    HookSpec("vllm.worker.load_model", "worker", (
+        Target(_WORKER, "Worker.load_model", (), _RELEASED),),
+        "after the model loads, before it is compiled: a capture callback on each MoE "
+        "router (tensor copies only) and vLLM's profiling scopes",
+        (Fields("vllm.model_executor.layers.fused_moe.router.base_router", "BaseRouter",
+                ("capture_fn",)),)),
+    HookSpec("vllm.worker.execute_model", "worker", (
+        Target(_WORKER, "Worker.execute_model", ("scheduler_output",), _RELEASED),),
+        "a sampled step's forward: its time, profiling regions and MoE expert counts, "
+        "returned to the engine core on the step's output"),
+    HookSpec("vllm.worker.sample_tokens", "worker", (
+        Target(_WORKER, "Worker.sample_tokens", ("grammar_output",), _RELEASED),),
+        "a sampled step's deferred sampling: its time"),
     _connector("vllm.kv.matched_tokens", "KVConnectorBase_V1.get_num_new_matched_tokens",
                ("request", "num_computed_tokens"),
                "external tokens the connector will load for a request, and whether "
