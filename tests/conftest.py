@@ -182,7 +182,10 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
             LLMTRACE_METRICS_EXPORTER="otlp,prometheus",
             OTEL_EXPORTER_PROMETHEUS_HOST="127.0.0.1",
             OTEL_EXPORTER_PROMETHEUS_PORT=str(engine_metrics_port),
-            OTEL_EXPORTER_OTLP_TRACES_INSECURE="true"))
+            OTEL_EXPORTER_OTLP_TRACES_INSECURE="true",
+            # vLLM's default, set explicitly: a CPU setting the resource must name
+            # (tests/test_hardware_vllm.py; the KV space is set for every server)
+            VLLM_CPU_OMP_THREADS_BIND="auto"))
     broken = moe_config(
         tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
         # spans leave through a span export process per vLLM process (not the default)

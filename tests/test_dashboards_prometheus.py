@@ -39,7 +39,10 @@ NO_PRODUCER = re.compile(
     # produced by the prefill/decode test bed, whose own test evaluates these panels
     r"|llmtrace_kv_transfer_|llmtrace_pd_"
     # need llm-d router spans (tests/test_router_prefix_prediction.py sends some)
-    r"|llmtrace_router_prefix_cache_")
+    r"|llmtrace_router_prefix_cache_"
+    # need NVML and a GPU (tests/test_hardware.py drives the NVML path with a stand-in);
+    # the utilisation gauge's CPU fallback is checked on its own below
+    r"|hw_gpu_")
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
@@ -131,3 +134,25 @@ def test_vllm_colon_names_survive_the_openmetrics_rewrite(prometheus: Prometheus
     """prometheus_client 0.26 writes ``vllm_*`` under OpenMetrics; the relabel restores it."""
     assert _wait(lambda: prometheus.query("vllm:num_requests_waiting"))
     assert not prometheus.query('{__name__=~"vllm_num_requests_waiting"}')
+
+
+def test_utilisation_gauge_falls_back_to_the_engine_busy_share_without_gpus(
+        prometheus: PrometheusServer, instrumented_servers):
+    """On a host without GPU series the L1 gauge shows the engine's busy share, per
+    instance, within [0, 1] (its GPU branch is exempt from the data check above)."""
+    from llmtrace.dashboards.common import busy_share
+
+    dashboard = json.loads((REPO / "dashboards" / "llmtrace-l1-oncall.json").read_text())
+    [gauge] = [expr for title, expr in panel_queries(dashboard)
+               if title == "Utilisation vs target band"]
+    server = instrumented_servers["dense"]
+    bodies = [{"prompt": f"gauge {i} " * 8, "max_tokens": 8} for i in range(3)]
+    assert all(t.ok for t in run_load(server.base_url, DENSE, bodies, 3))
+    assert _wait(lambda: prometheus.query(substitute(gauge)))
+    shown = prometheus.query(substitute(gauge))
+    assert shown and all(0 <= float(r["value"][1]) <= 1 for r in shown), shown
+    # one query, one evaluation time: the gauge minus the busy share is zero everywhere
+    diff = prometheus.query(substitute(f"({gauge})\n-\n({busy_share(('instance',))})"))
+    assert {r["metric"]["instance"] for r in diff} == \
+        {r["metric"]["instance"] for r in shown}
+    assert all(abs(float(r["value"][1])) < 1e-9 for r in diff), diff

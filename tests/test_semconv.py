@@ -87,7 +87,9 @@ def test_prometheus_names_follow_the_otlp_translation_rules():
         "llmtrace_server_prompt_tokens_total"
     assert gen.prometheus_name("llmtrace.cost.accelerator_seconds", "s", "counter") == \
         "llmtrace_cost_accelerator_seconds_total"
-    assert gen.prometheus_name("x.utilization", "1", "gauge") == "x_utilization_ratio"
+    # unit "1": no word, as the SDK's Prometheus exporter (opentelemetry-exporter-prometheus)
+    # writes it; checked against the real exporter in tests/test_hardware_vllm.py
+    assert gen.prometheus_name("x.utilization", "1", "gauge") == "x_utilization"
 
 
 def test_constants_and_sets_come_from_the_registry():

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 try:
-    from grafana_foundation_sdk.builders import bargauge, heatmap, stat, timeseries
+    from grafana_foundation_sdk.builders import bargauge, gauge, heatmap, stat, timeseries
     from grafana_foundation_sdk.builders import common as cb
     from grafana_foundation_sdk.builders import dashboard as db
     from grafana_foundation_sdk.builders.prometheus import Dataquery
@@ -294,6 +294,15 @@ def bargauge_panel(s: Spec, *, min_val: float = 0, max_val: float | None = None
     return p.max(max_val) if max_val is not None else p
 
 
+def gauge_panel(s: Spec, *, min_val: float = 0, max_val: float | None = None) -> gauge.Panel:
+    """One dial per series (e.g. per instance) with the threshold bands drawn on its rim,
+    for values that have a target band rather than a limit."""
+    p = (_common(gauge.Panel(), s).min(min_val)
+         .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+         .show_threshold_markers(True).show_threshold_labels(False))
+    return p.max(max_val) if max_val is not None else p
+
+
 def heatmap_panel(s: Spec) -> heatmap.Panel:
     """A classic-histogram heatmap: ``sum by (le) (rate(..._bucket))`` in heatmap format.
 
@@ -378,3 +387,35 @@ def busy_share(by: Sequence[str]) -> str:
     busy = sum_rate(prom(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS), sel(M_INSTANCE), by)
     idle = sum_rate(prom(sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS), sel(M_INSTANCE), by)
     return f"{busy}\n/\n(({busy}\n+\n{idle}) > 0)"
+
+
+#: the L1 target band of accelerator utilisation: below it capacity is paid for and
+#: idle, above it bursts have no headroom (orange) and queues build (red)
+UTILISATION_BAND = (0.65, 0.75)
+
+
+def utilisation_band() -> db.ThresholdsConfig:
+    low, high = UTILISATION_BAND
+    return thresholds("blue", (low, "green"), (high, "orange"), (0.9, "red"))
+
+
+def accelerator_utilisation(by: Sequence[str]) -> str:
+    """GPU utilisation (NVML's ``hw.gpu.utilization``, mean over a host's GPUs) where the
+    engine core reports it, else the engine's busy share (:func:`busy_share`).
+
+    ``or`` keeps a host's GPU series and adds the busy share only for hosts
+    without them (CPU hosts, or no ``nvidia-ml-py``), so one panel covers both.
+    """
+    grouping = f" by ({', '.join(by)})" if by else ""
+    gpu = f"avg{grouping} ({prom(sc.METRIC_HW_GPU_UTILIZATION)}{sel(M_INSTANCE)})"
+    return f"{gpu}\nor\n{busy_share(by)}"
+
+
+def process_cpu_share(by: Sequence[str]) -> str:
+    """CPU seconds per second of the engine core and its workers over the CPUs they may
+    use (``process.cpu.time`` / ``llmtrace.process.cpu.available``): cores used vs cores
+    provisioned, robust to scrape gaps, unlike the sampled ``process.cpu.utilization``."""
+    used = sum_rate(prom(sc.METRIC_PROCESS_CPU_TIME), sel(M_INSTANCE), by)
+    grouping = f" by ({', '.join(by)})" if by else ""
+    cpus = f"sum{grouping} ({prom(sc.METRIC_LLMTRACE_PROCESS_CPU_AVAILABLE)}{sel(M_INSTANCE)})"
+    return f"{used}\n/\n({cpus} > 0)"

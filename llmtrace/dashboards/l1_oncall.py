@@ -269,6 +269,46 @@ def accelerators() -> list:
             "peak for model FLOPs utilisation.", "flops", c.informational(),
             [(f"sum by (instance, engine) (rate({c.VLLM_FLOPS}{c.vllm()}[$__rate_interval]))",
               "{{instance}} engine {{engine}}")], w=8)),
+        *hardware(),
+    ]
+
+
+def hardware() -> list:
+    """The hardware's side of utilisation (llmtrace/telemetry/hardware.py, engine core)."""
+    low, high = c.UTILISATION_BAND
+    role, name = c.label(sc.LLMTRACE_PROCESS_ROLE), c.label(sc.LLMTRACE_PROCESS_NAME)
+    gpu_by = ("instance", c.label(sc.HW_ID))
+    return [
+        c.gauge_panel(Spec(
+            504, "Utilisation vs target band", "Accelerator utilisation per host against "
+            f"the {low:.0%}-{high:.0%} target band (green). GPU hosts: NVML's GPU "
+            "utilisation (hw_gpu_utilization, mean over the host's GPUs; needs "
+            "nvidia-ml-py). Hosts without it (CPU): the engine's busy share, busy / (busy + "
+            "idle) accelerator-seconds. Blue: paid-for capacity sits idle; orange: no "
+            "headroom for bursts; red from 90 %: queues build.", "percentunit",
+            c.utilisation_band(), [(c.accelerator_utilisation(("instance",)), "{{instance}}")],
+            w=8), max_val=1),
+        c.timeseries_panel(Spec(
+            505, "Engine and worker CPU", "CPU seconds per second of the engine core and of "
+            "each model worker, over the CPUs each may run on (process_cpu_time_seconds_total"
+            " / llmtrace_process_cpu_available: its affinity, e.g. the cores "
+            "VLLM_CPU_OMP_THREADS_BIND gave it). On CPU hosts the workers' line is the "
+            "accelerator's utilisation; an engine core near 100 % starves the batch.",
+            "percentunit", c.utilisation_band(),
+            [(c.process_cpu_share(("instance", role, name)),
+              f"{{{{instance}}}} {{{{{name}}}}}")], w=8), max_val=1),
+        c.timeseries_panel(Spec(
+            506, "GPU utilisation and memory per device", "Per GPU (hw_id, the NVML UUID): "
+            "share of time a kernel ran (hw_gpu_utilization) and memory in use over "
+            "its size (hw_gpu_memory_utilization). vLLM reserves its KV cache at "
+            "start, so memory stays high while idle. Needs NVML (nvidia-ml-py) on a GPU "
+            "host; empty on CPU hosts.", "percentunit", c.utilisation_band(),
+            [(f"max by (instance, {gpu_by[1]}) "
+              f"({c.prom(sc.METRIC_HW_GPU_UTILIZATION)}{c.sel(c.M_INSTANCE)})",
+              f"compute {{{{instance}}}} {{{{{gpu_by[1]}}}}}"),
+             (f"max by (instance, {gpu_by[1]}) "
+              f"({c.prom(sc.METRIC_HW_GPU_MEMORY_UTILIZATION)}{c.sel(c.M_INSTANCE)})",
+              f"memory {{{{instance}}}} {{{{{gpu_by[1]}}}}}")], w=8), max_val=1),
     ]
 
 

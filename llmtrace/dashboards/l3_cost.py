@@ -166,6 +166,7 @@ def efficiency() -> list:
             "hold, the idle part is what over-provisioning costs.", "short", c.informational(),
             [(c.sum_rate(BUSY, c.sel(c.M_INSTANCE)), "busy"),
              (c.sum_rate(IDLE, c.sel(c.M_INSTANCE)), "idle")]), stack=True),
+        hardware_vs_provisioned(),
         c.timeseries_panel(Spec(
             403, "Prefix / KV-cache hit rate", "Share of prompt tokens served from cache: "
             "llmtrace's cached prompt tokens / prompt tokens per model (local prefix cache "
@@ -200,6 +201,28 @@ def efficiency() -> list:
                                f"sum by (instance) (rate({c.VLLM_SPEC_DRAFTS}{c.vllm()}"
                                "[$__rate_interval]))"), "{{instance}}")], w=8)),
     ]
+
+
+def hardware_vs_provisioned():
+    """What the hardware did with what it was given: CPU cores used over cores available
+    per process role, GPU compute, GPU memory used over its size."""
+    role = c.label(sc.LLMTRACE_PROCESS_ROLE)
+    gpu = c.sel(c.M_INSTANCE)
+    memory = (f"sum by (instance) ({c.prom(sc.METRIC_HW_GPU_MEMORY_USAGE)}{gpu})\n/\n"
+              f"(sum by (instance) ({c.prom(sc.METRIC_HW_GPU_MEMORY_LIMIT)}{gpu}) > 0)")
+    return c.timeseries_panel(Spec(
+        406, "Hardware utilisation vs provisioned", "The hardware's own view, per host: "
+        "CPU cores the engine core and its workers keep busy over the cores they may run "
+        "on (process_cpu_time_seconds_total / llmtrace_process_cpu_available, by "
+        "llmtrace_process_role); on GPU hosts (NVML, nvidia-ml-py) the mean GPU "
+        "utilisation and GPU memory in use over its size (hw_gpu_*; empty on CPU hosts). "
+        f"The green band is the L1 target ({c.UTILISATION_BAND[0]:.0%}-"
+        f"{c.UTILISATION_BAND[1]:.0%}); sustained blue is capacity to give back.",
+        "percentunit", c.utilisation_band(),
+        [(c.process_cpu_share(("instance", role)), f"CPU {{{{instance}}}} {{{{{role}}}}}"),
+         (f"avg by (instance) ({c.prom(sc.METRIC_HW_GPU_UTILIZATION)}{gpu})",
+          "GPU compute {{instance}}"),
+         (memory, "GPU memory {{instance}}")], w=24), max_val=1)
 
 
 def headroom() -> list:

@@ -98,15 +98,20 @@ def enum_class(name: str) -> str:
     return "".join(p.capitalize() for p in re.split(r"[^A-Za-z0-9]+", name)) + "Values"
 
 
-_UNIT_WORDS = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "%": "percent"}
+_UNIT_WORDS = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "%": "percent",
+               "W": "watts", "Cel": "celsius"}
 
 
 def prometheus_name(name: str, unit: str, instrument: str) -> str:
-    """The Prometheus name an OTLP->Prometheus exporter gives this metric (OTel compat spec)."""
+    """The Prometheus name an OTLP->Prometheus exporter gives this metric (OTel compat spec).
+
+    Unit ``1`` adds no word: the SDK's Prometheus exporter, which serves the
+    engine core's and API server's series, maps it to nothing (its ``_mapping``,
+    pending specification issue 4058). An OpenTelemetry Collector's Prometheus
+    exporter appends ``_ratio`` to such gauges instead (docs/hardware.md).
+    """
     base = re.sub(r"[^a-zA-Z0-9_:]", "_", name)
-    word = "" if unit.startswith("{") else _UNIT_WORDS.get(unit, unit)
-    if unit == "1":
-        word = "ratio" if instrument == "gauge" else ""
+    word = "" if unit.startswith("{") or unit == "1" else _UNIT_WORDS.get(unit, unit)
     if word and not base.endswith(f"_{word}"):
         base = f"{base}_{word}"
     if instrument == "counter" and not base.endswith("_total"):
