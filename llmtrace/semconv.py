@@ -135,6 +135,12 @@ LLMTRACE_DECODE_CHUNK_ITL_SUM: Final = 'llmtrace.decode.chunk.itl_sum'
 """Sum of the inter-token latencies inside the chunk, seconds."""
 LLMTRACE_DECODE_CHUNK_TOKENS: Final = 'llmtrace.decode.chunk.tokens'
 """Output tokens produced inside the decode chunk."""
+LLMTRACE_DECODE_SLICE_INDEX: Final = 'llmtrace.decode.slice.index'
+"""The slice's position in the request's decode, from 0."""
+LLMTRACE_DECODE_SLICE_STEPS: Final = 'llmtrace.decode.slice.steps'
+"""Engine steps in the slice."""
+LLMTRACE_DECODE_WAIT_REASON: Final = 'llmtrace.decode.wait.reason'
+"""Why the request sat out the steps between two slices."""
 LLMTRACE_DEPLOYMENT_VERSION: Final = 'llmtrace.deployment.version'
 """Version of the serving deployment (canary vs stable comparisons)."""
 LLMTRACE_DP_CANDIDATE_IN_FLIGHT: Final = 'llmtrace.dp.candidate.in_flight'
@@ -157,6 +163,10 @@ LLMTRACE_ENGINE_INDEX: Final = 'llmtrace.engine.index'
 """Data-parallel rank of the engine core (vLLM's `engine` label; 0 without data parallelism); on the request, the rank that served it."""
 LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
 """Engine steps the request was scheduled in (prefill chunks and decode steps)."""
+LLMTRACE_GENERATION_CHUNK_INDEX: Final = 'llmtrace.generation.chunk.index'
+"""The chunk's position in its generation (1 for the first continuation)."""
+LLMTRACE_GENERATION_GAP: Final = 'llmtrace.generation.gap'
+"""Seconds from the previous chunk's end (as this server saw it) to this chunk's arrival."""
 LLMTRACE_KV_TRANSFER_ASYNC: Final = 'llmtrace.kv_transfer.async'
 """Whether the connector loads asynchronously (the request waits outside the batch, as with NIXL) or inside the step that schedules it."""
 LLMTRACE_KV_TRANSFER_BLOCKS: Final = 'llmtrace.kv_transfer.blocks'
@@ -267,8 +277,12 @@ LLMTRACE_REGION_SOURCE: Final = 'llmtrace.region.source'
 """Who opened the region."""
 LLMTRACE_REQUEST_CLIENT_DISCONNECTED: Final = 'llmtrace.request.client_disconnected'
 """The client closed the connection before the response ended. vLLM may abort the request or, when the stream is not closed promptly, run it to completion for nobody (wasted accelerator time)."""
+LLMTRACE_REQUEST_CONTINUATION: Final = 'llmtrace.request.continuation'
+"""The request continues an assistant message another request began (`continue_final_message`), as a chunked generation's later chunks do."""
 LLMTRACE_REQUEST_FINISH_REASON: Final = 'llmtrace.request.finish_reason'
 """Why the request finished; one value per request, usable as a metric label."""
+LLMTRACE_REQUEST_HOL_BLOCKING: Final = 'llmtrace.request.hol_blocking'
+"""Head-of-line blocking: seconds of engine steps that ran without the request while it waited (queued, held or preempted), from its arrival in the engine core to its end."""
 LLMTRACE_REQUEST_ID: Final = 'llmtrace.request.id'
 """The engine's internal request id (vLLM `request_id`), joins spans across processes."""
 LLMTRACE_REQUEST_PREEMPTIONS: Final = 'llmtrace.request.preemptions'
@@ -360,6 +374,13 @@ class LlmtraceCostBasisValues(StrEnum):
 
     BATCH_SHARE = 'batch_share'
     PRICE_TABLE = 'price_table'
+
+
+class LlmtraceDecodeWaitReasonValues(StrEnum):
+    """Values of ``llmtrace.decode.wait.reason``."""
+
+    PREEMPTED = 'preempted'
+    HELD = 'held'
 
 
 class LlmtraceDpReasonValues(StrEnum):
@@ -455,6 +476,8 @@ class LlmtraceStepPhaseValues(StrEnum):
 SPAN_LLM_REQUEST: Final = 'llm_request'
 SPAN_LLMTRACE_DECODE: Final = 'llmtrace.decode'
 SPAN_LLMTRACE_DECODE_CHUNK: Final = 'llmtrace.decode.chunk'
+SPAN_LLMTRACE_DECODE_SLICE: Final = 'llmtrace.decode.slice'
+SPAN_LLMTRACE_DECODE_WAIT: Final = 'llmtrace.decode.wait'
 SPAN_LLMTRACE_ENGINE_REQUEST: Final = 'llmtrace.engine.request'
 SPAN_LLMTRACE_ENGINE_STEP: Final = 'llmtrace.engine.step'
 SPAN_LLMTRACE_FIRST_TOKEN_DELIVERY: Final = 'llmtrace.first_token_delivery'
@@ -497,6 +520,7 @@ METRIC_LLMTRACE_DRIFT_KL_DIVERGENCE: Final = 'llmtrace.drift.kl_divergence'
 METRIC_LLMTRACE_DRIFT_PSI: Final = 'llmtrace.drift.psi'
 METRIC_LLMTRACE_ENGINE_BUSY: Final = 'llmtrace.engine.busy'
 METRIC_LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
+METRIC_LLMTRACE_GENERATION_GAP: Final = 'llmtrace.generation.gap'
 METRIC_LLMTRACE_KV_TRANSFER_BYTES: Final = 'llmtrace.kv_transfer.bytes'
 METRIC_LLMTRACE_KV_TRANSFER_DURATION: Final = 'llmtrace.kv_transfer.duration'
 METRIC_LLMTRACE_KV_TRANSFER_FAILURES: Final = 'llmtrace.kv_transfer.failures'
@@ -524,6 +548,7 @@ METRIC_LLMTRACE_PROCESS_CPU_AVAILABLE: Final = 'llmtrace.process.cpu.available'
 METRIC_LLMTRACE_QUALITY_EVALUATIONS: Final = 'llmtrace.quality.evaluations'
 METRIC_LLMTRACE_QUALITY_HALLUCINATIONS: Final = 'llmtrace.quality.hallucinations'
 METRIC_LLMTRACE_QUALITY_SCORE: Final = 'llmtrace.quality.score'
+METRIC_LLMTRACE_REQUEST_HOL_BLOCKING: Final = 'llmtrace.request.hol_blocking'
 METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_ACTUAL_TOKENS: Final = 'llmtrace.router.prefix_cache.actual_tokens'
 METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTED_TOKENS: Final = 'llmtrace.router.prefix_cache.predicted_tokens'
 METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTION_ERROR: Final = 'llmtrace.router.prefix_cache.prediction_error'
@@ -595,6 +620,9 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.decode.chunk.itl_min',
     'llmtrace.decode.chunk.itl_sum',
     'llmtrace.decode.chunk.tokens',
+    'llmtrace.decode.slice.index',
+    'llmtrace.decode.slice.steps',
+    'llmtrace.decode.wait.reason',
     'llmtrace.deployment.version',
     'llmtrace.dp.candidate.in_flight',
     'llmtrace.dp.candidate.kv_cache_usage',
@@ -606,6 +634,8 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.drift.feature',
     'llmtrace.engine.index',
     'llmtrace.engine.steps',
+    'llmtrace.generation.chunk.index',
+    'llmtrace.generation.gap',
     'llmtrace.kv_transfer.async',
     'llmtrace.kv_transfer.blocks',
     'llmtrace.kv_transfer.bytes',
@@ -661,7 +691,9 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.region.name',
     'llmtrace.region.source',
     'llmtrace.request.client_disconnected',
+    'llmtrace.request.continuation',
     'llmtrace.request.finish_reason',
+    'llmtrace.request.hol_blocking',
     'llmtrace.request.id',
     'llmtrace.request.preemptions',
     'llmtrace.request.priority',
@@ -735,6 +767,8 @@ INPUT_ONLY_ATTRIBUTES: Final[frozenset[str]] = frozenset({
 SPAN_KINDS: Final[dict[str, str]] = {
     'llmtrace.decode': 'internal',
     'llmtrace.decode.chunk': 'internal',
+    'llmtrace.decode.slice': 'internal',
+    'llmtrace.decode.wait': 'internal',
     'llmtrace.engine.request': 'internal',
     'llmtrace.engine.step': 'internal',
     'llmtrace.first_token_delivery': 'internal',
@@ -788,6 +822,15 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.decode.chunk.itl_sum',
         'llmtrace.decode.chunk.itl_bucket_counts',
     }),
+    'llmtrace.decode.slice': frozenset({
+        'llmtrace.decode.slice.index',
+        'llmtrace.decode.slice.steps',
+        'llmtrace.request.priority',
+    }),
+    'llmtrace.decode.wait': frozenset({
+        'llmtrace.decode.wait.reason',
+        'llmtrace.request.priority',
+    }),
     'llmtrace.engine.request': frozenset({
         'llmtrace.cost.accelerator_seconds',
         'llmtrace.cost.usd',
@@ -798,6 +841,8 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.deployment.version',
         'llmtrace.request.finish_reason',
         'error.type',
+        'llmtrace.request.priority',
+        'llmtrace.request.hol_blocking',
     }),
     'llmtrace.engine.step': frozenset({
         'llmtrace.step.index',
@@ -906,6 +951,9 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.request.finish_reason',
         'llmtrace.request.priority',
         'llmtrace.request.preemptions',
+        'llmtrace.request.continuation',
+        'llmtrace.generation.chunk.index',
+        'llmtrace.generation.gap',
         'llmtrace.request.client_disconnected',
         'llmtrace.latency.time_to_first_token',
         'llmtrace.latency.e2e',
@@ -973,6 +1021,7 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.drift.psi': 'gauge',
     'llmtrace.engine.busy': 'counter',
     'llmtrace.engine.steps': 'counter',
+    'llmtrace.generation.gap': 'histogram',
     'llmtrace.kv_transfer.bytes': 'counter',
     'llmtrace.kv_transfer.duration': 'histogram',
     'llmtrace.kv_transfer.failures': 'counter',
@@ -1000,6 +1049,7 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': 'counter',
     'llmtrace.quality.hallucinations': 'counter',
     'llmtrace.quality.score': 'histogram',
+    'llmtrace.request.hol_blocking': 'histogram',
     'llmtrace.router.prefix_cache.actual_tokens': 'counter',
     'llmtrace.router.prefix_cache.predicted_tokens': 'counter',
     'llmtrace.router.prefix_cache.prediction_error': 'histogram',
@@ -1049,6 +1099,7 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.drift.psi': '{psi}',
     'llmtrace.engine.busy': 's',
     'llmtrace.engine.steps': '{step}',
+    'llmtrace.generation.gap': 's',
     'llmtrace.kv_transfer.bytes': 'By',
     'llmtrace.kv_transfer.duration': 's',
     'llmtrace.kv_transfer.failures': '{transfer}',
@@ -1076,6 +1127,7 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': '{evaluation}',
     'llmtrace.quality.hallucinations': '{response}',
     'llmtrace.quality.score': '1',
+    'llmtrace.request.hol_blocking': 's',
     'llmtrace.router.prefix_cache.actual_tokens': '{token}',
     'llmtrace.router.prefix_cache.predicted_tokens': '{token}',
     'llmtrace.router.prefix_cache.prediction_error': '1',
@@ -1125,6 +1177,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.drift.psi': 'Population stability index of a feature versus the baseline.',
     'llmtrace.engine.busy': 'Engine time with a batch running: the time split among requests by batch share.',
     'llmtrace.engine.steps': 'Engine steps that ran a batch; busy time over steps is the mean step time.',
+    'llmtrace.generation.gap': "Time between consecutive chunk requests of one chunked generation: the generation's time outside the server.",
     'llmtrace.kv_transfer.bytes': 'KV bytes moved by successful transfers, per connector and direction.',
     'llmtrace.kv_transfer.duration': "How long each request's KV transfer took, per connector and direction (the llmtrace.kv_transfer span's duration).",
     'llmtrace.kv_transfer.failures': 'Failed KV transfers by reason (llmtrace.kv_transfer.failure as error.type), per connector and direction.',
@@ -1152,6 +1205,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': 'Responses evaluated.',
     'llmtrace.quality.hallucinations': 'Responses flagged as hallucinated by an evaluation.',
     'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
+    'llmtrace.request.hol_blocking': 'Per request: engine-step time that ran without it while it waited in the engine (head-of-line blocking).',
     'llmtrace.router.prefix_cache.actual_tokens': 'Prompt tokens the engine actually found cached, over the same routed requests (those with a router prediction).',
     'llmtrace.router.prefix_cache.predicted_tokens': 'Prompt tokens a router predicted the chosen engine had cached (prefix-cache score x prompt tokens), over routed requests with a prediction.',
     'llmtrace.router.prefix_cache.prediction_error': "How far a router's predicted prefix-cache hit was from what the engine found, per routed request: |router's prefix-cache score - engine's cached / prompt tokens|.",
@@ -1274,6 +1328,12 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
     'llmtrace.engine.steps': frozenset({
         'gen_ai.request.model',
         'llmtrace.deployment.version',
+    }),
+    'llmtrace.generation.gap': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.tenant',
+        'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.kv_transfer.bytes': frozenset({
         'gen_ai.request.model',
@@ -1411,6 +1471,11 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.deployment.version',
         'llmtrace.quality.dimension',
         'gen_ai.evaluation.name',
+    }),
+    'llmtrace.request.hol_blocking': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.tenant',
+        'llmtrace.deployment.version',
     }),
     'llmtrace.router.prefix_cache.actual_tokens': frozenset({
         'gen_ai.request.model',
@@ -1577,6 +1642,7 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.drift.psi': 'llmtrace_drift_psi',
     'llmtrace.engine.busy': 'llmtrace_engine_busy_seconds_total',
     'llmtrace.engine.steps': 'llmtrace_engine_steps_total',
+    'llmtrace.generation.gap': 'llmtrace_generation_gap_seconds',
     'llmtrace.kv_transfer.bytes': 'llmtrace_kv_transfer_bytes_total',
     'llmtrace.kv_transfer.duration': 'llmtrace_kv_transfer_duration_seconds',
     'llmtrace.kv_transfer.failures': 'llmtrace_kv_transfer_failures_total',
@@ -1604,6 +1670,7 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.quality.evaluations': 'llmtrace_quality_evaluations_total',
     'llmtrace.quality.hallucinations': 'llmtrace_quality_hallucinations_total',
     'llmtrace.quality.score': 'llmtrace_quality_score',
+    'llmtrace.request.hol_blocking': 'llmtrace_request_hol_blocking_seconds',
     'llmtrace.router.prefix_cache.actual_tokens': 'llmtrace_router_prefix_cache_actual_tokens_total',
     'llmtrace.router.prefix_cache.predicted_tokens': 'llmtrace_router_prefix_cache_predicted_tokens_total',
     'llmtrace.router.prefix_cache.prediction_error': 'llmtrace_router_prefix_cache_prediction_error',

@@ -75,6 +75,10 @@ class RequestRecord:
     dp_reason: str | None = None
     #: busiest over mean waiting+running across ranks, at a balanced choice only
     dp_load_imbalance: float | None = None
+    #: a chunked generation's continuation: its chunk number and the gap since the
+    #: previous chunk ended (``llmtrace.generation.*``)
+    generation_chunk: int | None = None
+    generation_gap_s: float | None = None
 
     one = 1  # the value a per-request counter adds
     basis = "price_table"  # ``llmtrace.cost.basis`` of this record's USD
@@ -216,5 +220,7 @@ class UsageRecord:
     steps: int
     usd: float | None = None
     unpriced: int | None = None
+    #: head-of-line blocking (``llmtrace.request.hol_blocking``), seconds
+    hol_s: float | None = None
 
     basis = "batch_share"

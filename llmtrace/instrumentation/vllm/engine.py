@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+#: slices and waits kept per request (a request preempted more often keeps the first)
+_MAX_SLICES = 256
+#: recent step ends kept for the waits' starts
+_STEP_ENDS_KEPT = 4096
 #: vLLM's RequestStatus.FINISHED_<X> (lower-cased) -> llmtrace.request.finish_reason
 _STATUS_REASONS = {"stopped": "stop", "length_capped": "length", "aborted": "abort",
                    "ignored": "error"}
@@ -76,6 +80,17 @@ class EngineRecord:
     transfers: list = field(default_factory=list)
     #: (trace id, span id) of the sampled engine steps the request ran in (linked)
     steps: list = field(default_factory=list)
+    priority: int = 0
+    #: decode time slices: the slice under way (its first step's schedule call, 0 before
+    #: decoding, and its steps), the last step the request was in, whether it was
+    #: preempted since; the closed slices (start, end, steps) and waits (start, end, reason)
+    slice_start: int = 0
+    slice_steps: int = 0
+    last_step: int = 0
+    last_sched: int = 0
+    preempted: bool = False
+    slices: list = field(default_factory=list)
+    waits: list = field(default_factory=list)
 
 
 @dataclass(eq=False, slots=True)
@@ -86,6 +101,9 @@ class Usage:
     added_ns: int
     seconds: float = 0.0
     steps: int = 0
+    busy_at_add: float = 0.0  # the engine's busy time when the request arrived
+    in_batch_s: float = 0.0  # busy time of the steps it was in
+    hol_s: float = 0.0  # set when freed: busy time that ran without it
 
 
 @dataclass
@@ -124,6 +142,8 @@ class EngineTracer:
         self._idle_s = 0.0
         self._last_end_ns = time.time_ns()
         self._continuing = False  # requests were left when the last step ended
+        #: step index -> end (ns) of recent steps, where a request's wait begins
+        self._ends: dict[int, int] = {}
         self._step_labels: dict[str, str] = {}
         #: this engine core's data-parallel rank (0 without data parallelism)
         self.dp_rank: int | None = None
@@ -134,7 +154,7 @@ class EngineTracer:
         self.keep_span_contexts = False
         self._span_contexts: OrderedDict[str, Any] = OrderedDict()
         #: sampled engine steps (step spans, profiling regions, MoE counts)
-        self.steps = StepTracer(config, telemetry, self)
+        self.sampler = StepTracer(config, telemetry, self)
 
     def idle_seconds(self) -> float:
         """Cumulative idle time, including the idle stretch under way now."""
@@ -152,11 +172,12 @@ class EngineTracer:
         now = time.time_ns()
         headers = request.trace_headers
         tenant = headers.get(TENANT_HEADER, "unknown") if headers else "unknown"
-        self.usage[request.request_id] = Usage(tenant, now)
+        self.usage[request.request_id] = Usage(tenant, now, busy_at_add=self.busy_s)
         if not headers or CONTEXT_HEADER not in headers:
             return
-        self.records[request.request_id] = EngineRecord(headers[CONTEXT_HEADER], now,
-                                                        request_id=request.request_id)
+        self.records[request.request_id] = EngineRecord(
+            headers[CONTEXT_HEADER], now, request_id=request.request_id,
+            priority=int(getattr(request, "priority", 0) or 0))
 
     def on_schedule(self, scheduler: Any, out: Any, start_ns: int) -> StepPending | None:
         num_scheduled = out.num_scheduled_tokens
@@ -191,18 +212,39 @@ class EngineTracer:
                 w = pw * prefill + dw * (n - prefill)
                 shares.append((u, w))
                 step.weight += w
-            if prefill and records:
+            if records:
                 rec = records.get(rid)
-                if rec is not None:
+                if rec is None:
+                    continue
+                if rec.slice_start or not prefill:
+                    self._time_slice(rec, step.index, sched_ns)
+                if prefill:
                     external = 0
                     if rec.chunk_index == 0:  # the prompt's KV loaded through a connector
                         stats = getattr(request, "prefill_stats", None)
                         external = getattr(stats, "num_external_cached_tokens", 0) or 0
                     step.chunks.append((rec, n, before, external))
+                rec.last_step, rec.last_sched = step.index, sched_ns
         if len(self.pending) > 64:  # a step that never completed must not leak
             self.pending.pop(next(iter(self.pending)))
         self.pending[id(out)] = step
         return step
+
+    def _time_slice(self, rec: EngineRecord, index: int, sched_ns: int) -> None:
+        """A decoding request is in step ``index``: extend its slice, or, if it sat out
+        steps since its last one, close that slice and the wait after it."""
+        if rec.slice_start == 0:  # its first decode step
+            rec.slice_start, rec.slice_steps = sched_ns, 1
+            return
+        if rec.last_step == index - 1:
+            rec.slice_steps += 1
+            return
+        end = self._ends.get(rec.last_step, rec.last_sched)
+        if len(rec.waits) < _MAX_SLICES:
+            rec.slices.append((rec.slice_start, end, rec.slice_steps))
+            rec.waits.append((end, sched_ns, "preempted" if rec.preempted else "held"))
+        rec.preempted = False
+        rec.slice_start, rec.slice_steps = sched_ns, 1
 
     def on_step_done(self, out: Any, end_ns: int) -> None:
         step = self.pending.pop(id(out), None)
@@ -218,11 +260,16 @@ class EngineTracer:
             for u, w in step.shares:
                 u.seconds += per_weight * w
                 u.steps += 1
+                u.in_batch_s += seconds
         elif step.shares:  # all weights zero: split evenly so the time stays conserved
             even = seconds / len(step.shares)
             for u, _ in step.shares:
                 u.seconds += even
                 u.steps += 1
+                u.in_batch_s += seconds
+        ends = self._ends
+        ends[step.index] = end_ns
+        ends.pop(step.index - _STEP_ENDS_KEPT, None)
         self.steps += 1
         for rec, n, computed_before, external in step.chunks:
             rec.chunks.append((step.sched_ns, end_ns, rec.chunk_index, n, computed_before,
@@ -233,6 +280,7 @@ class EngineTracer:
         rec = self.records.get(request.request_id)
         if rec is not None:
             rec.preempted_ns.append(time.time_ns())
+            rec.preempted = True
 
     def on_free(self, request: Any) -> None:
         if self.kv is not None:
@@ -242,6 +290,12 @@ class EngineTracer:
         u = self.usage.pop(request.request_id, None)
         if u is None and rec is None:
             return
+        if u is not None:
+            u.hol_s = max(0.0, self.busy_s - u.busy_at_add - u.in_batch_s)
+        if rec is not None and rec.slice_start:  # the slice under way ends with the request
+            rec.slices.append((rec.slice_start, self._ends.get(rec.last_step, now),
+                               rec.slice_steps))
+            rec.slice_start = 0
         status = getattr(getattr(request, "status", None), "name", "")
         self.telemetry.builder.submit(self.build, (u, rec, status, now))
 
@@ -292,6 +346,14 @@ class EngineTracer:
                     chunk_attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = external
             self.telemetry.child_span(sc.SPAN_LLMTRACE_PREFILL_CHUNK, span, start,
                                       chunk_attrs).end(end_time=end)
+        priority = {sc.LLMTRACE_REQUEST_PRIORITY: rec.priority}
+        for i, (start, end, steps) in enumerate(rec.slices):
+            self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_SLICE, span, start, {
+                sc.LLMTRACE_DECODE_SLICE_INDEX: i, sc.LLMTRACE_DECODE_SLICE_STEPS: steps,
+                **priority}).end(end_time=end)
+        for start, end, reason in rec.waits:
+            self.telemetry.child_span(sc.SPAN_LLMTRACE_DECODE_WAIT, span, start, {
+                sc.LLMTRACE_DECODE_WAIT_REASON: reason, **priority}).end(end_time=end)
         for ts in rec.preempted_ns:
             span.add_event(sc.EVENT_LLMTRACE_PREEMPTED,
                            {sc.LLMTRACE_PREEMPTION_REASON: "kv_cache_full"}, timestamp=ts)
@@ -307,7 +369,7 @@ class EngineTracer:
             trace_id="", model=self.model, tenant=u.tenant,
             version=self.config.deployment_version,
             instance_type=None if instance == "unknown" else instance,
-            accelerator_s=u.seconds, steps=u.steps)
+            accelerator_s=u.seconds, steps=u.steps, hol_s=u.hol_s)
         prices = self.telemetry.prices
         if prices is not None:
             price_usage(usage, prices)
@@ -317,6 +379,8 @@ class EngineTracer:
             return
         attrs: dict[str, Any] = {
             sc.LLMTRACE_COST_ACCELERATOR_SECONDS: u.seconds, sc.LLMTRACE_ENGINE_STEPS: u.steps,
+            sc.LLMTRACE_REQUEST_HOL_BLOCKING: u.hol_s,
+            sc.LLMTRACE_REQUEST_PRIORITY: rec.priority,
             sc.GEN_AI_REQUEST_MODEL: self.model, sc.LLMTRACE_TENANT: u.tenant,
             sc.LLMTRACE_DEPLOYMENT_VERSION: usage.version}
         if usage.usd is not None:
@@ -356,14 +420,14 @@ class EngineTracer:
 
     def before_schedule(self, instance, args, kwargs) -> int:
         now = time.time_ns()
-        if self.steps.every:
-            self.steps.before_schedule(now)
+        if self.sampler.every:
+            self.sampler.before_schedule(now)
         return now
 
     def after_schedule(self, instance, args, kwargs, out, start_ns: int | None) -> None:
         if start_ns is not None:
             step = self.on_schedule(instance, out, start_ns)
-            steps = self.steps
+            steps = self.sampler
             if steps.every:
                 if step is None:
                     steps.discard()
@@ -376,8 +440,8 @@ class EngineTracer:
         now = time.time_ns()
         if self.pending:
             self.on_step_done(args[0] if args else kwargs["scheduler_output"], now)
-        if self.steps.pending is not None:
-            self.steps.before_output(args[1] if len(args) > 1 else
+        if self.sampler.pending is not None:
+            self.sampler.before_output(args[1] if len(args) > 1 else
                                      kwargs["model_runner_output"], now)
         kv = self.kv
         if kv is not None and kv.loads:
@@ -387,8 +451,8 @@ class EngineTracer:
     def after_update_from_output(self, instance, args, kwargs, result, token) -> None:
         # requests left: the loop goes straight on to the next step
         self._continuing = bool(getattr(instance, "requests", None))
-        if self.steps.pending is not None:
-            self.steps.after_output(time.time_ns())
+        if self.sampler.pending is not None:
+            self.sampler.after_output(time.time_ns())
 
     def after_preempt(self, instance, args, kwargs, result, token) -> None:
         self.on_preempt(args[0] if args else kwargs["request"])

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,8 @@ CONTEXT_HEADER = "llmtrace-traceparent"
 #: trace_headers key carrying the tenant to the engine core (cost attribution)
 TENANT_HEADER = "llmtrace-tenant"
 _PROPAGATOR = TraceContextTextMapPropagator()
+#: traces whose last request end is kept for numbering chunked generations
+_GENERATIONS_KEPT = 4096
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error",
            "repetition": "repetition"}
 #: vLLM's EngineCoreEventType values (an IntEnum) -> timeline event kinds; QUEUED is not used
@@ -122,6 +125,8 @@ class RequestState:
     cached_external: int | None = None
     #: the data-parallel rank choice (:class:`~llmtrace.instrumentation.vllm.dp.RankChoice`)
     dp: Any = None
+    #: (chunk index, gap s) of a chunked generation's continuation (builder thread)
+    generation: tuple[int, float] | None = None
 
 
 class FrontendTracer:
@@ -138,6 +143,9 @@ class FrontendTracer:
         self._tenant_header = config.tenant_header.encode()
         self._chunk_tokens = config.decode_chunk_tokens
         self._chunk_ns = int(config.decode_chunk_ms * 1e6)
+        #: trace id -> (requests finished in it, the last one's end): numbers a chunked
+        #: generation's continuations (builder thread; bounded)
+        self._generations: OrderedDict[int, tuple[int, int]] = OrderedDict()
 
     # -- HTTP ingress ---------------------------------------------------------
     # -- request lifecycle -----------------------------------------------------
@@ -282,11 +290,24 @@ class FrontendTracer:
         self.telemetry.builder.submit(self.build, rec)
 
     # -- building (the builder thread) ------------------------------------------
+    def _generation_chunk(self, rec: RequestState) -> tuple[int, float] | None:
+        """(chunk index, gap s) of a continuation whose trace ended a request here before;
+        every request's end is noted (the first chunk is an ordinary request)."""
+        tl, gens = rec.timeline, self._generations
+        seen = gens.pop(rec.trace_id, None)
+        gens[rec.trace_id] = ((seen[0] if seen else 0) + 1, tl.end_ns)
+        if len(gens) > _GENERATIONS_KEPT:
+            gens.popitem(last=False)
+        if seen is None or rec.http is None or not rec.http.continuation:
+            return None
+        return seen[0], max(0, tl.read_ns - seen[1]) / 1e9
+
     def build(self, rec: RequestState) -> None:
         """One finished request -> its record, spans and metric updates."""
         tl = rec.timeline
         itl = Histogram()
         root = None
+        rec.generation = self._generation_chunk(rec)
         if rec.sampled:
             root = rec.span
             if root is None:
@@ -311,6 +332,8 @@ class FrontendTracer:
             preemptions=sum(1 for kind, _ in tl.events if kind == PREEMPTED),
             itl=itl if itl.count else None)
         record.set_phases(ph)
+        if rec.generation is not None:
+            record.generation_chunk, record.generation_gap_s = rec.generation
         if rec.dp is not None:
             record.dp_rank, record.dp_reason = rec.dp.rank, rec.dp.reason
             record.dp_load_imbalance = rec.dp.load_imbalance
@@ -357,6 +380,11 @@ class FrontendTracer:
                     attrs[key] = value
         if rec.priority:
             attrs[sc.LLMTRACE_REQUEST_PRIORITY] = rec.priority
+        if info is not None and info.continuation:
+            attrs[sc.LLMTRACE_REQUEST_CONTINUATION] = True
+        if rec.generation is not None:
+            attrs[sc.LLMTRACE_GENERATION_CHUNK_INDEX], attrs[sc.LLMTRACE_GENERATION_GAP] = \
+                rec.generation
         if rec.prompt is not None:  # capture_content only
             attrs[sc.GEN_AI_INPUT_MESSAGES] = json.dumps(
                 [{"role": "user", "parts": [{"type": "text", "content": rec.prompt}]}])

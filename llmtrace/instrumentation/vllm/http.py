@@ -14,6 +14,7 @@ and its tenant, before vLLM parses anything.
 from __future__ import annotations
 
 import contextvars
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,10 @@ _OPERATIONS = {
 }
 
 
+#: ``"continue_final_message": true`` in a JSON body
+_CONTINUE = re.compile(rb'"continue_final_message"\s*:\s*true')
+
+
 @dataclass
 class HttpInfo:
     """What the ASGI middleware learned about one HTTP request."""
@@ -46,6 +51,8 @@ class HttpInfo:
     first_body_ns: int = 0
     response_done: bool = False
     disconnected_ns: int = 0
+    #: the body asked to continue the final assistant message (a chunked generation)
+    continuation: bool = False
 
 
 #: the HTTP request being served (set by the middleware, read by the output hooks)
@@ -136,7 +143,13 @@ class LlmtraceASGIMiddleware:
 
         async def watched_receive():
             message = await receive()
-            if message.get("type") == "http.disconnect" and not info.response_done:
+            kind = message.get("type")
+            if kind == "http.request":
+                body = message.get("body")
+                # a substring test in C first; a regex only where the key occurs
+                if body and b"continue_final_message" in body and _CONTINUE.search(body):
+                    info.continuation = True
+            elif kind == "http.disconnect" and not info.response_done:
                 info.disconnected_ns = info.disconnected_ns or time.time_ns()
             return message
 

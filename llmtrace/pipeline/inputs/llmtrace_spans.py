@@ -91,6 +91,9 @@ def request_record(root: SpanView, children: Iterable[SpanView] = ()) -> Request
         record.dp_rank = count(a, sc.LLMTRACE_ENGINE_INDEX)
         record.dp_reason = str(a.get(sc.LLMTRACE_DP_REASON) or "load_balanced")
         record.dp_load_imbalance = num(a, sc.LLMTRACE_DP_LOAD_IMBALANCE)
+    if a.get(sc.LLMTRACE_GENERATION_CHUNK_INDEX) is not None:  # a chunked generation's
+        record.generation_chunk = count(a, sc.LLMTRACE_GENERATION_CHUNK_INDEX)
+        record.generation_gap_s = num(a, sc.LLMTRACE_GENERATION_GAP)
     return record
 
 
@@ -125,7 +128,8 @@ def usage_record(span: SpanView) -> UsageRecord:
         tenant=str(a.get(sc.LLMTRACE_TENANT, "default")), version=_version(a, res),
         instance_type=str(instance) if instance else None,
         accelerator_s=float(num(a, sc.LLMTRACE_COST_ACCELERATOR_SECONDS, 0.0)),
-        steps=count(a, sc.LLMTRACE_ENGINE_STEPS))
+        steps=count(a, sc.LLMTRACE_ENGINE_STEPS),
+        hol_s=num(a, sc.LLMTRACE_REQUEST_HOL_BLOCKING))
 
 
 def transfer_record(span: SpanView) -> TransferRecord:
