@@ -62,10 +62,11 @@ def _traceparent() -> tuple[str, str]:
     return trace_id, f"00-{trace_id}-{secrets.token_hex(8)}-01"
 
 
-WORDS = ("river stone light market engine garden silver winter number music planet "
-         "letter circle forest window bridge signal paper orange valley thunder pocket "
-         "ladder mirror candle rocket summer castle shadow button island velvet harbor "
-         "meadow copper lantern puzzle falcon").split()
+WORDS = ("river", "stone", "light", "market", "engine", "garden", "silver", "winter",
+         "number", "music", "planet", "letter", "circle", "forest", "window", "bridge",
+         "signal", "paper", "orange", "valley", "thunder", "pocket", "ladder", "mirror",
+         "candle", "rocket", "summer", "castle", "shadow", "button", "island", "velvet",
+         "harbor", "meadow", "copper", "lantern", "puzzle", "falcon")
 
 
 def _prompt(i: int) -> str:
@@ -193,6 +194,10 @@ def test_moe_metric_series_stay_within_the_documented_bound(
     assert len(series(EAGER, sc.METRIC_LLMTRACE_MOE_LAYER_LOAD_IMBALANCE)) == MOE_LAYERS
     assert not series(EAGER, sc.METRIC_LLMTRACE_MOE_EXPERT_ASSIGNMENTS)
     assert len(series(COMPILED, sc.METRIC_LLMTRACE_MOE_EXPERT_ASSIGNMENTS)) == 10
+    capped = [p for p in otlp_receiver.points() if p.metric == sc.METRIC_LLMTRACE_TELEMETRY_DROPPED
+              and p.resource.get("service.name") == COMPILED
+              and p.attributes.get(sc.LLMTRACE_TELEMETRY_REASON) == "moe_expert_series_cap"]
+    assert capped and capped[-1].value > 0  # the other 6 pairs' updates, counted
     # every step's assignments are counted, sampled or not
     dispatched = [p for p in otlp_receiver.points()
                   if p.metric == sc.METRIC_LLMTRACE_MOE_DISPATCHED

@@ -154,7 +154,7 @@ class EngineTracer:
         self.keep_span_contexts = False
         self._span_contexts: OrderedDict[str, Any] = OrderedDict()
         #: sampled engine steps (step spans, profiling regions, MoE counts)
-        self.sampler = StepTracer(config, telemetry, self)
+        self.step_sampling = StepTracer(config, telemetry, self)
 
     def idle_seconds(self) -> float:
         """Cumulative idle time, including the idle stretch under way now."""
@@ -420,14 +420,14 @@ class EngineTracer:
 
     def before_schedule(self, instance, args, kwargs) -> int:
         now = time.time_ns()
-        if self.sampler.every:
-            self.sampler.before_schedule(now)
+        if self.step_sampling.every:
+            self.step_sampling.before_schedule(now)
         return now
 
     def after_schedule(self, instance, args, kwargs, out, start_ns: int | None) -> None:
         if start_ns is not None:
             step = self.on_schedule(instance, out, start_ns)
-            steps = self.sampler
+            steps = self.step_sampling
             if steps.every:
                 if step is None:
                     steps.discard()
@@ -440,9 +440,10 @@ class EngineTracer:
         now = time.time_ns()
         if self.pending:
             self.on_step_done(args[0] if args else kwargs["scheduler_output"], now)
-        if self.sampler.pending is not None:
-            self.sampler.before_output(args[1] if len(args) > 1 else
-                                     kwargs["model_runner_output"], now)
+        if self.step_sampling.pending:
+            self.step_sampling.before_output(
+                args[0] if args else kwargs["scheduler_output"],
+                args[1] if len(args) > 1 else kwargs["model_runner_output"], now)
         kv = self.kv
         if kv is not None and kv.loads:
             out = args[1] if len(args) > 1 else kwargs["model_runner_output"]
@@ -451,8 +452,8 @@ class EngineTracer:
     def after_update_from_output(self, instance, args, kwargs, result, token) -> None:
         # requests left: the loop goes straight on to the next step
         self._continuing = bool(getattr(instance, "requests", None))
-        if self.sampler.pending is not None:
-            self.sampler.after_output(time.time_ns())
+        if self.step_sampling.current is not None:
+            self.step_sampling.after_output(time.time_ns())
 
     def after_preempt(self, instance, args, kwargs, result, token) -> None:
         self.on_preempt(args[0] if args else kwargs["request"])

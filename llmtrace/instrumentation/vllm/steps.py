@@ -28,7 +28,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from llmtrace import semconv as sc
 from llmtrace.instrumentation.vllm.worker import OUTPUT_KEY, STEP_MARK
 from llmtrace.profiling.regions import RECORDER
-from llmtrace.telemetry import Telemetry
+from llmtrace.telemetry import DROPPED, Telemetry
 
 logger = logging.getLogger("llmtrace")
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -94,25 +94,29 @@ class StepTracer:
         self.engine = engine
         self.every = config.step_sample_every
         self._seen = 0  # non-empty steps scheduled
-        self.pending: SampledStep | None = None  # scheduled, output not processed yet
+        #: sampled steps scheduled and not yet processed, by id of their scheduler output
+        #: (with async scheduling the next step is scheduled before this one's output)
+        self.pending: dict[int, SampledStep] = {}
+        self.current: SampledStep | None = None  # its output being processed now
         self.wanted: SampledStep | None = None  # ids drawn before the scheduler runs
         #: MoE shape the worker reported: assignments per scheduled token (top_k x layers)
         self.per_token = 0
         self.dispatched = 0  # running total of assignments (observable counter)
         self.layer_imbalance: dict[int, float] = {}  # last sampled step's, per layer
         self.expert_totals: dict[tuple[int, int], int] = {}
-        self.expert_dropped = 0
         self._metrics = None
 
     # -- serving path ---------------------------------------------------------
     def before_schedule(self, now: int) -> None:
+        if RECORDER.thread and not self.pending and self.current is None:
+            RECORDER.end()  # a sampled step whose output never came: stop recording
         if not self.every or (self._seen + 1) % self.every:
             self.wanted = None
             return
         trace_id, span_id, traced, _span = self.telemetry.new_root(
             sc.SPAN_LLMTRACE_ENGINE_STEP, Context(), now)
         self.wanted = SampledStep(0, trace_id, span_id, traced, now)
-        if not RECORDER.thread:
+        if not RECORDER.thread:  # else a sampled step under way records (async scheduling)
             RECORDER.begin(trace_id)
 
     def after_schedule(self, out: Any, step_pending: Any) -> None:
@@ -141,17 +145,20 @@ class StepTracer:
                     if len(rec.steps) < MAX_STEP_LINKS:
                         rec.steps.append((step.trace_id, step.span_id))
         setattr(out, STEP_MARK, (step.trace_id, step.index))
-        self.pending = step
+        pending = self.pending
+        if len(pending) >= 8:  # a step whose output never came must not leak
+            pending.pop(next(iter(pending)))
+        pending[id(out)] = step
 
-    def before_output(self, model_output: Any, now: int) -> None:
-        step = self.pending
+    def before_output(self, out: Any, model_output: Any, now: int) -> None:
+        step = self.current = self.pending.pop(id(out), None)
         if step is None:
             return
         step.output_start = now
         step.worker = getattr(model_output, OUTPUT_KEY, None)
 
     def after_output(self, now: int) -> None:
-        step, self.pending = self.pending, None
+        step, self.current = self.current, None
         if step is None:
             return
         step.output_end = now
@@ -259,8 +266,8 @@ class StepTracer:
                         totals[key] += n
                     elif len(totals) < cap:
                         totals[key] = n
-                    else:
-                        self.expert_dropped += 1
+                    else:  # counted as dropped telemetry, never a new series
+                        DROPPED["moe_expert_series_cap"] += 1
 
     def _instruments(self):
         if self._metrics is None:
