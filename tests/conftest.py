@@ -198,3 +198,13 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
         # channels, first-request imports) is not what the tests measure
         chat(server.base_url, model, "warm up", max_tokens=2)
     return {"dense": started[0], "broken": started[1]}
+
+
+def metric_points(reader) -> dict[str, list]:
+    """An in-memory metric reader's data points, by metric name (one collection)."""
+    out: dict[str, list] = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                out.setdefault(metric.name, []).extend(metric.data.data_points)
+    return out

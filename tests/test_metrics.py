@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from conftest import metric_points
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -35,15 +36,6 @@ def record(itls=(), **kw) -> RequestRecord:
     return RequestRecord(**fields)
 
 
-def _points(reader: InMemoryMetricReader) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for rm in reader.get_metrics_data().resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                out.setdefault(metric.name, []).extend(metric.data.data_points)
-    return out
-
-
 def test_bulk_itl_histogram_equals_per_value_recording():
     rng = random.Random(7)
     requests = [[rng.choice([0.0005, 0.001, 0.0025, 0.004, 0.2, 3.0]) * rng.uniform(0.5, 1.5)
@@ -62,10 +54,10 @@ def test_bulk_itl_histogram_equals_per_value_recording():
         if i in (0, 11):  # batches of 1, 11 and 13 requests, as the builder hands them over
             instruments.flush_pending()
     instruments.flush_pending()
-    want = {p.attributes["tenant"]: p for p in _points(reference)["ref"]}
+    want = {p.attributes["tenant"]: p for p in metric_points(reference)["ref"]}
     for r in (reader, second):
         got = {p.attributes[sc.LLMTRACE_TENANT]: p
-               for p in _points(r)[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]}
+               for p in metric_points(r)[sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY]}
         assert got.keys() == want.keys() == {"t0", "t1"}
         for tenant, p in got.items():
             w = want[tenant]
@@ -91,9 +83,9 @@ def test_batched_histograms_equal_per_value_recording():
             instruments.record_request(record([], ttft_s=ttft, tenant=tenant))
             ref.record(ttft, {"tenant": tenant})
         instruments.flush_pending()
-    want = {p.attributes["tenant"]: p for p in _points(reference)["ref"]}
+    want = {p.attributes["tenant"]: p for p in metric_points(reference)["ref"]}
     got = {p.attributes[sc.LLMTRACE_TENANT]: p
-           for p in _points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]}
+           for p in metric_points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]}
     assert got.keys() == want.keys() and len(got) == 3
     for tenant, p in got.items():
         w = want[tenant]
@@ -112,7 +104,7 @@ def test_request_metrics_carry_fleet_labels_and_slo_bucket():
         first_token_delivery_s=None, decode_s=None, prompt_tokens=7, cached_tokens=3,
         preemptions=1))
     instruments.flush_pending()
-    points = _points(reader)
+    points = metric_points(reader)
     [ttft] = points[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
     assert 0.2 in ttft.explicit_bounds and tuple(ttft.explicit_bounds) == TTFT_BUCKETS
     # llmtrace's own records carry no source label (the default definitions)
@@ -128,7 +120,7 @@ def test_request_metrics_carry_fleet_labels_and_slo_bucket():
     instruments.record_request(record([], source="vllm_builtin", version="v9"))
     instruments.flush_pending()
     sources = {p.attributes.get(sc.LLMTRACE_RECORD_SOURCE) for p in
-               _points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]}
+               metric_points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]}
     assert sources == {None, "vllm_builtin"}
 
 
@@ -176,7 +168,7 @@ def test_exemplars_link_sampled_requests_to_their_traces():
     for _ in range(5):
         instruments.record_request(record([0.01], ttft_s=0.05))  # not sampled
     instruments.flush_pending()
-    [ttft] = _points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
+    [ttft] = metric_points(reader)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
     assert ttft.count == 6
     linked = [e for e in ttft.exemplars if e.trace_id == trace_id]
     assert linked and all(e.span_id == span_id for e in linked)
@@ -187,5 +179,5 @@ def test_exemplars_link_sampled_requests_to_their_traces():
     _, off = build_instruments(load_config(), Resource.create({}), "t", [reader_off])
     off.record_request(record([], ttft_s=0.3), context)
     off.flush_pending()
-    [point] = _points(reader_off)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
+    [point] = metric_points(reader_off)[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN]
     assert point.count == 1 and not point.exemplars

@@ -110,6 +110,7 @@ class WorkerTracer:
         self._step: dict[str, Any] | None = None  # the marked step under way
         self._scope: VLLMScope | None = None
         self._owns_regions = False
+        self._sampling = config.step_sample_every > 0
 
     # -- start-up: after the model is loaded, before it is compiled or warmed up -----
     def after_load_model(self, instance, args, kwargs, result, token) -> None:
@@ -170,6 +171,10 @@ class WorkerTracer:
                     len(routers), counts.num_experts, counts.top_k)
 
     # -- each step (hook bodies; guarded by install()) -------------------------------
+    def sampling(self) -> bool:
+        """The step hooks' gate: with step sampling off they skip their bodies."""
+        return self._sampling
+
     def before_execute_model(self, instance, args, kwargs) -> None:
         out = args[0] if args else kwargs.get("scheduler_output")
         mark = getattr(out, STEP_MARK, None)
