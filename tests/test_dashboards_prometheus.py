@@ -42,7 +42,10 @@ NO_PRODUCER = re.compile(
     r"|llmtrace_router_prefix_cache_"
     # need NVML and a GPU (tests/test_hardware.py drives the NVML path with a stand-in);
     # the utilisation gauge's CPU fallback is checked on its own below
-    r"|hw_gpu_")
+    r"|hw_gpu_"
+    # MoE models and chunked generations have their own servers and tests
+    # (tests/test_vllm_steps.py, tests/test_vllm_time_slices.py)
+    r"|llmtrace_moe_|llmtrace_generation_")
 NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 

@@ -54,6 +54,16 @@ KV_SEL = c.sel(c.M_MODEL, c.M_VERSION, c.M_INSTANCE)
 PREFIX_ERROR = c.prom(sc.METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTION_ERROR)
 PREFIX_PREDICTED = c.prom(sc.METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_PREDICTED_TOKENS)
 PREFIX_ACTUAL = c.prom(sc.METRIC_LLMTRACE_ROUTER_PREFIX_CACHE_ACTUAL_TOKENS)
+STEP_PHASE = c.prom(sc.METRIC_LLMTRACE_STEP_PHASE_DURATION)
+PHASE = c.label(sc.LLMTRACE_STEP_PHASE)
+MOE_IMBALANCE = c.prom(sc.METRIC_LLMTRACE_MOE_LOAD_IMBALANCE)
+MOE_HOT_SHARE = c.prom(sc.METRIC_LLMTRACE_MOE_HOT_EXPERT_SHARE)
+MOE_LAYER = c.prom(sc.METRIC_LLMTRACE_MOE_LAYER_LOAD_IMBALANCE)
+LAYER = c.label(sc.LLMTRACE_MOE_LAYER)
+HOL = c.prom(sc.METRIC_LLMTRACE_REQUEST_HOL_BLOCKING)
+GENERATION_GAP = c.prom(sc.METRIC_LLMTRACE_GENERATION_GAP)
+#: engine-step series carry no tenant: a step is the batch's
+STEP_SEL = c.sel(c.M_MODEL, c.M_VERSION, c.M_INSTANCE)
 BUSY = c.prom(sc.METRIC_LLMTRACE_COST_ACCELERATOR_SECONDS)
 IDLE = c.prom(sc.METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS)
 
@@ -416,6 +426,52 @@ def router_prediction() -> list:
     ]
 
 
+def engine_step() -> list:
+    tenant = c.label(sc.LLMTRACE_TENANT)
+    return [
+        c.timeseries_panel(Spec(
+            1201, "Engine step phases (sampled steps)", "p90 of each phase of the sampled "
+            "engine steps (one in LLMTRACE_STEP_SAMPLE_EVERY): the scheduler, the worker's "
+            "forward (execute) and deferred sampling, and output processing "
+            "(llmtrace_step_phase_duration_seconds, the same intervals as the "
+            "llmtrace.step.phase spans). Schedule or output growing next to execute is "
+            "CPU-side overhead the accelerator waits on.", "s", c.informational(),
+            [(c.quantile(0.9, STEP_PHASE, STEP_SEL, (PHASE,)), f"{{{{{PHASE}}}}}")], w=8),
+            stack=True),
+        c.timeseries_panel(Spec(
+            1202, "MoE expert load imbalance", "Per MoE layer and sampled step, the busiest "
+            "expert's tokens over the mean (llmtrace_moe_load_imbalance; 1 = even): p50 and "
+            "p90, and the busiest expert's share of a layer's assignments. Sustained high "
+            "values at full batches mean tokens pile on few experts: the expert-parallel "
+            "ranks holding them set the step time. A one-token step reads experts/top_k "
+            "whatever the router does.", "none", c.informational(),
+            [(c.quantile(0.5, MOE_IMBALANCE, STEP_SEL), "imbalance p50"),
+             (c.quantile(0.9, MOE_IMBALANCE, STEP_SEL), "imbalance p90"),
+             (c.quantile(0.9, MOE_HOT_SHARE, STEP_SEL), "hot-expert share p90")], w=8)),
+        c.timeseries_panel(Spec(
+            1203, "MoE imbalance per layer (last sampled step)", "Each MoE layer's imbalance "
+            "in the last sampled step (llmtrace_moe_layer_load_imbalance), the worst instance "
+            "per layer: the layers whose routing collapses onto few experts.", "none",
+            c.informational(),
+            [(f"max by ({LAYER}) ({MOE_LAYER}{STEP_SEL})", f"layer {{{{{LAYER}}}}}")], w=8)),
+        c.timeseries_panel(Spec(
+            1204, "Head-of-line blocking by tenant", "p90 per request of the engine time "
+            "that ran without it while it waited (queued, held or preempted: "
+            "llmtrace_request_hol_blocking_seconds). Under priority scheduling the "
+            "low-priority tenants carry it; a tenant whose blocking grows while others' "
+            "stays flat is being starved.", "s", c.informational(),
+            [(c.quantile(0.9, HOL, c.req(), (tenant,)), f"{{{{{tenant}}}}}")], w=12)),
+        c.timeseries_panel(Spec(
+            1205, "Chunked generations: gap between chunks", "p50 and p90 of the time between "
+            "one chunk request's end and the next one's arrival, for generations split "
+            "into chunk requests (continue_final_message; llmtrace_generation_gap_seconds): "
+            "time the generation spends outside the server, in the sidecar or client.",
+            "s", c.informational(),
+            [(c.quantile(q, GENERATION_GAP, c.req()), f"p{int(q * 100)}")
+             for q in (0.5, 0.9)], w=12)),
+    ]
+
+
 def router() -> list:
     processed = f"rate({c.ROUTER_PROCESSED}[$__rate_interval])"
     requests = f"sum by (route) (rate({c.ROUTER_REQUESTS}[$__rate_interval]))"
@@ -519,6 +575,7 @@ def build() -> db.Dashboard:
          (c.row("Data parallelism", 800), data_parallel()),
          (c.row("Router (vllm-router)", 900), router()),
          (c.row("Disaggregated serving (KV transfer)", 1000), kv_transfer()),
-         (c.row("Router prefix-cache prediction (llm-d)", 1100), router_prediction())],
+         (c.row("Router prefix-cache prediction (llm-d)", 1100), router_prediction()),
+         (c.row("Inside the engine step", 1200), engine_step())],
         annotations=[c.annotation("TTFT p99 over 200 ms", f"{ttft_p99} > {c.TTFT_SLO_S}",
                                   "red")])

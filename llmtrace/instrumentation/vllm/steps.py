@@ -110,7 +110,9 @@ class StepTracer:
     def before_schedule(self, now: int) -> None:
         if RECORDER.thread and not self.pending and self.current is None:
             RECORDER.end()  # a sampled step whose output never came: stop recording
-        if not self.every or (self._seen + 1) % self.every:
+        # the first non-empty step is sampled: the worker's first record gives the MoE
+        # shape that every later step's dispatched count needs
+        if not self.every or self._seen % self.every:
             self.wanted = None
             return
         trace_id, span_id, traced, _span = self.telemetry.new_root(
