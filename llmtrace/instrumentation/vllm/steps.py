@@ -41,7 +41,6 @@ MAX_STEP_LINKS = 32
 class SampledStep:
     """One sampled step's engine-side timestamps and batch, plus the worker's record."""
 
-    index: int
     trace_id: int
     span_id: int
     traced: bool  # the tracer's sampler kept the step span
@@ -49,10 +48,8 @@ class SampledStep:
     sched_end: int = 0
     output_start: int = 0
     output_end: int = 0
-    batch_size: int = 0
-    scheduled_tokens: int = 0
-    prefill_tokens: int = 0
-    prefill_requests: int = 0
+    #: the engine's record of the step: index and batch composition (read, not copied)
+    batch: Any = None
     #: traceparents of the sampled requests in the batch (their request spans)
     requests: list[str] = field(default_factory=list)
     worker: dict[str, Any] | None = None
@@ -117,7 +114,7 @@ class StepTracer:
             return
         trace_id, span_id, traced, _span = self.telemetry.new_root(
             sc.SPAN_LLMTRACE_ENGINE_STEP, Context(), now)
-        self.wanted = SampledStep(0, trace_id, span_id, traced, now)
+        self.wanted = SampledStep(trace_id, span_id, traced, now)
         if not RECORDER.thread:  # else a sampled step under way records (async scheduling)
             RECORDER.begin(trace_id)
 
@@ -132,12 +129,8 @@ class StepTracer:
         step, self.wanted = self.wanted, None
         if step is None:
             return
-        step.index = step_pending.index
+        step.batch = step_pending
         step.sched_end = time.time_ns()
-        step.batch_size = step_pending.batch_size
-        step.scheduled_tokens = step_pending.scheduled_tokens
-        step.prefill_tokens = step_pending.prefill_tokens
-        step.prefill_requests = step_pending.prefill_requests
         records = self.engine.records
         if records:
             for rid in out.num_scheduled_tokens:
@@ -146,7 +139,7 @@ class StepTracer:
                     step.requests.append(rec.traceparent)
                     if len(rec.steps) < MAX_STEP_LINKS:
                         rec.steps.append((step.trace_id, step.span_id))
-        setattr(out, STEP_MARK, (step.trace_id, step.index))
+        setattr(out, STEP_MARK, (step.trace_id, step_pending.index))
         pending = self.pending
         if len(pending) >= 8:  # a step whose output never came must not leak
             pending.pop(next(iter(pending)))
@@ -169,7 +162,7 @@ class StepTracer:
         moe = (step.worker or {}).get("moe")
         if moe and not self.per_token:
             self.per_token = moe["top_k"] * len(moe["layers"])
-            self.dispatched += step.scheduled_tokens * self.per_token
+            self.dispatched += step.batch.scheduled_tokens * self.per_token
         self.telemetry.builder.submit(self.build, step)
 
     def discard(self) -> None:
@@ -196,14 +189,14 @@ class StepTracer:
             self._span(step, ph, moe, layer_stats, worker)
 
     def _span(self, step: SampledStep, ph, moe, layer_stats, worker) -> None:
-        tel = self.telemetry
+        tel, batch = self.telemetry, step.batch
         attrs: dict[str, Any] = {
-            sc.LLMTRACE_STEP_INDEX: step.index,
-            sc.LLMTRACE_STEP_BATCH_SIZE: step.batch_size,
-            sc.LLMTRACE_STEP_SCHEDULED_TOKENS: step.scheduled_tokens,
-            sc.LLMTRACE_STEP_PREFILL_TOKENS: step.prefill_tokens,
-            sc.LLMTRACE_STEP_DECODE_TOKENS: step.scheduled_tokens - step.prefill_tokens,
-            sc.LLMTRACE_STEP_PREFILL_REQUESTS: step.prefill_requests,
+            sc.LLMTRACE_STEP_INDEX: batch.index,
+            sc.LLMTRACE_STEP_BATCH_SIZE: batch.batch_size,
+            sc.LLMTRACE_STEP_SCHEDULED_TOKENS: batch.scheduled_tokens,
+            sc.LLMTRACE_STEP_PREFILL_TOKENS: batch.prefill_tokens,
+            sc.LLMTRACE_STEP_DECODE_TOKENS: batch.scheduled_tokens - batch.prefill_tokens,
+            sc.LLMTRACE_STEP_PREFILL_REQUESTS: batch.prefill_requests,
             sc.LLMTRACE_STEP_SAMPLE_EVERY: self.every,
             sc.GEN_AI_REQUEST_MODEL: self.engine.model,
         }
