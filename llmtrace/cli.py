@@ -130,6 +130,115 @@ def _run_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gate_args(sub: argparse._SubParsersAction) -> None:
+    from llmtrace.quality.gate_queries import CHECKS, DEFAULTS
+
+    p = sub.add_parser(
+        "gate", help="canary versus stable version: pass, fail or inconclusive, from Prometheus",
+        description="Compare a canary and a stable deployment version of one model over a "
+        "window of Prometheus data (TTFT and ITL over their SLO thresholds, failed requests, "
+        "judge scores, hallucinations, drift) and decide. Exit 0 pass, 1 fail (roll back), "
+        "2 inconclusive (too little data, a required series missing, or a usage error: hold), "
+        "3 Prometheus unreachable or a query refused. See docs/quality-gates.md.")
+    p.add_argument("--prometheus", required=True, metavar="URL",
+                   help="Prometheus (or compatible) base URL, e.g. http://prometheus:9090")
+    p.add_argument("--model", required=True, help="gen_ai_request_model to compare")
+    p.add_argument("--stable", required=True, metavar="VERSION",
+                   help="llmtrace_deployment_version of the stable version")
+    p.add_argument("--canary", required=True, metavar="VERSION",
+                   help="llmtrace_deployment_version of the canary version")
+    p.add_argument("--window", default="30m", help="PromQL duration to compare (default 30m)")
+    p.add_argument("--tenant", help="only this llmtrace_tenant (default: all)")
+    p.add_argument("--checks", metavar="LIST",
+                   help=f"comma-separated subset of {','.join(CHECKS)} (default: all; a named "
+                        "check whose series do not exist makes the result inconclusive)")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    p.add_argument("--min-samples", type=int, default=DEFAULTS.min_samples, metavar="N",
+                   help="requests (TTFT, errors) or tokens (ITL) per side before a verdict "
+                        f"(default {DEFAULTS.min_samples})")
+    p.add_argument("--min-evaluations", type=int, default=DEFAULTS.min_evaluations, metavar="N",
+                   help="judge evaluations per side before a quality or hallucination verdict "
+                        f"(default {DEFAULTS.min_evaluations})")
+    p.add_argument("--alpha", type=float, default=DEFAULTS.alpha,
+                   help=f"significance level of the one-sided tests (default {DEFAULTS.alpha})")
+    p.add_argument("--max-slo-regression", type=float, metavar="POINTS",
+                   help="tolerated rise of the share of requests (tokens) over the TTFT (ITL) "
+                        "SLO threshold, as a ratio (0.01 = 1 point; default: each SLO's error "
+                        "budget, 1 - objective)")
+    p.add_argument("--max-error-regression", type=float, default=DEFAULTS.max_error_regression,
+                   metavar="POINTS", help="tolerated rise of the failed-request ratio "
+                   f"(default {DEFAULTS.max_error_regression})")
+    p.add_argument("--max-quality-drop", type=float, default=DEFAULTS.max_quality_drop,
+                   metavar="SCORE", help="tolerated drop of a mean judge score in [0, 1] "
+                   f"(default {DEFAULTS.max_quality_drop})")
+    p.add_argument("--max-hallucination-regression", type=float,
+                   default=DEFAULTS.max_hallucination_regression, metavar="POINTS",
+                   help="tolerated rise of the hallucination ratio "
+                        f"(default {DEFAULTS.max_hallucination_regression})")
+    p.add_argument("--psi-threshold", type=float, default=DEFAULTS.max_psi, metavar="PSI",
+                   help=f"largest tolerated feature PSI of the canary (default {DEFAULTS.max_psi})")
+    p.add_argument("--time", metavar="WHEN",
+                   help="evaluate at this instant (Unix seconds or ISO 8601) instead of now, "
+                        "to reproduce an earlier decision")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per query (default 30)")
+    p.add_argument("--header", action="append", default=[], metavar="NAME: VALUE",
+                   help="HTTP header for Prometheus (repeatable), e.g. 'X-Scope-OrgID: team'")
+
+
+def _run_gate(args: argparse.Namespace) -> int:
+    import json
+    import time
+    from datetime import datetime
+
+    from llmtrace.quality import gate
+    from llmtrace.quality.gate_queries import Tolerances
+
+    def usage(message: str) -> int:
+        print(f"llmtrace gate: {message}", file=sys.stderr)
+        return 2
+
+    checks = tuple(c.strip() for c in args.checks.split(",") if c.strip()) if args.checks \
+        else gate.CHECKS
+    if unknown := [c for c in checks if c not in gate.CHECKS]:
+        return usage(f"unknown check(s) {', '.join(unknown)}; choose from {', '.join(gate.CHECKS)}")
+    if not gate.WINDOW.match(args.window):
+        return usage(f"--window {args.window!r} is not a PromQL duration (e.g. 30m, 1h30m)")
+    if not 0 < args.alpha < 1 or args.min_samples < 1 or args.min_evaluations < 1:
+        return usage("--alpha must be in (0, 1) and the minimum counts >= 1")
+    headers = []
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            return usage(f"--header {h!r}: expected 'Name: value'")
+        headers.append((name.strip(), value.strip()))
+    try:
+        at = time.time() if args.time is None else float(args.time)
+    except ValueError:
+        try:
+            at = datetime.fromisoformat(args.time).timestamp()
+        except ValueError:
+            return usage(f"--time {args.time!r}: expected Unix seconds or ISO 8601")
+    spec = gate.GateSpec(
+        args.model, args.stable, args.canary, args.window, args.tenant, checks,
+        explicit=args.checks is not None, tolerances=Tolerances(
+            alpha=args.alpha, min_samples=args.min_samples,
+            min_evaluations=args.min_evaluations, max_slo_regression=args.max_slo_regression,
+            max_error_regression=args.max_error_regression,
+            max_quality_drop=args.max_quality_drop,
+            max_hallucination_regression=args.max_hallucination_regression,
+            max_psi=args.psi_threshold))
+    prom = gate.Prometheus(args.prometheus, round(at, 3), args.timeout, headers)
+    try:
+        report = gate.evaluate(prom, spec)
+    except gate.PrometheusError as exc:
+        print(f"llmtrace gate: no verdict, Prometheus failed: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(gate.error_json(spec, prom.url, prom.at, str(exc)), indent=2))
+        return gate.EXIT_CODES[gate.ERROR]
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.table())
+    return report.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmtrace")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                             "and collector configs and example price table to a directory")
     assets.add_argument("--out", required=True, type=Path, help="directory to write into")
     _profile_args(sub)
+    _gate_args(sub)
     args = parser.parse_args(argv)
     if args.command == "assets":
         from llmtrace.assets import copy_to
@@ -159,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         return doctor_main(args.json, args.metrics_url)
     if args.command == "profile":
         return _run_profile(args)
+    if args.command == "gate":
+        return _run_gate(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from prometheus_client import disable_created_metrics
     disable_created_metrics()  # _created series double the count for no dashboard use

@@ -110,6 +110,38 @@ class Config(BaseModel):
     moe_expert_metrics: bool = False
     #: ... and capped at this many series per engine when on (the rest counted as dropped).
     moe_expert_series: int = Field(default=1024, ge=1)
+    #: Judge model: an OpenAI-compatible base URL (``http://judge:8000/v1``); empty: no
+    #: judge. A sample of traced requests is scored off the serving path.
+    judge_endpoint: str = ""
+    #: Served model name at the judge endpoint.
+    judge_model: str = ""
+    #: Share of requests judged, chosen by trace id like the ratio sampler (so judged
+    #: requests are traced ones whenever this is at most the trace sample ratio).
+    judge_sample_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    judge_timeout_s: float = Field(default=10.0, gt=0)
+    #: Judge calls per second at most, and at once at most ...
+    judge_max_rate: float = Field(default=2.0, gt=0)
+    judge_concurrency: int = Field(default=2, ge=1, le=64)
+    #: ... and requests waiting for the judge; beyond this they are dropped and counted.
+    judge_queue_size: int = Field(default=64, ge=1)
+    #: A file holding the judge's rubric (system prompt); empty: the built-in rubric.
+    judge_rubric: str = ""
+    #: Bearer token for the judge endpoint (LLMTRACE_JUDGE_API_KEY).
+    judge_api_key: str = ""
+    #: Share of requests, by trace id, whose sampler logprobs llmtrace asks for to measure
+    #: output entropy (requests that ask for logprobs themselves are always measured).
+    entropy_sample_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    #: Top-k logprobs llmtrace asks for on those requests (capped by vLLM's max_logprobs).
+    entropy_top_k: int = Field(default=8, ge=1, le=64)
+    #: The same tenant sending the same prompt within this many seconds is a regeneration.
+    regeneration_window_s: float = Field(default=600.0, ge=0)
+    #: Drift baseline: ``pinned`` (the first full window), ``file:PATH`` (a reference
+    #: file) or ``version:STABLE`` (the stable version's live window; collector only).
+    drift_baseline: str = "pinned"
+    #: Sliding current window of the drift detector, seconds ...
+    drift_window_s: float = Field(default=1800.0, gt=0)
+    #: ... and requests each window needs before a feature's statistics are reported.
+    drift_min_samples: int = Field(default=100, ge=1)
 
     @field_validator("metrics_exporter")
     @classmethod
@@ -189,6 +221,21 @@ _ENV: dict[str, tuple[str, ...]] = {
     "moe_counts": ("LLMTRACE_MOE_COUNTS",),
     "moe_expert_metrics": ("LLMTRACE_MOE_EXPERT_METRICS",),
     "moe_expert_series": ("LLMTRACE_MOE_EXPERT_SERIES",),
+    "judge_endpoint": ("LLMTRACE_JUDGE_ENDPOINT",),
+    "judge_model": ("LLMTRACE_JUDGE_MODEL",),
+    "judge_sample_ratio": ("LLMTRACE_JUDGE_SAMPLE_RATIO",),
+    "judge_timeout_s": ("LLMTRACE_JUDGE_TIMEOUT_S",),
+    "judge_max_rate": ("LLMTRACE_JUDGE_MAX_RATE",),
+    "judge_concurrency": ("LLMTRACE_JUDGE_CONCURRENCY",),
+    "judge_queue_size": ("LLMTRACE_JUDGE_QUEUE_SIZE",),
+    "judge_rubric": ("LLMTRACE_JUDGE_RUBRIC",),
+    "judge_api_key": ("LLMTRACE_JUDGE_API_KEY",),
+    "entropy_sample_ratio": ("LLMTRACE_ENTROPY_SAMPLE_RATIO",),
+    "entropy_top_k": ("LLMTRACE_ENTROPY_TOP_K",),
+    "regeneration_window_s": ("LLMTRACE_REGENERATION_WINDOW_S",),
+    "drift_baseline": ("LLMTRACE_DRIFT_BASELINE",),
+    "drift_window_s": ("LLMTRACE_DRIFT_WINDOW_S",),
+    "drift_min_samples": ("LLMTRACE_DRIFT_MIN_SAMPLES",),
 }
 
 

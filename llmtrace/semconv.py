@@ -13,6 +13,8 @@ from typing import Final
 # -- Attributes ---------------------------------------------------------------
 ERROR_TYPE: Final = 'error.type'
 """[upstream] Why the request failed: `aborted`, `client_disconnected`, `timeout`, `engine_error` or an exception type."""
+GEN_AI_EVALUATION_EXPLANATION: Final = 'gen_ai.evaluation.explanation'
+"""[upstream] The evaluator's short explanation of a score."""
 GEN_AI_EVALUATION_NAME: Final = 'gen_ai.evaluation.name'
 """[upstream] Name of the quality evaluation (judge) that produced a score."""
 GEN_AI_EVALUATION_SCORE_LABEL: Final = 'gen_ai.evaluation.score.label'
@@ -159,6 +161,8 @@ LLMTRACE_DP_REASON: Final = 'llmtrace.dp.reason'
 """Why the request went to its data-parallel rank."""
 LLMTRACE_DRIFT_FEATURE: Final = 'llmtrace.drift.feature'
 """Feature whose distribution is compared with the baseline."""
+LLMTRACE_DRIFT_WINDOW: Final = 'llmtrace.drift.window'
+"""Which side of a drift comparison a sample count refers to."""
 LLMTRACE_ENGINE_INDEX: Final = 'llmtrace.engine.index'
 """Data-parallel rank of the engine core (vLLM's `engine` label; 0 without data parallelism); on the request, the rank that served it."""
 LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
@@ -167,6 +171,10 @@ LLMTRACE_GENERATION_CHUNK_INDEX: Final = 'llmtrace.generation.chunk.index'
 """The chunk's position in its generation (1 for the first continuation)."""
 LLMTRACE_GENERATION_GAP: Final = 'llmtrace.generation.gap'
 """Seconds from the previous chunk's end (as this server saw it) to this chunk's arrival."""
+LLMTRACE_JUDGE_HALLUCINATION: Final = 'llmtrace.judge.hallucination'
+"""Whether the judge flagged the answer as containing made-up facts."""
+LLMTRACE_JUDGE_MODEL: Final = 'llmtrace.judge.model'
+"""Model that judged the answer (the judge endpoint's served model name)."""
 LLMTRACE_KV_TRANSFER_ASYNC: Final = 'llmtrace.kv_transfer.async'
 """Whether the connector loads asynchronously (the request waits outside the batch, as with NIXL) or inside the step that schedules it."""
 LLMTRACE_KV_TRANSFER_BLOCKS: Final = 'llmtrace.kv_transfer.blocks'
@@ -225,6 +233,8 @@ LLMTRACE_MOE_TOKENS: Final = 'llmtrace.moe.tokens'
 """Tokens routed through the layer in the step."""
 LLMTRACE_MOE_TOP_K: Final = 'llmtrace.moe.top_k'
 """Experts selected per token."""
+LLMTRACE_OUTPUT_ENTROPY: Final = 'llmtrace.output.entropy'
+"""Mean per-token entropy of the output distribution, in nats."""
 LLMTRACE_PREEMPTION_REASON: Final = 'llmtrace.preemption.reason'
 """Why the scheduler preempted the request."""
 LLMTRACE_PREFILL_CACHED_TOKENS: Final = 'llmtrace.prefill.cached_tokens'
@@ -289,6 +299,8 @@ LLMTRACE_REQUEST_PREEMPTIONS: Final = 'llmtrace.request.preemptions'
 """Times the request was preempted and re-queued."""
 LLMTRACE_REQUEST_PRIORITY: Final = 'llmtrace.request.priority'
 """Scheduling priority requested."""
+LLMTRACE_REQUEST_REGENERATION: Final = 'llmtrace.request.regeneration'
+"""The same tenant sent the same prompt within the regeneration window: the user asked again."""
 LLMTRACE_ROUTER_CANDIDATE_ENDPOINTS: Final = 'llmtrace.router.candidate.endpoints'
 """Endpoint (API base) of each candidate deployment."""
 LLMTRACE_ROUTER_CANDIDATE_IDS: Final = 'llmtrace.router.candidate.ids'
@@ -392,6 +404,13 @@ class LlmtraceDpReasonValues(StrEnum):
     EXTERNAL_LB = 'external_lb'
 
 
+class LlmtraceDriftWindowValues(StrEnum):
+    """Values of ``llmtrace.drift.window``."""
+
+    BASELINE = 'baseline'
+    CURRENT = 'current'
+
+
 class LlmtraceKvTransferDirectionValues(StrEnum):
     """Values of ``llmtrace.kv_transfer.direction``."""
 
@@ -481,6 +500,7 @@ SPAN_LLMTRACE_DECODE_WAIT: Final = 'llmtrace.decode.wait'
 SPAN_LLMTRACE_ENGINE_REQUEST: Final = 'llmtrace.engine.request'
 SPAN_LLMTRACE_ENGINE_STEP: Final = 'llmtrace.engine.step'
 SPAN_LLMTRACE_FIRST_TOKEN_DELIVERY: Final = 'llmtrace.first_token_delivery'
+SPAN_LLMTRACE_JUDGE: Final = 'llmtrace.judge'
 SPAN_LLMTRACE_KV_TRANSFER: Final = 'llmtrace.kv_transfer'
 SPAN_LLMTRACE_PREEMPTION: Final = 'llmtrace.preemption'
 SPAN_LLMTRACE_PREFILL: Final = 'llmtrace.prefill'
@@ -496,6 +516,7 @@ SPAN_LLMTRACE_ROUTER_ROUTE: Final = 'llmtrace.router.route'
 SPAN_LLMTRACE_STEP_PHASE: Final = 'llmtrace.step.phase'
 
 # -- Events ---------------------------------------------------------------------
+EVENT_GEN_AI_EVALUATION_RESULT: Final = 'gen_ai.evaluation.result'
 EVENT_LLMTRACE_FIRST_TOKEN: Final = 'llmtrace.first_token'
 EVENT_LLMTRACE_HOOK_DISABLED: Final = 'llmtrace.hook_disabled'
 EVENT_LLMTRACE_MOE_DISPATCH: Final = 'llmtrace.moe.dispatch'
@@ -516,11 +537,16 @@ METRIC_LLMTRACE_COST_IDLE_ACCELERATOR_SECONDS: Final = 'llmtrace.cost.idle_accel
 METRIC_LLMTRACE_COST_USD: Final = 'llmtrace.cost.usd'
 METRIC_LLMTRACE_DP_LOAD_IMBALANCE: Final = 'llmtrace.dp.load_imbalance'
 METRIC_LLMTRACE_DP_ROUTED_REQUESTS: Final = 'llmtrace.dp.routed_requests'
+METRIC_LLMTRACE_DRIFT_CHI_SQUARED: Final = 'llmtrace.drift.chi_squared'
 METRIC_LLMTRACE_DRIFT_KL_DIVERGENCE: Final = 'llmtrace.drift.kl_divergence'
+METRIC_LLMTRACE_DRIFT_P_VALUE: Final = 'llmtrace.drift.p_value'
 METRIC_LLMTRACE_DRIFT_PSI: Final = 'llmtrace.drift.psi'
+METRIC_LLMTRACE_DRIFT_SAMPLES: Final = 'llmtrace.drift.samples'
 METRIC_LLMTRACE_ENGINE_BUSY: Final = 'llmtrace.engine.busy'
 METRIC_LLMTRACE_ENGINE_STEPS: Final = 'llmtrace.engine.steps'
 METRIC_LLMTRACE_GENERATION_GAP: Final = 'llmtrace.generation.gap'
+METRIC_LLMTRACE_JUDGE_DURATION: Final = 'llmtrace.judge.duration'
+METRIC_LLMTRACE_JUDGE_FAILURES: Final = 'llmtrace.judge.failures'
 METRIC_LLMTRACE_KV_TRANSFER_BYTES: Final = 'llmtrace.kv_transfer.bytes'
 METRIC_LLMTRACE_KV_TRANSFER_DURATION: Final = 'llmtrace.kv_transfer.duration'
 METRIC_LLMTRACE_KV_TRANSFER_FAILURES: Final = 'llmtrace.kv_transfer.failures'
@@ -581,6 +607,7 @@ METRIC_PROCESS_THREAD_COUNT: Final = 'process.thread.count'
 # -- Registry sets, for validation ---------------------------------------------
 ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'error.type',
+    'gen_ai.evaluation.explanation',
     'gen_ai.evaluation.name',
     'gen_ai.evaluation.score.label',
     'gen_ai.evaluation.score.value',
@@ -632,10 +659,13 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.dp.load_imbalance',
     'llmtrace.dp.reason',
     'llmtrace.drift.feature',
+    'llmtrace.drift.window',
     'llmtrace.engine.index',
     'llmtrace.engine.steps',
     'llmtrace.generation.chunk.index',
     'llmtrace.generation.gap',
+    'llmtrace.judge.hallucination',
+    'llmtrace.judge.model',
     'llmtrace.kv_transfer.async',
     'llmtrace.kv_transfer.blocks',
     'llmtrace.kv_transfer.bytes',
@@ -665,6 +695,7 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.moe.num_experts',
     'llmtrace.moe.tokens',
     'llmtrace.moe.top_k',
+    'llmtrace.output.entropy',
     'llmtrace.preemption.reason',
     'llmtrace.prefill.cached_tokens',
     'llmtrace.prefill.chunk.computed_tokens',
@@ -697,6 +728,7 @@ ATTRIBUTES: Final[frozenset[str]] = frozenset({
     'llmtrace.request.id',
     'llmtrace.request.preemptions',
     'llmtrace.request.priority',
+    'llmtrace.request.regeneration',
     'llmtrace.router.candidate.endpoints',
     'llmtrace.router.candidate.ids',
     'llmtrace.router.candidate.scores',
@@ -772,6 +804,7 @@ SPAN_KINDS: Final[dict[str, str]] = {
     'llmtrace.engine.request': 'internal',
     'llmtrace.engine.step': 'internal',
     'llmtrace.first_token_delivery': 'internal',
+    'llmtrace.judge': 'internal',
     'llmtrace.kv_transfer': 'internal',
     'llmtrace.preemption': 'internal',
     'llmtrace.prefill': 'internal',
@@ -856,6 +889,12 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
     }),
     'llmtrace.first_token_delivery': frozenset({
+    }),
+    'llmtrace.judge': frozenset({
+        'llmtrace.judge.model',
+        'gen_ai.request.model',
+        'llmtrace.judge.hallucination',
+        'error.type',
     }),
     'llmtrace.kv_transfer': frozenset({
         'llmtrace.kv_transfer.connector',
@@ -996,6 +1035,7 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
 """Attributes each span may carry."""
 
 EVENTS: Final[frozenset[str]] = frozenset({
+    'gen_ai.evaluation.result',
     'llmtrace.first_token',
     'llmtrace.hook_disabled',
     'llmtrace.moe.dispatch',
@@ -1017,11 +1057,16 @@ METRIC_INSTRUMENTS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'counter',
     'llmtrace.dp.load_imbalance': 'histogram',
     'llmtrace.dp.routed_requests': 'counter',
+    'llmtrace.drift.chi_squared': 'gauge',
     'llmtrace.drift.kl_divergence': 'gauge',
+    'llmtrace.drift.p_value': 'gauge',
     'llmtrace.drift.psi': 'gauge',
+    'llmtrace.drift.samples': 'gauge',
     'llmtrace.engine.busy': 'counter',
     'llmtrace.engine.steps': 'counter',
     'llmtrace.generation.gap': 'histogram',
+    'llmtrace.judge.duration': 'histogram',
+    'llmtrace.judge.failures': 'counter',
     'llmtrace.kv_transfer.bytes': 'counter',
     'llmtrace.kv_transfer.duration': 'histogram',
     'llmtrace.kv_transfer.failures': 'counter',
@@ -1095,11 +1140,16 @@ METRIC_UNITS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': '{USD}',
     'llmtrace.dp.load_imbalance': '1',
     'llmtrace.dp.routed_requests': '{request}',
+    'llmtrace.drift.chi_squared': '1',
     'llmtrace.drift.kl_divergence': '{nat}',
-    'llmtrace.drift.psi': '{psi}',
+    'llmtrace.drift.p_value': '1',
+    'llmtrace.drift.psi': '1',
+    'llmtrace.drift.samples': '{request}',
     'llmtrace.engine.busy': 's',
     'llmtrace.engine.steps': '{step}',
     'llmtrace.generation.gap': 's',
+    'llmtrace.judge.duration': 's',
+    'llmtrace.judge.failures': '{evaluation}',
     'llmtrace.kv_transfer.bytes': 'By',
     'llmtrace.kv_transfer.duration': 's',
     'llmtrace.kv_transfer.failures': '{transfer}',
@@ -1173,11 +1223,16 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'Attributed cost in US dollars.',
     'llmtrace.dp.load_imbalance': "Busiest rank's waiting plus running over the mean across ranks, as the balancer saw them at each request's rank choice.",
     'llmtrace.dp.routed_requests': 'Finished requests by the data-parallel rank the API server sent them to, and why.',
-    'llmtrace.drift.kl_divergence': "KL divergence of a feature's distribution from the baseline.",
-    'llmtrace.drift.psi': 'Population stability index of a feature versus the baseline.',
+    'llmtrace.drift.chi_squared': 'Chi-squared statistic of the test that the current window and the baseline share one distribution.',
+    'llmtrace.drift.kl_divergence': "KL divergence of a feature's current window from its baseline, D(current || baseline).",
+    'llmtrace.drift.p_value': "p-value of the chi-squared test: small means the current window's distribution differs from the baseline.",
+    'llmtrace.drift.psi': "Population stability index of a feature's current window against its baseline.",
+    'llmtrace.drift.samples': "Requests in a drift comparison's baseline and current window.",
     'llmtrace.engine.busy': 'Engine time with a batch running: the time split among requests by batch share.',
     'llmtrace.engine.steps': 'Engine steps that ran a batch; busy time over steps is the mean step time.',
     'llmtrace.generation.gap': "Time between consecutive chunk requests of one chunked generation: the generation's time outside the server.",
+    'llmtrace.judge.duration': "How long each judge call took (the llmtrace.judge span's duration), failed calls with error.type.",
+    'llmtrace.judge.failures': 'Judge calls that gave no verdict, by error.type: timeout, unreachable, http_error, parse_error.',
     'llmtrace.kv_transfer.bytes': 'KV bytes moved by successful transfers, per connector and direction.',
     'llmtrace.kv_transfer.duration': "How long each request's KV transfer took, per connector and direction (the llmtrace.kv_transfer span's duration).",
     'llmtrace.kv_transfer.failures': 'Failed KV transfers by reason (llmtrace.kv_transfer.failure as error.type), per connector and direction.',
@@ -1189,7 +1244,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.moe.hot_expert_share': "Per MoE layer and sampled step: the busiest expert's share of the layer's assignments.",
     'llmtrace.moe.layer.load_imbalance': "Each MoE layer's load imbalance in the last sampled step (one series per layer).",
     'llmtrace.moe.load_imbalance': "Per MoE layer and sampled step: busiest expert's assignments over the mean (1.0 balanced).",
-    'llmtrace.output.entropy': 'Mean per-token entropy of the output distribution.',
+    'llmtrace.output.entropy': "Mean per-token entropy of each request's output distribution (llmtrace.output.entropy).",
     'llmtrace.pd.handoff.duration': "From the prefill instance's answer to the decode instance reading the request: the proxy's hop.",
     'llmtrace.pd.local.duration': "The decode instance's own part of a disaggregated request's time to first token, apart from waiting for the KV transfer.",
     'llmtrace.pd.remote_prefill.duration': "The prefill instance's request (read to answered) within a disaggregated request's time to first token.",
@@ -1202,9 +1257,9 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.pipeline.requests': 'Per-request records derived by the pipeline.',
     'llmtrace.pipeline.unpriced_requests': 'Requests whose model (or instance type) has no entry in the price table.',
     'llmtrace.process.cpu.available': 'CPUs the process may run on (its affinity mask): the provisioned side of process CPU utilisation.',
-    'llmtrace.quality.evaluations': 'Responses evaluated.',
-    'llmtrace.quality.hallucinations': 'Responses flagged as hallucinated by an evaluation.',
-    'llmtrace.quality.score': 'Quality score from an evaluation (judge) in [0, 1].',
+    'llmtrace.quality.evaluations': 'Responses a judge scored (failed judge calls are in llmtrace.judge.failures).',
+    'llmtrace.quality.hallucinations': 'Responses a judge flagged as hallucinated.',
+    'llmtrace.quality.score': 'Judge score in [0, 1] per dimension; `composite` is the mean of the four dimensions.',
     'llmtrace.request.hol_blocking': 'Per request: engine-step time that ran without it while it waited in the engine (head-of-line blocking).',
     'llmtrace.router.prefix_cache.actual_tokens': 'Prompt tokens the engine actually found cached, over the same routed requests (those with a router prediction).',
     'llmtrace.router.prefix_cache.predicted_tokens': 'Prompt tokens a router predicted the chosen engine had cached (prefix-cache score x prompt tokens), over routed requests with a prediction.',
@@ -1229,7 +1284,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.telemetry.dropped': 'Spans or records dropped because a queue was full or export failed.',
     'llmtrace.telemetry.hook_errors': 'Exceptions caught inside instrumentation hooks (never raised into the host).',
     'llmtrace.telemetry.label_overflows': 'Label values changed before use: cut to the maximum length (`too_long`), characters that are not printable replaced (`unprintable`), or replaced by `__overflow__` by the cardinality cap (`cardinality_cap`).',
-    'llmtrace.user.regenerations': 'Requests that regenerate an earlier answer (user retry signal).',
+    'llmtrace.user.regenerations': 'Requests whose tenant sent the same prompt within the regeneration window (user retry signal).',
     'process.cpu.time': 'CPU seconds (user + system) of the engine core and of each of its workers (upstream metric).',
     'process.cpu.utilization': 'CPU time since the previous sample over elapsed time and the CPUs the process may run on (upstream metric; 0..1).',
     'process.memory.usage': 'Resident memory of the engine core and of each of its workers (upstream metric); on CPU it holds the KV cache.',
@@ -1309,17 +1364,31 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.engine.index',
         'llmtrace.dp.reason',
     }),
+    'llmtrace.drift.chi_squared': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.drift.feature',
+    }),
     'llmtrace.drift.kl_divergence': frozenset({
         'gen_ai.request.model',
-        'llmtrace.tenant',
+        'llmtrace.deployment.version',
+        'llmtrace.drift.feature',
+    }),
+    'llmtrace.drift.p_value': frozenset({
+        'gen_ai.request.model',
         'llmtrace.deployment.version',
         'llmtrace.drift.feature',
     }),
     'llmtrace.drift.psi': frozenset({
         'gen_ai.request.model',
-        'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.drift.feature',
+    }),
+    'llmtrace.drift.samples': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.drift.feature',
+        'llmtrace.drift.window',
     }),
     'llmtrace.engine.busy': frozenset({
         'gen_ai.request.model',
@@ -1334,6 +1403,18 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.record.source',
+    }),
+    'llmtrace.judge.duration': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.judge.model',
+        'error.type',
+    }),
+    'llmtrace.judge.failures': frozenset({
+        'gen_ai.request.model',
+        'llmtrace.deployment.version',
+        'llmtrace.judge.model',
+        'error.type',
     }),
     'llmtrace.kv_transfer.bytes': frozenset({
         'gen_ai.request.model',
@@ -1400,6 +1481,7 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'llmtrace.pd.handoff.duration': frozenset({
         'gen_ai.request.model',
@@ -1457,20 +1539,20 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
-        'gen_ai.evaluation.name',
+        'llmtrace.judge.model',
     }),
     'llmtrace.quality.hallucinations': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
-        'gen_ai.evaluation.name',
+        'llmtrace.judge.model',
     }),
     'llmtrace.quality.score': frozenset({
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
         'llmtrace.quality.dimension',
-        'gen_ai.evaluation.name',
+        'llmtrace.judge.model',
     }),
     'llmtrace.request.hol_blocking': frozenset({
         'gen_ai.request.model',
@@ -1604,6 +1686,7 @@ METRIC_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'gen_ai.request.model',
         'llmtrace.tenant',
         'llmtrace.deployment.version',
+        'llmtrace.record.source',
     }),
     'process.cpu.time': frozenset({
         'llmtrace.process.role',
@@ -1638,11 +1721,16 @@ PROMETHEUS_NAMES: Final[dict[str, str]] = {
     'llmtrace.cost.usd': 'llmtrace_cost_usd_total',
     'llmtrace.dp.load_imbalance': 'llmtrace_dp_load_imbalance',
     'llmtrace.dp.routed_requests': 'llmtrace_dp_routed_requests_total',
+    'llmtrace.drift.chi_squared': 'llmtrace_drift_chi_squared',
     'llmtrace.drift.kl_divergence': 'llmtrace_drift_kl_divergence',
+    'llmtrace.drift.p_value': 'llmtrace_drift_p_value',
     'llmtrace.drift.psi': 'llmtrace_drift_psi',
+    'llmtrace.drift.samples': 'llmtrace_drift_samples',
     'llmtrace.engine.busy': 'llmtrace_engine_busy_seconds_total',
     'llmtrace.engine.steps': 'llmtrace_engine_steps_total',
     'llmtrace.generation.gap': 'llmtrace_generation_gap_seconds',
+    'llmtrace.judge.duration': 'llmtrace_judge_duration_seconds',
+    'llmtrace.judge.failures': 'llmtrace_judge_failures_total',
     'llmtrace.kv_transfer.bytes': 'llmtrace_kv_transfer_bytes_total',
     'llmtrace.kv_transfer.duration': 'llmtrace_kv_transfer_duration_seconds',
     'llmtrace.kv_transfer.failures': 'llmtrace_kv_transfer_failures_total',

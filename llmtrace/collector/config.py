@@ -56,9 +56,15 @@ class CollectorConfig(BaseModel):
     max_connections: int = Field(default=256, ge=1)
     #: connections the kernel queues before the receiver accepts them (listen backlog)
     listen_backlog: int = Field(default=1024, ge=1)
+    #: drift baseline (``pinned``, ``file:PATH``, ``version:STABLE``), window and minimum
+    #: requests per window, as the SDK's LLMTRACE_DRIFT_* settings
+    drift_baseline: str = "pinned"
+    drift_window_s: float = Field(default=1800.0, gt=0)
+    drift_min_samples: int = Field(default=100, ge=1)
 
 
-_ENV = {"bearer_token": "LLMTRACE_COLLECTOR_TOKEN", "forward_endpoint": "LLMTRACE_FORWARD_ENDPOINT"}
+_ENV = {"bearer_token": "LLMTRACE_COLLECTOR_TOKEN", "forward_endpoint": "LLMTRACE_FORWARD_ENDPOINT",
+        "drift_baseline": "LLMTRACE_DRIFT_BASELINE"}
 
 
 def load_collector_config(path: str | Path | None = None, **overrides: Any) -> CollectorConfig:

@@ -45,6 +45,7 @@ from llmtrace.pipeline.disaggregated import DisaggregatedJoin
 from llmtrace.pipeline.metrics import DerivedMetrics
 from llmtrace.pipeline.spans import spans_from_request
 from llmtrace.pricing import PriceTable
+from llmtrace.quality import drift
 from llmtrace.record import DisaggregatedRecord, RequestRecord, TransferRecord, UsageRecord
 
 __all__ = ["CollectorService", "Refused"]
@@ -66,7 +67,8 @@ class CollectorService:
         self.config = config
         prices = PriceTable.load(config.prices) if config.prices else None
         self.metrics = DerivedMetrics(max_label_values=config.max_label_values,
-                                      max_label_length=config.max_label_length, prices=prices)
+                                      max_label_length=config.max_label_length, prices=prices,
+                                      drift=drift.monitor_for(config))
         self._on_record, self._on_usage = on_record, on_usage
         #: called with each disaggregated request's TTFT breakdown (tests, embedding)
         self.on_disaggregated: Callable[[DisaggregatedRecord], None] | None = None

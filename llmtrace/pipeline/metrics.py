@@ -17,11 +17,13 @@ series at the source.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llmtrace import schema
 from llmtrace import semconv as sc
 from llmtrace.pricing import PriceTable, price_request, price_usage
+from llmtrace.quality import drift
+from llmtrace.quality.drift import DriftMonitor
 from llmtrace.record import DisaggregatedRecord, RequestRecord, TransferRecord, UsageRecord
 from llmtrace.record import Histogram as Distribution
 from llmtrace.record.labels import (
@@ -77,13 +79,35 @@ class _LabelChanges:
         yield family
 
 
+class _DriftGauges:
+    """The drift gauges of the collector's records, computed at scrape time."""
+
+    def __init__(self, monitor: DriftMonitor) -> None:
+        self._monitor = monitor
+
+    def collect(self):
+        values = drift.gauge_values(self._monitor.recent())
+        for name, rows in values.items():
+            spec = schema.BY_NAME[name]
+            labels = [_label(a) for a in spec.labels]
+            family = GaugeMetricFamily(spec.prometheus_base, spec.brief, labels=labels)
+            for attrs, value in rows:
+                family.add_metric([attrs.get(a, "") for a in spec.labels], value)
+            yield family
+
+
 class DerivedMetrics:
     """One Prometheus metric per schema metric the collector publishes, in its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None,
                  max_label_values: int = 100, prices: PriceTable | None = None,
-                 max_label_length: int = MAX_LABEL_LENGTH) -> None:
+                 max_label_length: int = MAX_LABEL_LENGTH,
+                 drift: DriftMonitor | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        #: drift of the derived request records (``llmtrace.drift.*``)
+        self.drift = drift
+        if drift is not None:
+            self.registry.register(_DriftGauges(drift))
         self.prices = prices
         self.labels = LabelLimiter(max_label_values, max_label_length)
         self.registry.register(_LabelChanges(self.labels))
@@ -109,6 +133,8 @@ class DerivedMetrics:
         if self.prices is not None:
             price_request(record, self.prices)
         self._observe("request", record)
+        if self.drift is not None:
+            self.drift.observe(record)
 
     def observe_usage(self, usage: UsageRecord) -> None:
         """One request's batch-share accelerator time, priced by the instance type."""

@@ -14,6 +14,7 @@ from llmtrace.record.request import (
     UNKNOWN,
     VLLM_DUPLICATE_STATE,
     DisaggregatedRecord,
+    EvaluationRecord,
     RequestRecord,
     TransferRecord,
     UsageRecord,
@@ -22,5 +23,5 @@ from llmtrace.record.timeline import PREEMPTED, SCHEDULED, Phases, Segment, Time
 
 __all__ = ["ITL_BOUNDS", "LATENCY_ATTRIBUTES", "PREEMPTED", "SCHEDULED", "SOURCE_LLMTRACE",
            "SOURCE_VLLM_BUILTIN", "UNKNOWN", "VLLM_DUPLICATE_STATE", "DisaggregatedRecord",
-           "Histogram", "Phases", "RequestRecord", "Segment", "Timeline", "TransferRecord",
-           "UsageRecord", "phases"]
+           "EvaluationRecord", "Histogram", "Phases", "RequestRecord", "Segment", "Timeline",
+           "TransferRecord", "UsageRecord", "phases"]

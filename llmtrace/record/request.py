@@ -79,6 +79,11 @@ class RequestRecord:
     #: previous chunk ended (``llmtrace.generation.*``)
     generation_chunk: int | None = None
     generation_gap_s: float | None = None
+    #: mean per-token entropy of the output distribution (``llmtrace.output.entropy``),
+    #: nats; None without logprobs
+    output_entropy: float | None = None
+    #: the tenant sent the same prompt within the regeneration window
+    regeneration: bool = False
 
     one = 1  # the value a per-request counter adds
     basis = "price_table"  # ``llmtrace.cost.basis`` of this record's USD
@@ -87,6 +92,11 @@ class RequestRecord:
     def source_label(self) -> str | None:
         """``llmtrace.record.source`` as a metric label: left off llmtrace's own records."""
         return None if self.source == SOURCE_LLMTRACE else self.source
+
+    @property
+    def regenerated(self) -> int | None:
+        """1 for a regeneration (the regenerations counter)."""
+        return 1 if self.regeneration else None
 
     @property
     def dp_routed(self) -> int | None:
@@ -224,3 +234,40 @@ class UsageRecord:
     hol_s: float | None = None
 
     basis = "batch_share"
+
+
+@dataclass(slots=True)
+class EvaluationRecord:
+    """One judge score of one request, or one failed judge call.
+
+    A verdict becomes one record per dimension (helpfulness, accuracy,
+    coherence, safety) and one for ``composite``, which also carries what is
+    counted once per judged request: the evaluation, the hallucination flag and
+    the call's latency. A failed call is one record with ``error_type`` and no
+    dimension or score.
+    """
+
+    trace_id: str
+    model: str
+    tenant: str
+    version: str
+    judge_model: str
+    dimension: str | None
+    score: float | None
+    latency_s: float | None = None
+    hallucination: bool | None = None
+    error_type: str | None = None
+    #: 1 on the record that counts the judged request (composite, or the failure)
+    counted: bool = False
+
+    @property
+    def evaluated(self) -> int | None:
+        return 1 if self.counted and self.error_type is None else None
+
+    @property
+    def hallucinated(self) -> int | None:
+        return 1 if self.counted and self.hallucination else None
+
+    @property
+    def failed(self) -> int | None:
+        return 1 if self.counted and self.error_type is not None else None

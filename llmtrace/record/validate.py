@@ -18,6 +18,8 @@ from llmtrace.record.request import RequestRecord, TransferRecord, UsageRecord
 MAX_DURATION_S = 7 * 24 * 3600.0
 #: most tokens (prompt, cached, output) or preemptions or steps one request can count
 MAX_COUNT = 1_000_000_000
+#: largest mean per-token entropy, nats: ln of a 2**40-token vocabulary (about 27.7)
+MAX_ENTROPY = 40 * math.log(2)
 #: most bytes one request's KV transfer can move (1 PiB)
 MAX_BYTES = 2**50
 
@@ -59,6 +61,11 @@ def request_problem(record: RequestRecord) -> str | None:
                                   or not math.isfinite(imbalance)
                                   or not 1.0 <= imbalance <= MAX_COUNT):
         return f"dp_load_imbalance={imbalance!r} is not a ratio >= 1"
+    entropy = record.output_entropy
+    if entropy is not None and (not isinstance(entropy, int | float)
+                                or not math.isfinite(entropy)
+                                or not 0.0 <= entropy <= MAX_ENTROPY):
+        return f"output_entropy={entropy!r} is not an entropy in [0, {MAX_ENTROPY:g}] nats"
     itl = record.itl
     if itl is not None and (any(c < 0 for c in itl.counts) or not math.isfinite(itl.total)
                             or itl.total < 0):

@@ -31,6 +31,7 @@ from opentelemetry.sdk.resources import Resource
 from llmtrace import __version__, schema
 from llmtrace import semconv as sc
 from llmtrace.config import Config
+from llmtrace.quality import drift
 from llmtrace.record import Histogram
 from llmtrace.record.labels import OVERFLOW, Feed, LabelLimiter, label_changes
 from llmtrace.telemetry import hardware
@@ -161,6 +162,8 @@ class Instruments:
         #: collection; None where no hardware is watched (the API server)
         self.hardware = None
         self.meter = meter
+        #: drift of this process's finished requests (API server), read at collection
+        self.drift = drift.monitor_for(config)
 
     def record_request(self, record, context: Context | None = None) -> None:
         """One finished request (:class:`~llmtrace.record.RequestRecord`).
@@ -170,10 +173,15 @@ class Instruments:
         instead of into the batch.
         """
         self._record("request", record, context)
+        self.drift.observe(record)
 
     def record_usage(self, record) -> None:
         """One request's engine usage (:class:`~llmtrace.record.UsageRecord`)."""
         self._record("usage", record)
+
+    def record_evaluation(self, record) -> None:
+        """One judge score or failed judge call (:class:`~llmtrace.record.EvaluationRecord`)."""
+        self._record("evaluation", record)
 
     def record_transfer(self, record) -> None:
         """One request's KV transfer (:class:`~llmtrace.record.TransferRecord`)."""
@@ -333,6 +341,17 @@ def instruments_on(meter, config: Config,
     spec = schema.BY_NAME[sc.METRIC_LLMTRACE_TELEMETRY_DISABLED_HOOKS]
     meter.create_observable_gauge(spec.name, [disabled_hooks], unit=spec.unit,
                                   description=spec.brief)
+
+    def drift_gauge(name: str):
+        def observe(_: CallbackOptions):
+            return [Observation(v, labels) for labels, v in
+                    drift.gauge_values(instruments.drift.recent())[name]]
+        return observe
+
+    for name in (*drift.GAUGES, sc.METRIC_LLMTRACE_DRIFT_SAMPLES):
+        spec = schema.BY_NAME[name]
+        meter.create_observable_gauge(name, [drift_gauge(name)], unit=spec.unit,
+                                      description=spec.brief)
     hardware.register(meter, lambda: instruments.hardware)
     return instruments
 

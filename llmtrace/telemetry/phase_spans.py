@@ -48,6 +48,10 @@ def record_attributes(record: RequestRecord) -> dict[str, Any]:
         attrs[sc.ERROR_TYPE] = record.error_type
     if record.cached_external_tokens is not None:
         attrs[sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS] = record.cached_external_tokens
+    if record.output_entropy is not None:
+        attrs[sc.LLMTRACE_OUTPUT_ENTROPY] = record.output_entropy
+    if record.regeneration:
+        attrs[sc.LLMTRACE_REQUEST_REGENERATION] = True
     if record.dp_rank is not None:
         attrs[sc.LLMTRACE_ENGINE_INDEX] = record.dp_rank
         attrs[sc.LLMTRACE_DP_REASON] = record.dp_reason  # set with the rank, always

@@ -34,7 +34,7 @@ DEFAULT_PYTHON = ROOT / "llmtrace" / "semconv.py"
 DEFAULT_MARKDOWN = ROOT / "semconv" / "REGISTRY.md"
 DEFAULT_SCHEMA = ROOT / "llmtrace" / "schema.py"
 #: records a metric may be fed by (``llmtrace/record/``) and the outputs that publish it
-RECORDS = ("request", "usage", "transfer", "disaggregated")
+RECORDS = ("request", "usage", "transfer", "disaggregated", "evaluation")
 OUTPUTS = ("sdk", "collector")
 
 GROUP_TYPES = {"attribute_group", "span", "event", "metric"}

@@ -244,6 +244,8 @@ class VLLMInstrumentor(BaseInstrumentor):
     def _uninstrument(self, **kwargs: Any) -> None:
         uninstall(self._installed)
         self._installed = []
+        if self.frontend is not None:
+            self.frontend.quality.close()
         if self.telemetry is not None:
             self.telemetry.flush()
             self.telemetry.stop_builder()

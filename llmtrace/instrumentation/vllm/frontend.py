@@ -54,6 +54,7 @@ from llmtrace import semconv as sc
 from llmtrace.config import Config
 from llmtrace.instrumentation.vllm.dp import route_attributes
 from llmtrace.instrumentation.vllm.http import CURRENT, HttpInfo, LlmtraceASGIMiddleware, http_info
+from llmtrace.instrumentation.vllm.quality import QualityHooks
 from llmtrace.pricing import price_request
 from llmtrace.record import (
     PREEMPTED,
@@ -127,6 +128,15 @@ class RequestState:
     dp: Any = None
     #: (chunk index, gap s) of a chunked generation's continuation (builder thread)
     generation: tuple[int, float] | None = None
+    #: the prompt's token ids (vLLM's list, hashed off-path for regenerations)
+    prompt_ids: Any = None
+    #: judged: the prompt and completion text, held for the judge only (never exported)
+    judged: bool = False
+    judge_prompt: str | None = None
+    completion: str | None = None
+    #: entropy measured: vLLM's logprobs of the output, read off-path
+    entropy: bool = False
+    logprobs: Any = None
 
 
 class FrontendTracer:
@@ -146,6 +156,7 @@ class FrontendTracer:
         #: trace id -> (requests finished in it, the last one's end): numbers a chunked
         #: generation's continuations (builder thread; bounded)
         self._generations: OrderedDict[int, tuple[int, int]] = OrderedDict()
+        self.quality = QualityHooks(config, telemetry)
 
     # -- HTTP ingress ---------------------------------------------------------
     # -- request lifecycle -----------------------------------------------------
@@ -185,6 +196,9 @@ class FrontendTracer:
                            prompt_tokens, info, timeline, request.sampling_params,
                            getattr(request, "priority", 0) or 0,
                            prompt if self.config.capture_content else None, span)
+        rec.prompt_ids = prompt_ids
+        if sampled:
+            self.quality.on_begin(rec, prompt)
         self.records[rid] = rec
         return rec
 
@@ -283,9 +297,15 @@ class FrontendTracer:
             reason, error_type, message, gone
         # vLLM's per-request state is read now, while it is final and ours alone
         rec.cached_tokens = int(getattr(rec.req_state, "num_cached_tokens", 0) or 0)
-        if self.config.capture_content and rec.sampled:  # opt-in only
-            rec.output_text = getattr(getattr(rec.req_state, "detokenizer", None),
-                                      "output_text", None)
+        if rec.judged or (self.config.capture_content and rec.sampled):
+            text = getattr(getattr(rec.req_state, "detokenizer", None), "output_text", None)
+            if self.config.capture_content:  # opt-in only
+                rec.output_text = text
+            if rec.judged:  # held for the judge, never exported
+                rec.completion = text
+        if rec.entropy:
+            rec.logprobs = getattr(getattr(rec.req_state, "logprobs_processor", None),
+                                   "logprobs", None)
         rec.req_state = None
         self.telemetry.builder.submit(self.build, rec)
 
@@ -334,6 +354,7 @@ class FrontendTracer:
         record.set_phases(ph)
         if rec.generation is not None:
             record.generation_chunk, record.generation_gap_s = rec.generation
+        self.quality.on_record(rec, record)
         if rec.dp is not None:
             record.dp_rank, record.dp_reason = rec.dp.rank, rec.dp.reason
             record.dp_load_imbalance = rec.dp.load_imbalance
@@ -474,6 +495,7 @@ class FrontendTracer:
         # the engine core, another process, opens OTEL_EXPORTER_PROMETHEUS_PORT.
         self.telemetry.metrics_served_by_host = True
         _ = self.telemetry.prices  # a bad price table warns at start-up
+        self.quality.start(instance.model_config)
         if self.config.metrics_enabled:
             _ = self.telemetry.instruments
 

@@ -45,6 +45,7 @@ WANTED: dict[str, frozenset[str]] = {
         sc.LLMTRACE_ENGINE_INDEX, sc.LLMTRACE_DP_REASON, sc.LLMTRACE_DP_LOAD_IMBALANCE,
         sc.LLMTRACE_PREFILL_EXTERNAL_CACHED_TOKENS,
         sc.LLMTRACE_GENERATION_CHUNK_INDEX, sc.LLMTRACE_GENERATION_GAP,
+        sc.LLMTRACE_OUTPUT_ENTROPY, sc.LLMTRACE_REQUEST_REGENERATION,
         *LATENCY_ATTRIBUTES, *COUNTS.values(),
     }),
     sc.SPAN_LLMTRACE_DECODE_CHUNK: _CHUNK_KEYS,
@@ -96,6 +97,8 @@ def request_record(root: SpanView, children: Iterable[SpanView] = ()) -> Request
     if a.get(sc.LLMTRACE_GENERATION_CHUNK_INDEX) is not None:  # a chunked generation's
         record.generation_chunk = count(a, sc.LLMTRACE_GENERATION_CHUNK_INDEX)
         record.generation_gap_s = num(a, sc.LLMTRACE_GENERATION_GAP)
+    record.output_entropy = num(a, sc.LLMTRACE_OUTPUT_ENTROPY)
+    record.regeneration = a.get(sc.LLMTRACE_REQUEST_REGENERATION) is True
     return record
 
 
