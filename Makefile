@@ -47,9 +47,11 @@ lint: $(STAMP)
 	$(PY) semconv/codegen/generate.py --check
 	$(PY) -m llmtrace.dashboards.generate --check
 	$(PY) -m llmtrace.dashboards.slo --check
+	$(PY) -m llmtrace.quality.gate_queries --check
 
 dashboards: $(STAMP)
 	$(PY) -m llmtrace.dashboards.generate
+	$(PY) -m llmtrace.quality.gate_queries --write
 	$(PY) -m llmtrace.dashboards.slo
 
 test: $(STAMP) system lint

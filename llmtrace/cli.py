@@ -2,7 +2,8 @@
 ``llmtrace doctor [--json]`` (will llmtrace work in this environment?), and
 ``llmtrace assets --out DIR`` (the shipped dashboards, rules and configs), and
 ``llmtrace profile convert TRACE...`` (torch profiler traces -> OTLP spans joined to
-llmtrace's traces)."""
+llmtrace's traces), and ``llmtrace gate`` (canary versus stable from Prometheus: exit 0
+pass, 1 fail, 2 inconclusive, 3 Prometheus unreachable)."""
 
 from __future__ import annotations
 

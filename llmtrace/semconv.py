@@ -1232,7 +1232,7 @@ METRIC_BRIEFS: Final[dict[str, str]] = {
     'llmtrace.engine.steps': 'Engine steps that ran a batch; busy time over steps is the mean step time.',
     'llmtrace.generation.gap': "Time between consecutive chunk requests of one chunked generation: the generation's time outside the server.",
     'llmtrace.judge.duration': "How long each judge call took (the llmtrace.judge span's duration), failed calls with error.type.",
-    'llmtrace.judge.failures': 'Judge calls that gave no verdict, by error.type: timeout, unreachable, http_error, parse_error.',
+    'llmtrace.judge.failures': 'Judge calls that gave no verdict, by error.type: timeout, unreachable, http_error, parse_error, internal.',
     'llmtrace.kv_transfer.bytes': 'KV bytes moved by successful transfers, per connector and direction.',
     'llmtrace.kv_transfer.duration': "How long each request's KV transfer took, per connector and direction (the llmtrace.kv_transfer span's duration).",
     'llmtrace.kv_transfer.failures': 'Failed KV transfers by reason (llmtrace.kv_transfer.failure as error.type), per connector and direction.',

@@ -7,15 +7,18 @@ server's caches and temporary files live under one scratch directory.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from llmtrace.collector import CollectorConfig, CollectorService
+from llmtrace.record import RequestRecord
 from testbed.models import DENSE, MOE, TinyModels, ensure_models
 from testbed.otlp_receiver import OTLPReceiver
 from testbed.ports import free_port
@@ -53,6 +56,30 @@ def dense_config(models: TinyModels, *args: str, **kw) -> ServerConfig:
 
 def moe_config(models: TinyModels, *args: str, **kw) -> ServerConfig:
     return ServerConfig(model_dir=models.moe, served_name=MOE, args=tuple(args), **kw)
+
+
+#: the judge server's one flag: by default xgrammar allows unbounded whitespace between
+#: JSON tokens, and a random-weight model at temperature 0 can loop on it until
+#: max_tokens (about a third of answers, measured); compact JSON is bounded
+COMPACT_JSON = ("--structured-outputs-config",
+                '{"backend": "xgrammar", "disable_any_whitespace": true}')
+
+
+def judge_config(models: TinyModels) -> ServerConfig:
+    """A plain vLLM (no llmtrace) serving the tiny dense model as the judge: structured
+    output makes even random weights answer in the judge's JSON schema."""
+    return dense_config(models, *COMPACT_JSON)
+
+
+@pytest.fixture(scope="session")
+def judge_server(server_pool: ServerPool, tiny_models: TinyModels) -> VLLMServer:
+    return server_pool.get(judge_config(tiny_models))
+
+
+def judge_env(judge: VLLMServer, **extra: str) -> dict[str, str]:
+    """Settings that point an instrumented server at the judge."""
+    return {"LLMTRACE_JUDGE_ENDPOINT": f"{judge.base_url}/v1", "LLMTRACE_JUDGE_MODEL": DENSE,
+            "LLMTRACE_JUDGE_TIMEOUT_S": "60", **extra}
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +144,8 @@ def vllm_servers(server_pool: ServerPool, tiny_models: TinyModels,
              # no distro here; the SDK's own exporters must not try either
              ("OTEL_TRACES_EXPORTER", "none"), ("OTEL_METRICS_EXPORTER", "none"),
              ("OTEL_LOGS_EXPORTER", "none")))
-    dense, moe = server_pool.get_many([builtin, switched_off])
+    # the judge starts with them (start-ups overlap); judge_server finds it running
+    dense, moe, _judge = server_pool.get_many([builtin, switched_off, judge_config(tiny_models)])
     return {DENSE: dense, MOE: moe}
 
 
@@ -159,7 +187,8 @@ def engine_metrics_port() -> int:
 def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
                          otlp_receiver: OTLPReceiver,
                          collector: CollectorService,
-                         engine_metrics_port: int) -> dict[str, VLLMServer]:
+                         engine_metrics_port: int, judge_server: VLLMServer,
+                         drift_baseline: Path) -> dict[str, VLLMServer]:
     """Instrumented servers, activated through the vllm.general_plugins entry point.
 
     ``dense``: chunked prefill (256-token step budget) and a 12-block KV cache
@@ -185,7 +214,13 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
             OTEL_EXPORTER_OTLP_TRACES_INSECURE="true",
             # vLLM's default, set explicitly: a CPU setting the resource must name
             # (tests/test_hardware_vllm.py; the KV space is set for every server)
-            VLLM_CPU_OMP_THREADS_BIND="auto"))
+            VLLM_CPU_OMP_THREADS_BIND="auto",
+            # the quality loop: half the requests judged, every one's entropy measured,
+            # drift against a reference file after a few requests
+            **judge_env(judge_server, LLMTRACE_JUDGE_SAMPLE_RATIO="0.5"),
+            LLMTRACE_ENTROPY_SAMPLE_RATIO="1",
+            LLMTRACE_DRIFT_BASELINE=f"file:{drift_baseline}",
+            LLMTRACE_DRIFT_MIN_SAMPLES="5"))
     broken = moe_config(
         tiny_models, launcher=(str(REPO / "tests" / "helpers" / "serve_without_internal.py"),),
         # spans leave through a span export process per vLLM process (not the default)
@@ -198,6 +233,37 @@ def instrumented_servers(server_pool: ServerPool, tiny_models: TinyModels,
         # channels, first-request imports) is not what the tests measure
         chat(server.base_url, model, "warm up", max_tokens=2)
     return {"dense": started[0], "broken": started[1]}
+
+
+def baseline_records(n: int = 400, prompt_tokens: tuple[int, int] = (8, 64),
+                     seed: int = 7) -> list[RequestRecord]:
+    """Synthetic finished requests of short chats: a drift reference to compare with."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        ttft = rng.uniform(0.01, 0.15)
+        out.append(RequestRecord(
+            source="llmtrace", trace_id=f"{i:032x}", request_id=str(i), model=DENSE,
+            tenant="default", version="reference", finish_reason=rng.choice(("stop", "length")),
+            error_type=None, start_ns=0, end_ns=time.time_ns(), e2e_s=ttft * 4, ttft_s=ttft,
+            prompt_tokens=rng.randint(*prompt_tokens), output_tokens=rng.randint(4, 32),
+            output_entropy=rng.uniform(0.5, 4.0)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def drift_baseline(scratch_dir: Path) -> Path:
+    """A drift reference file (the ``file:`` baseline) saved from short synthetic chats."""
+    from llmtrace.quality.drift import DriftMonitor
+
+    monitor = DriftMonitor("pinned", window_s=86400)
+    for record in baseline_records():
+        monitor.observe(record)
+    path = scratch_dir / "drift-baseline.json"
+    monitor.save_baseline(path)
+    text = path.read_text().replace(f'"{DENSE}"', '"*"')  # every model compares with it
+    path.write_text(text)
+    return path
 
 
 def metric_points(reader) -> dict[str, list]:

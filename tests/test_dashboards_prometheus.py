@@ -34,8 +34,7 @@ RULES = sorted((REPO / "dashboards" / "slo" / "rules").glob("*.yml"))
 #: test bed does not run): their panels must parse but may be empty. Data parallelism
 #: has its own server and test (tests/test_vllm_dp.py), not the scraped test bed
 NO_PRODUCER = re.compile(
-    r"llmtrace_quality_|llmtrace_drift_|llmtrace_output_entropy|llmtrace_user_regenerations"
-    r"|vllm:spec_decode_|llmtrace_dp_"
+    r"vllm:spec_decode_|llmtrace_dp_"
     # produced by the prefill/decode test bed, whose own test evaluates these panels
     r"|llmtrace_kv_transfer_|llmtrace_pd_"
     # need llm-d router spans (tests/test_router_prefix_prediction.py sends some)
@@ -109,11 +108,20 @@ def test_every_panel_query_parses_and_returns_data(prometheus: PrometheusServer,
         # and through the router in front (its panels)
         assert all(t.ok for t in run_load(vllm_router.base_url, DENSE, bodies[:4], 2))
         time.sleep(3)
+    # a user asking the same thing again (the regeneration panels)
+    again = {"messages": [{"role": "user", "content": "dashboards again"}], "max_tokens": 4,
+             "headers": {"x-tenant-id": "dash-0"}}
+    assert all(t.ok for t in run_load(server.base_url, DENSE, [again, again], 1))
     # the engine core's cost series and the collector's USD series have arrived
     for probe in ("llmtrace_cost_accelerator_seconds_total", "llmtrace_cost_usd_total",
                   "vllm:num_requests_running", "gen_ai_server_time_to_first_token_seconds_count",
-                  "slo:sli_error:ratio_rate5m"):
-        assert _wait(lambda p=probe: prometheus.query(p)), f"{probe} never appeared"
+                  "slo:sli_error:ratio_rate5m",
+                  # the quality loop: the judge (a second vLLM), regenerations, drift
+                  "llmtrace_quality_evaluations_total", "llmtrace_judge_duration_seconds_count",
+                  "llmtrace_user_regenerations_total", "llmtrace_output_entropy_count",
+                  "llmtrace_drift_psi"):
+        assert _wait(lambda p=probe: prometheus.query(p), timeout=120), \
+            f"{probe} never appeared"
 
     parse_errors, empty, checked = [], [], 0
     for path in DASHBOARDS:

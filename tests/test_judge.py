@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import dense_config
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 
 from llmtrace.quality.judge import (
@@ -365,17 +364,10 @@ PAIRS = [
 ]
 
 
-#: the judge server's one flag: by default xgrammar allows unbounded whitespace between
-#: JSON tokens, and a random-weight model at temperature 0 can loop on it until
-#: max_tokens (about a third of answers, measured); compact JSON is bounded
-COMPACT_JSON = ("--structured-outputs-config",
-                '{"backend": "xgrammar", "disable_any_whitespace": true}')
-
-
 @pytest.mark.vllm
-def test_random_weight_vllm_judge_always_returns_parseable_scores(server_pool, tiny_models):
+def test_random_weight_vllm_judge_always_returns_parseable_scores(judge_server):
     """Structured output makes even a random-weight judge answer in the schema."""
-    server = server_pool.get(dense_config(tiny_models, *COMPACT_JSON))
+    server = judge_server
     got = Collected()
     worker = JudgeWorker(f"{server.base_url}/v1", DENSE, on_verdict=got, timeout_s=60,
                          max_rate=10, concurrency=2, max_chars=500)

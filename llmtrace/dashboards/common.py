@@ -65,24 +65,6 @@ def prom(metric: str) -> str:
     return sc.PROMETHEUS_NAMES[metric]
 
 
-#: registry metrics whose producer is a later feature (semconv/registry/metrics.yaml
-#: notes): panels that read them say so and stay empty until it ships
-PENDING_PRODUCERS: dict[str, str] = {
-    sc.METRIC_LLMTRACE_QUALITY_SCORE: "the sampled LLM-as-judge evaluator",
-    sc.METRIC_LLMTRACE_QUALITY_HALLUCINATIONS: "the sampled LLM-as-judge evaluator",
-    sc.METRIC_LLMTRACE_QUALITY_EVALUATIONS: "the sampled LLM-as-judge evaluator",
-    sc.METRIC_LLMTRACE_DRIFT_KL_DIVERGENCE: "the streaming drift detector",
-    sc.METRIC_LLMTRACE_DRIFT_PSI: "the streaming drift detector",
-    sc.METRIC_LLMTRACE_OUTPUT_ENTROPY: "the sampler-side entropy hook",
-    sc.METRIC_LLMTRACE_USER_REGENERATIONS: "the router/frontend conversation tracker",
-}
-
-
-def fed_by(metric: str) -> str:
-    """The description sentence for a panel whose producer has not shipped yet."""
-    return f"Fed by {PENDING_PRODUCERS[metric]} (a later feature); empty until it ships."
-
-
 # -- selectors -------------------------------------------------------------------
 
 def sel(*matchers: str) -> str:

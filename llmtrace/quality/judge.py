@@ -39,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 logger = logging.getLogger("llmtrace")
 
 #: the scored dimensions, each an integer 1..5 from the judge mapped to [0, 1]
+#: ``llmtrace.telemetry.dropped`` reason of a judged request the judge's queue refused
+JUDGE_QUEUE_FULL = "judge_queue_full"
 DIMENSIONS = ("helpfulness", "accuracy", "coherence", "safety")
 #: the closed set of reasons a verdict carries no scores; ``internal`` is a bug here
 ERROR_REASONS = frozenset({"timeout", "unreachable", "http_error", "parse_error", "internal"})

@@ -20,13 +20,17 @@ from typing import Any
 from llmtrace.config import Config
 from llmtrace.quality import verdicts
 from llmtrace.quality.entropy import mean_entropy
-from llmtrace.quality.judge import JudgeWorker, Judgment, Verdict, judge_sampled
+from llmtrace.quality.judge import (
+    JUDGE_QUEUE_FULL,
+    JudgeWorker,
+    Judgment,
+    Verdict,
+    judge_sampled,
+)
 from llmtrace.quality.regenerations import RegenerationTracker
 from llmtrace.telemetry import DROPPED, log_drop
 
 logger = logging.getLogger("llmtrace")
-#: ``llmtrace.telemetry.dropped`` reason of a judged request the judge's queue refused
-JUDGE_QUEUE_FULL = "judge_queue_full"
 
 
 class QualityHooks:
