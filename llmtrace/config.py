@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from llmtrace.record.labels import MAX_LABEL_LENGTH
 
@@ -126,8 +126,8 @@ class Config(BaseModel):
     judge_queue_size: int = Field(default=64, ge=1)
     #: A file holding the judge's rubric (system prompt); empty: the built-in rubric.
     judge_rubric: str = ""
-    #: Bearer token for the judge endpoint (LLMTRACE_JUDGE_API_KEY).
-    judge_api_key: str = ""
+    #: Bearer token for the judge endpoint (LLMTRACE_JUDGE_API_KEY); shown masked.
+    judge_api_key: SecretStr = SecretStr("")
     #: Share of requests, by trace id, whose sampler logprobs llmtrace asks for to measure
     #: output entropy (requests that ask for logprobs themselves are always measured).
     entropy_sample_ratio: float = Field(default=0.05, ge=0.0, le=1.0)

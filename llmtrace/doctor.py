@@ -20,6 +20,8 @@ from importlib.metadata import version
 from typing import Any
 from urllib.parse import urlparse
 
+from pydantic import SecretStr
+
 from llmtrace.config import (
     _ENV,
     Config,
@@ -30,6 +32,13 @@ from llmtrace.config import (
 )
 
 _DEFAULT_OTLP = {"grpc": "http://localhost:4317", "http/protobuf": "http://localhost:4318"}
+
+
+def _shown(value):
+    """A setting as the report shows it: secrets only say whether they are set."""
+    if isinstance(value, SecretStr):
+        return "<set>" if value.get_secret_value() else ""
+    return value
 
 
 def _source(field: str) -> str:
@@ -85,7 +94,7 @@ def diagnose() -> dict[str, Any]:
         "requested": activation_requested(),
         "switched_off": switched_off(cfg),
     }
-    report["config"] = {f: {"value": getattr(cfg, f), "from": _source(f)}
+    report["config"] = {f: {"value": _shown(getattr(cfg, f)), "from": _source(f)}
                         for f in Config.model_fields}
     dist = vllm_distribution()
     report["vllm"] = {"distribution": dist, "version": version(dist) if dist else None}

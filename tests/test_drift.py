@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -282,3 +283,36 @@ def test_request_record_without_entropy_counts_other_features():
     assert counts["output_entropy"] == [0] * 17 and sum(counts["ttft"]) == 0
     assert counts["prompt_length"][-1] == 1 and counts["output_length"][0] == 1
     assert counts["finish_reason"][drift.FINISH_REASONS.index("other")] == 1
+
+
+def test_the_collector_publishes_canary_drift_against_the_stable_window():
+    """The collector's output: records of two versions, baseline ``version:stable``;
+    the canary's shifted prompts show on /metrics as PSI, KL, chi-squared, p and counts."""
+    from prometheus_client import generate_latest
+
+    from llmtrace.collector.config import CollectorConfig
+    from llmtrace.pipeline.metrics import DerivedMetrics
+    from llmtrace.quality.drift import monitor_for
+
+    config = CollectorConfig(drift_baseline="version:stable", drift_min_samples=50)
+    metrics = DerivedMetrics(drift=monitor_for(config))
+    rng = np.random.default_rng(3)
+    now = time.time_ns()
+    for version, mean in (("stable", 40), ("canary", 400)):
+        for i, tokens in enumerate(rng.poisson(mean, 200)):
+            metrics.observe(RequestRecord(
+                source="llmtrace", trace_id=f"{i:032x}", request_id=str(i), model="m",
+                tenant="t", version=version, finish_reason="stop", error_type=None,
+                start_ns=now - 10**9, end_ns=now, e2e_s=1.0, ttft_s=0.05,
+                prompt_tokens=int(tokens), output_tokens=8))
+    text = generate_latest(metrics.registry).decode()
+    psi = [line for line in text.splitlines() if line.startswith("llmtrace_drift_psi{")
+           and 'llmtrace_drift_feature="prompt_length"' in line]
+    assert len(psi) == 1 and 'llmtrace_deployment_version="canary"' in psi[0], psi
+    assert float(psi[0].rsplit(" ", 1)[1]) > 0.25
+    assert 'llmtrace_drift_samples{gen_ai_request_model="m",llmtrace_deployment_version=' \
+        '"canary",llmtrace_drift_feature="prompt_length",llmtrace_drift_window="current"} 200.0' \
+        in text
+    for name in ("llmtrace_drift_kl_divergence{", "llmtrace_drift_chi_squared{",
+                 "llmtrace_drift_p_value{"):
+        assert name in text

@@ -165,10 +165,24 @@ def _spans(otlp_receiver, version: str) -> list:
 
 
 def _load(server, n: int = 40) -> None:
+    """The gate's load: 8 at a time, 24 tokens each, greedy (the same answers on equal
+    servers), one tenant: a canary that runs one request at a time queues the rest."""
     bodies = [{"messages": [{"role": "user", "content": SHORT[i % len(SHORT)]}],
-               "max_tokens": 16, "extra": {"temperature": 0}} for i in range(n)]
-    timings = run_load(server.base_url, DENSE, bodies, 4)
-    assert all(t.ok and t.tokens == 16 for t in timings), [t for t in timings if not t.ok][:2]
+               "max_tokens": 24, "extra": {"temperature": 0}} for i in range(n)]
+    timings = run_load(server.base_url, DENSE, bodies, 8)
+    assert all(t.ok and t.tokens == 24 for t in timings), [t for t in timings if not t.ok][:2]
+
+
+def _summary(report: dict, prom: PrometheusServer) -> str:
+    """What a failed assertion needs: each check's verdict and numbers, and scrape health."""
+    lines = [f"{report['result']} ({report['exit_code']})"]
+    for c in report["checks"]:
+        lines.append(f"{c['name']}: {c['verdict']}: {c['reason']}; stable {c['stable']}; "
+                     f"canary {c['canary']}")
+    for q in ("up", "scrape_duration_seconds"):
+        lines.append(f"{q}: " + ", ".join(f"{r['metric'].get('instance')}={r['value'][1]}"
+                                          for r in prom.query(q)))
+    return "\n".join(lines)
 
 
 def _gate(prom: PrometheusServer, canary: str, *extra: str) -> tuple[int, dict]:
@@ -184,6 +198,18 @@ def _gate(prom: PrometheusServer, canary: str, *extra: str) -> tuple[int, dict]:
 
 def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
     servers, prom, slow = bed["servers"], bed["prometheus"], bed["slow"]
+    # every series exists in Prometheus before the measured load: increase() over the
+    # window counts from a series' first sample, as it would in production
+    for version, server in servers.items():
+        _load(server, 2)  # the same tenant and labels as the load below
+        wanted = ["gen_ai_server_time_to_first_token_seconds_count",
+                  "llmtrace_server_requests_total"]
+        if version != "canary":
+            wanted.append('llmtrace_quality_score_count{llmtrace_quality_dimension="composite"}')
+        for name in wanted:
+            sel = f'llmtrace_deployment_version="{version}"'
+            q = name.replace("}", f", {sel}}}") if "{" in name else f"{name}{{{sel}}}"
+            assert _wait(lambda q=q: prom.query(q), timeout=120), (q, prom.query("up"))
     # stable and the equal canary under the same load at the same time, so both share
     # this 2-core machine with the judge server alike
     with ThreadPoolExecutor(2) as pool:
@@ -211,11 +237,13 @@ def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
 
     code, report = _gate(prom, "canary")
     checks = {c["name"]: c for c in report["checks"]}
-    assert code == 1, report
+    print(f"\ngate, slow canary: {_summary(report, prom)}")  # figures, shown with -s
+    assert code == 1, _summary(report, prom)
     assert checks["ttft"]["verdict"] == "fail", checks["ttft"]
     code, report = _gate(prom, "canary-ok")
     checks = {c["name"]: c for c in report["checks"]}
-    assert code == 0, json.dumps(report, indent=1)[:4000]
+    print(f"\ngate, equal canary: {_summary(report, prom)}")
+    assert code == 0, _summary(report, prom)
     assert checks["quality"]["verdict"] == "pass", checks["quality"]
     # the pipeline's view and a person's view come from one run
     table = subprocess.run([sys.executable, "-m", "llmtrace.cli", "gate", "--prometheus",

@@ -5,7 +5,9 @@ Generates the tiny models (cached), starts an in-process llmtrace collector
 switched on by environment only. Drives streaming chat requests from three
 tenants at a few concurrency levels, then prints what the client saw, the
 pipeline's per-tenant table (TTFT, ITL, tokens, accelerator-seconds by batch
-share, cost from the example price table) and one request's span waterfall.
+share, cost from the example price table), the quality loop's view (a second
+vLLM serving the tiny model judges a sample of requests through structured
+output; output entropy from sampler logprobs) and one request's span waterfall.
 
     python examples/demo/run_demo.py [--requests 50] [--levels 1,4,8]
 """
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # testbed/ is not 
 
 from tqdm import tqdm
 
+from llmtrace import semconv as sc
 from llmtrace.collector import CollectorConfig, CollectorService
 from llmtrace.pricing import PriceTable
 from llmtrace.record import Histogram, RequestRecord, UsageRecord
@@ -154,6 +157,35 @@ def print_waterfall(receiver: OTLPReceiver, trace_id: str, width: int = 48,
         print(f"... {len(lines) - max_lines} more spans")
 
 
+def print_quality(receiver: OTLPReceiver) -> None:
+    """The judge's verdicts and the output entropy, as the trace store received them."""
+    spans = receiver.spans()
+    judges = [s for s in spans if s.name == sc.SPAN_LLMTRACE_JUDGE]
+    scores: dict[str, list[float]] = {}
+    failed = hallucinated = 0
+    for j in judges:
+        if sc.ERROR_TYPE in j.attributes:
+            failed += 1
+            continue
+        for e in j.events:
+            if e.name == sc.EVENT_GEN_AI_EVALUATION_RESULT:
+                scores.setdefault(e.attributes[sc.GEN_AI_EVALUATION_NAME], []).append(
+                    e.attributes[sc.GEN_AI_EVALUATION_SCORE_VALUE])
+        hallucinated += bool(j.attributes.get(sc.LLMTRACE_JUDGE_HALLUCINATION))
+    key = sc.LLMTRACE_OUTPUT_ENTROPY
+    entropy = [s.attributes[key] for s in spans
+               if s.name == sc.SPAN_LLMTRACE_REQUEST and key in s.attributes]
+    print(f"\nquality: {len(judges)} requests judged ({failed} judge calls failed), "
+          f"{hallucinated} flagged as hallucinated (random weights: scores are noise)")
+    for name in ("helpfulness", "accuracy", "coherence", "safety", "composite"):
+        values = scores.get(name)
+        if values:
+            print(f"  {name:<12} mean {sum(values) / len(values):.2f} over {len(values)}")
+    if entropy:
+        print(f"  output entropy: mean {sum(entropy) / len(entropy):.2f} nats over "
+              f"{len(entropy)} requests (top-8 logprobs, the rest as one outcome)")
+
+
 def write_dashboards() -> None:
     """Regenerate the Grafana dashboards and SLO rules (deterministic: same bytes as committed)."""
     from llmtrace.dashboards import generate, slo
@@ -192,7 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     collector.start()
     print(f"llmtrace collector in this process: OTLP gRPC :{collector.ports['grpc']}, "
           f"metrics http://127.0.0.1:{collector.ports['admin']}/metrics")
+    # the judge: a second vLLM of the tiny model; structured output (compact JSON) makes
+    # even random weights answer in the judge's schema
+    judge = VLLMServer(ServerConfig(model_dir=models.dense, served_name=DENSE, args=(
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'
+    )), workdir=args.workdir / "judge")
+    judge.start()
     env = (("LLMTRACE_ENABLED", "1"), ("LLMTRACE_SAMPLE_RATIO", "1"),
+           ("LLMTRACE_JUDGE_ENDPOINT", f"{judge.base_url}/v1"), ("LLMTRACE_JUDGE_MODEL", DENSE),
+           ("LLMTRACE_JUDGE_SAMPLE_RATIO", "0.25"), ("LLMTRACE_JUDGE_TIMEOUT_S", "60"),
+           ("LLMTRACE_ENTROPY_SAMPLE_RATIO", "0.5"),
            ("LLMTRACE_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{collector.ports['grpc']}"),
            ("LLMTRACE_METRICS_EXPORTER", "none"), ("LLMTRACE_DEPLOYMENT_VERSION", "demo"),
            ("LLMTRACE_INSTANCE_TYPE", "cpu"), ("OTEL_BSP_SCHEDULE_DELAY", "500"),
@@ -204,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.wait_ready(timeout=300)
         print(f"vLLM ready in {server.ready_s:.1f} s at {server.base_url}")
+        judge.wait_ready(timeout=300)
+        print(f"judge vLLM ready at {judge.base_url}")
         requests = make_requests(args.requests)
         rows: list[tuple[int, LoadSummary]] = []
         every: list[StreamTiming] = []
@@ -224,6 +267,13 @@ def main(argv: list[str] | None = None) -> int:
                                                or len(usage) < expected):
             time.sleep(0.2)  # the last spans leave vLLM on the exporters' next batch
         print_tenant_table(records, usage, collector.metrics.prices)
+        traced = {s.trace_id for s in receiver.spans() if s.name == sc.SPAN_LLMTRACE_REQUEST}
+        deadline = time.monotonic() + 60  # the judge works after the requests, off-path
+        while time.monotonic() < deadline and sum(
+                1 for s in receiver.spans() if s.name == sc.SPAN_LLMTRACE_JUDGE) < \
+                max(1, len(traced) // 8):
+            time.sleep(0.5)
+        print_quality(receiver)
         slowest = max((r for r in records if r.ttft_s is not None),
                       key=lambda r: r.e2e_s, default=None)
         if slowest is not None:
@@ -241,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         server.stop()
+        judge.stop()
         collector.stop(2.0)
         receiver.stop()
         if not args.keep:

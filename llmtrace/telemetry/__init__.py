@@ -70,7 +70,7 @@ DROP_LOG_EVERY_S = 60.0
 _drop_logged: dict[str, float] = {}
 
 
-def log_drop(reason: str, detail: str) -> None:
+def log_drop(reason: str, detail: str, what: str = "spans") -> None:
     """Say that spans are being dropped: the first time per reason, then once a minute.
 
     The counter (``llmtrace.telemetry.dropped``) is the record; the log line is for
@@ -81,8 +81,8 @@ def log_drop(reason: str, detail: str) -> None:
     if last is not None and now - last < DROP_LOG_EVERY_S:
         return
     _drop_logged[reason] = now
-    logger.warning("llmtrace: dropping spans (%s): %s; %d so far in this process, counted "
-                   "in llmtrace.telemetry.dropped{reason=%r}", reason, detail,
+    logger.warning("llmtrace: dropping %s (%s): %s; %d so far in this process, counted "
+                   "in llmtrace.telemetry.dropped{reason=%r}", what, reason, detail,
                    DROPPED[reason], reason)
 
 

@@ -37,7 +37,7 @@ _ENGINE_REQUEST = Fields("vllm.v1.engine", "EngineCoreRequest",
                           "prompt_token_ids"))
 _SAMPLING = Fields("vllm.sampling_params", "SamplingParams",
                    ("max_tokens", "temperature", "top_p", "top_k", "seed", "n",
-                    "frequency_penalty", "presence_penalty"))
+                    "frequency_penalty", "presence_penalty", "logprobs"))
 _REQUEST = Fields("vllm.v1.request", "Request", ("request_id", "trace_headers"))
 _WORKER = "vllm.v1.worker.gpu_worker"  # the CPU worker subclasses it
 _KV = "vllm.distributed.kv_transfer.kv_connector"
@@ -71,8 +71,12 @@ HOOKS: tuple[HookSpec, ...] = (
         (Fields("vllm.v1.engine.async_llm", "AsyncLLM", ("model_config",)),)),
     HookSpec("vllm.output_processor.add_request", "api-server", (
         Target(_OP, "OutputProcessor.add_request", ("request", "prompt"), _RELEASED),),
-        "a request's hand-off to the engine (engine arrival) and its prompt size",
-        (_ENGINE_REQUEST, _SAMPLING, Fields(_OP, "OutputProcessor", ("request_states",)))),
+        "a request's hand-off to the engine (engine arrival) and its prompt size; the "
+        "quality loop's judge and entropy sampling (llmtrace.quality)",
+        (_ENGINE_REQUEST, _SAMPLING, Fields(_OP, "OutputProcessor", ("request_states",)),
+         # read at finish: the completion for the judge, the logprobs for the entropy
+         Fields(_OP, "RequestState", ("detokenizer", "logprobs_processor")),
+         Fields("vllm.v1.engine.logprobs", "LogprobsProcessor", ("logprobs",)))),
     HookSpec("vllm.output_processor.process_outputs", "api-server", (
         Target(_OP, "OutputProcessor.process_outputs",
                ("engine_core_outputs", "engine_core_timestamp"), _RELEASED),),

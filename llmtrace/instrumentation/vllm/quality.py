@@ -60,7 +60,8 @@ class QualityHooks:
             return JudgeWorker(c.judge_endpoint, c.judge_model, on_verdict=self._on_verdict,
                                rubric=rubric, timeout_s=c.judge_timeout_s,
                                max_rate=c.judge_max_rate, concurrency=c.judge_concurrency,
-                               queue_size=c.judge_queue_size, api_key=c.judge_api_key or None)
+                               queue_size=c.judge_queue_size,
+                               api_key=c.judge_api_key.get_secret_value() or None)
         except (OSError, ValueError) as exc:  # the judge is off; serving is not affected
             logger.warning("llmtrace: judge disabled: %s", exc)
             return None
@@ -107,7 +108,8 @@ class QualityHooks:
                 if not judge.submit(judgment):
                     DROPPED[JUDGE_QUEUE_FULL] += 1
                     log_drop(JUDGE_QUEUE_FULL, "the judge is behind; judged requests wait "
-                             f"in a queue of {self.config.judge_queue_size}")
+                             f"in a queue of {self.config.judge_queue_size}",
+                             "requests sampled for the judge")
             rec.judge_prompt = rec.completion = None
 
     def _on_verdict(self, verdict: Verdict) -> None:
