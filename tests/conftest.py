@@ -44,6 +44,16 @@ def tiny_models() -> TinyModels:
 
 
 @pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's rule checker and unit-test runner (Debian's prometheus package)."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is not installed: run `make system` (installs Debian's "
+                    "prometheus package, which has promtool)", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def server_pool(scratch_dir: Path) -> Iterator[ServerPool]:
     pool = ServerPool(scratch_dir / "servers")
     yield pool

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -233,14 +232,6 @@ def test_every_query_uses_semconv_names_and_threshold_bucket_edges():
         le = re.findall(rf'{sc.PROMETHEUS_NAMES[metric]}_bucket\{{[^}}]*le="([^"]+)"', texts[2])
         assert le and {float(x) for x in le} <= set(schema.BY_NAME[metric].buckets)
     assert {sc.PROMETHEUS_NAMES[m] + "_count" for m in (q.TTFT, q.ITL)} <= used
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is not installed: run `make system`", pytrace=False)
-    return path
 
 
 def test_promtool_checks_the_canary_rules(promtool: str):

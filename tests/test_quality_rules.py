@@ -4,23 +4,12 @@ hallucination rate, a failing judge, a judge dropping work."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "dashboards" / "prometheus" / "quality.rules.yml"
 RULES_TEST = REPO / "dashboards" / "prometheus" / "tests" / "quality.test.yml"
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is not installed: run `make system`", pytrace=False)
-    return path
 
 
 def test_promtool_checks_the_quality_rules(promtool: str):

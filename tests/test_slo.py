@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 SLO_DIR = REPO / "dashboards" / "slo"
 RULE_FILES = sorted((SLO_DIR / "rules").glob("*.rules.yml"))
 TEST_FILES = sorted((SLO_DIR / "tests").glob("*.test.yml"))
-
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool is not installed: run `make system` (installs Debian's "
-                    "prometheus package, which has promtool)", pytrace=False)
-    return path
 
 
 def run(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
