@@ -164,13 +164,14 @@ def _spans(otlp_receiver, version: str) -> list:
             if s.resource.get("service.name") == f"llmtrace-quality-{version}"]
 
 
-def _load(server, n: int = 40) -> None:
+def _load(server, n: int = 40) -> list:
     """The gate's load: 8 at a time, 24 tokens each, greedy (the same answers on equal
     servers), one tenant: a canary that runs one request at a time queues the rest."""
     bodies = [{"messages": [{"role": "user", "content": SHORT[i % len(SHORT)]}],
                "max_tokens": 24, "extra": {"temperature": 0}} for i in range(n)]
     timings = run_load(server.base_url, DENSE, bodies, 8)
     assert all(t.ok and t.tokens == 24 for t in timings), [t for t in timings if not t.ok][:2]
+    return timings
 
 
 def _summary(report: dict, prom: PrometheusServer) -> str:
@@ -217,9 +218,9 @@ def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
     _settle(servers["stable"])
     _settle(servers["canary-ok"])
     # the slow canary: its judge first answers past the timeout, then goes away
-    _load(servers["canary"], 20)
+    client = _load(servers["canary"], 20)
     slow.stop()
-    _load(servers["canary"], 20)
+    client += _load(servers["canary"], 20)
     canary = servers["canary"]
     # serving went on: every request above finished in full (asserted in _load); the
     # judge's failures and the queue's drops are counted
@@ -240,6 +241,13 @@ def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
     print(f"\ngate, slow canary: {_summary(report, prom)}")  # figures, shown with -s
     assert code == 1, _summary(report, prom)
     assert checks["ttft"]["verdict"] == "fail", checks["ttft"]
+    # an independent client's view of the same requests: its share of first tokens later
+    # than the SLO matches the server-side histogram's (the 2 warm-up requests aside)
+    threshold = checks["ttft"]["canary"]["threshold_s"]
+    seen = sum(t.ttft_s > threshold for t in client) / len(client)
+    print(f"canary TTFT over {threshold} s: client {seen:.3f}, "
+          f"gate {checks['ttft']['canary']['ratio']:.3f}")
+    assert abs(seen - checks["ttft"]["canary"]["ratio"]) < 0.15
     code, report = _gate(prom, "canary-ok")
     checks = {c["name"]: c for c in report["checks"]}
     print(f"\ngate, equal canary: {_summary(report, prom)}")

@@ -102,9 +102,11 @@ class QualityHooks:
         judge = self.judge
         if rec.judged and judge is not None:
             if rec.completion and record.error_type is None:
+                keep = judge.max_chars + 1  # what the judge sends, and that it was cut:
+                # a queue of huge prompts must not hold more than that in memory
                 judgment = Judgment(rec.trace_id, rec.span_id, rec.request_id, record.model,
-                                    record.tenant, record.version, rec.judge_prompt,
-                                    rec.completion, record.finish_reason)
+                                    record.tenant, record.version, rec.judge_prompt[:keep],
+                                    rec.completion[:keep], record.finish_reason)
                 if not judge.submit(judgment):
                     DROPPED[JUDGE_QUEUE_FULL] += 1
                     log_drop(JUDGE_QUEUE_FULL, "the judge is behind; judged requests wait "
