@@ -48,10 +48,12 @@ lint: $(STAMP)
 	$(PY) -m llmtrace.dashboards.generate --check
 	$(PY) -m llmtrace.dashboards.slo --check
 	$(PY) -m llmtrace.quality.gate_queries --check
+	$(PY) examples/deployment/kubernetes/generate.py --check
 
 dashboards: $(STAMP)
 	$(PY) -m llmtrace.dashboards.generate
 	$(PY) -m llmtrace.quality.gate_queries --write
+	$(PY) examples/deployment/kubernetes/generate.py --write
 	$(PY) -m llmtrace.dashboards.slo
 
 test: $(STAMP) system lint

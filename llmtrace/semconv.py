@@ -994,6 +994,8 @@ SPAN_ATTRIBUTES: Final[dict[str, frozenset[str]]] = {
         'llmtrace.generation.chunk.index',
         'llmtrace.generation.gap',
         'llmtrace.request.client_disconnected',
+        'llmtrace.output.entropy',
+        'llmtrace.request.regeneration',
         'llmtrace.latency.time_to_first_token',
         'llmtrace.latency.e2e',
         'llmtrace.latency.preprocess',

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -165,12 +164,12 @@ def _spans(otlp_receiver, version: str) -> list:
 
 
 def _load(server, n: int = 40) -> list:
-    """The gate's load: 8 at a time, 24 tokens each, greedy (the same answers on equal
+    """The gate's load: 4 at a time, 48 tokens each, greedy (the same answers on equal
     servers), one tenant: a canary that runs one request at a time queues the rest."""
     bodies = [{"messages": [{"role": "user", "content": SHORT[i % len(SHORT)]}],
-               "max_tokens": 24, "extra": {"temperature": 0}} for i in range(n)]
-    timings = run_load(server.base_url, DENSE, bodies, 8)
-    assert all(t.ok and t.tokens == 24 for t in timings), [t for t in timings if not t.ok][:2]
+               "max_tokens": 48, "extra": {"temperature": 0}} for i in range(n)]
+    timings = run_load(server.base_url, DENSE, bodies, 4)
+    assert all(t.ok and t.tokens == 48 for t in timings), [t for t in timings if not t.ok][:2]
     return timings
 
 
@@ -190,7 +189,7 @@ def _gate(prom: PrometheusServer, canary: str, *extra: str) -> tuple[int, dict]:
     out = subprocess.run(
         [sys.executable, "-m", "llmtrace.cli", "gate", "--prometheus", prom.url, "--model",
          DENSE, "--stable", "stable", "--canary", canary, "--window", "10m",
-         "--min-samples", "30", "--min-evaluations", "10", "--max-slo-regression", "0.1",
+         "--min-samples", "30", "--min-evaluations", "10", "--max-slo-regression", "0.2",
          "--checks", "ttft,itl,errors,quality", "--json", *extra],
         capture_output=True, text=True, timeout=120)
     assert out.stdout, out.stderr
@@ -211,10 +210,11 @@ def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
             sel = f'llmtrace_deployment_version="{version}"'
             q = name.replace("}", f", {sel}}}") if "{" in name else f"{name}{{{sel}}}"
             assert _wait(lambda q=q: prom.query(q), timeout=120), (q, prom.query("up"))
-    # stable and the equal canary under the same load at the same time, so both share
-    # this 2-core machine with the judge server alike
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(_load, [servers["stable"], servers["canary-ok"]]))  # re-raises
+    # stable and the equal canary in alternating rounds of the same load, so both share
+    # this 2-core machine (the judge, the other servers) alike
+    for _ in range(5):
+        _load(servers["stable"], 8)
+        _load(servers["canary-ok"], 8)
     _settle(servers["stable"])
     _settle(servers["canary-ok"])
     # the slow canary: its judge first answers past the timeout, then goes away

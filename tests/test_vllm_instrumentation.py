@@ -101,7 +101,8 @@ def by_name(spans: list[ReceivedSpan], name: str) -> list[ReceivedSpan]:
 
 
 def check_tree(spans: list[ReceivedSpan], client_span: str) -> ReceivedSpan:
-    """Parent links intact, every child inside its parent; returns the root."""
+    """Parent links intact, every child inside its parent (the judge's follow-up span
+    after the request); returns the root."""
     ids = {s.span_id: s for s in spans}
     [root] = by_name(spans, sc.SPAN_LLMTRACE_REQUEST)
     assert root.is_server and root.parent_span_id == client_span
@@ -110,6 +111,9 @@ def check_tree(spans: list[ReceivedSpan], client_span: str) -> ReceivedSpan:
             continue
         parent = ids.get(s.parent_span_id)
         assert parent is not None, f"{s.name} has a parent that was not exported"
+        if s.name == sc.SPAN_LLMTRACE_JUDGE:  # a follow-up: judged after the request ended
+            assert parent is root and s.start_ns >= root.end_ns, s
+            continue
         assert parent.start_ns <= s.start_ns <= s.end_ns <= parent.end_ns, (
             f"{s.name} [{s.start_ns}, {s.end_ns}] outside {parent.name} "
             f"[{parent.start_ns}, {parent.end_ns}]")

@@ -469,8 +469,10 @@ def alert_rules(t: Tolerances = DEFAULTS) -> str:
                f"{_number(t.max_psi)}: a significant shift); "
                f"{sc.PROMETHEUS_NAMES[PSI]} by {FEATURE} shows which feature."),
     ]
-    doc = {"groups": [{"name": "llmtrace-canary-recordings", "rules": records},
-                      {"name": "llmtrace-canary-alerts", "rules": alerts}]}
+    # one group: its rules are evaluated in order, so each alert reads the recordings of
+    # the same evaluation (groups run concurrently: an alert in another group could see
+    # the previous one, and its `for` would start a minute late, now and then)
+    doc = {"groups": [{"name": "llmtrace-canary", "rules": records + alerts}]}
     return _dump(_header("canary-versus-stable recording and alert rules (the canary is "
                          "any version of a model but the one serving the most requests)"),
                  [doc])
