@@ -30,6 +30,7 @@ import pytest
 from conftest import dense_config, instrumented_env, judge_env
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmtrace import schema
 from llmtrace import semconv as sc
 from testbed.models import DENSE, VOCAB_SIZE
 from testbed.ports import free_port
@@ -155,7 +156,7 @@ def _settle(server, timeout: float = 240.0) -> None:
         if now == last:
             return
         last = now
-        time.sleep(4)
+        time.sleep(2.5)
 
 
 def _spans(otlp_receiver, version: str) -> list:
@@ -163,11 +164,12 @@ def _spans(otlp_receiver, version: str) -> list:
             if s.resource.get("service.name") == f"llmtrace-quality-{version}"]
 
 
-def _load(server, n: int = 40) -> list:
+def _load(server, n: int = 40, tenant: str | None = None) -> list:
     """The gate's load: 4 at a time, 48 tokens each, greedy (the same answers on equal
     servers), one tenant: a canary that runs one request at a time queues the rest."""
     bodies = [{"messages": [{"role": "user", "content": SHORT[i % len(SHORT)]}],
-               "max_tokens": 48, "extra": {"temperature": 0}} for i in range(n)]
+               "max_tokens": 48, "extra": {"temperature": 0},
+               **({"headers": {"x-tenant-id": tenant}} if tenant else {})} for i in range(n)]
     timings = run_load(server.base_url, DENSE, bodies, 4)
     assert all(t.ok and t.tokens == 48 for t in timings), [t for t in timings if not t.ok][:2]
     return timings
@@ -190,7 +192,7 @@ def _gate(prom: PrometheusServer, canary: str, *extra: str) -> tuple[int, dict]:
         [sys.executable, "-m", "llmtrace.cli", "gate", "--prometheus", prom.url, "--model",
          DENSE, "--stable", "stable", "--canary", canary, "--window", "10m",
          "--min-samples", "30", "--min-evaluations", "10", "--max-slo-regression", "0.2",
-         "--checks", "ttft,itl,errors,quality", "--json", *extra],
+         "--checks", "ttft,itl,errors,quality", "--tenant", "default", "--json", *extra],
         capture_output=True, text=True, timeout=120)
     assert out.stdout, out.stderr
     return out.returncode, json.loads(out.stdout)
@@ -201,7 +203,10 @@ def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
     # every series exists in Prometheus before the measured load: increase() over the
     # window counts from a series' first sample, as it would in production
     for version, server in servers.items():
-        _load(server, 2)  # the same tenant and labels as the load below
+        # a cold server's first batches are slow: warm each up as another tenant, whose
+        # requests the gate leaves out (--tenant), then create the measured tenant's series
+        _load(server, 8, tenant="warm-up")
+        _load(server, 1)
         wanted = ["gen_ai_server_time_to_first_token_seconds_count",
                   "llmtrace_server_requests_total"]
         if version != "canary":
@@ -210,13 +215,16 @@ def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
             sel = f'llmtrace_deployment_version="{version}"'
             q = name.replace("}", f", {sel}}}") if "{" in name else f"{name}{{{sel}}}"
             assert _wait(lambda q=q: prom.query(q), timeout=120), (q, prom.query("up"))
-    # stable and the equal canary in alternating rounds of the same load, so both share
-    # this 2-core machine (the judge, the other servers) alike
-    for _ in range(5):
-        _load(servers["stable"], 8)
-        _load(servers["canary-ok"], 8)
+    # stable and the equal canary in alternating rounds of the same load, each round on a
+    # quiet machine: the judge (a vLLM on the same 2 cores) works through a round's
+    # verdicts after it, not during the next server's round (its backlog once made
+    # one server's TTFTs seconds long)
     _settle(servers["stable"])
     _settle(servers["canary-ok"])
+    for _ in range(5):
+        for version in ("stable", "canary-ok"):
+            _load(servers[version], 8)
+            _settle(servers[version])
     # the slow canary: its judge first answers past the timeout, then goes away
     client = _load(servers["canary"], 20)
     slow.stop()
@@ -241,13 +249,21 @@ def test_gate_fails_the_slow_canary_and_passes_an_equal_one(bed):
     print(f"\ngate, slow canary: {_summary(report, prom)}")  # figures, shown with -s
     assert code == 1, _summary(report, prom)
     assert checks["ttft"]["verdict"] == "fail", checks["ttft"]
-    # an independent client's view of the same requests: its share of first tokens later
-    # than the SLO matches the server-side histogram's (the 2 warm-up requests aside)
+    # an independent client's view of the same requests: the server's TTFT ends before
+    # the client's, so the gate's share over the threshold is at most the client's; and
+    # not by much: at least the client's share over the bucket edge two above (the
+    # client's clock also holds its own threads' waits on this loaded machine: 3 to 15
+    # points of share between the two views in earlier runs); one request in the gate's
+    # window is the warm-up's
     threshold = checks["ttft"]["canary"]["threshold_s"]
-    seen = sum(t.ttft_s > threshold for t in client) / len(client)
-    print(f"canary TTFT over {threshold} s: client {seen:.3f}, "
-          f"gate {checks['ttft']['canary']['ratio']:.3f}")
-    assert abs(seen - checks["ttft"]["canary"]["ratio"]) < 0.15
+    edges = schema.BY_NAME[sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN].buckets
+    above = edges[edges.index(threshold) + 2]
+    over, over_next = (sum(t.ttft_s > e for t in client) / len(client) for e in (threshold, above))
+    gate = checks["ttft"]["canary"]["ratio"]
+    print(f"canary TTFT: client over {threshold} s {over:.3f}, over {above} s "
+          f"{over_next:.3f}; gate over {threshold} s {gate:.3f}")
+    slack = 1 / len(client)
+    assert over_next - slack <= gate <= over + slack
     code, report = _gate(prom, "canary-ok")
     checks = {c["name"]: c for c in report["checks"]}
     print(f"\ngate, equal canary: {_summary(report, prom)}")
