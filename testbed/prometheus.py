@@ -28,6 +28,20 @@ class PrometheusError(RuntimeError):
     pass
 
 
+def wait_until(predicate, timeout: float = 60.0, every: float = 0.5) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` passes; a query Prometheus
+    refuses while it starts (PrometheusError) counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except PrometheusError:
+            pass
+        time.sleep(every)
+    return False
+
+
 class PrometheusServer:
     def __init__(self, workdir: Path, scrape_configs: list[dict[str, Any]],
                  rule_files: list[Path] = (), interval: str = "1s") -> None:

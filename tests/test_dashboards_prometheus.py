@@ -22,7 +22,7 @@ import yaml
 
 from llmtrace.dashboards.generate import panel_queries, substitute
 from testbed.models import DENSE
-from testbed.prometheus import PrometheusError, PrometheusServer
+from testbed.prometheus import PrometheusError, PrometheusServer, wait_until
 from testbed.stream_client import run_load
 
 pytestmark = pytest.mark.vllm
@@ -82,15 +82,7 @@ def prometheus(instrumented_servers, collector, engine_metrics_port, vllm_router
 
 
 def _wait(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except PrometheusError:
-            pass
-        time.sleep(0.5)
-    return False
+    return wait_until(predicate, timeout, every=0.5)
 
 
 def test_every_panel_query_parses_and_returns_data(prometheus: PrometheusServer,

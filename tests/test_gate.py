@@ -25,7 +25,7 @@ from llmtrace import semconv as sc
 from llmtrace.quality import gate
 from llmtrace.quality import gate_queries as q
 from testbed.ports import free_port
-from testbed.prometheus import PrometheusError, PrometheusServer
+from testbed.prometheus import PrometheusServer, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / q.RULES_FILE
@@ -346,15 +346,7 @@ def _serve(children: dict[str, Any], s: dict[str, Any]) -> None:
 
 
 def _wait(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return True
-        except PrometheusError:
-            pass
-        time.sleep(0.25)
-    return False
+    return wait_until(predicate, timeout, every=0.25)
 
 
 @pytest.fixture(scope="module")
