@@ -130,7 +130,9 @@ class Config(BaseModel):
     judge_api_key: SecretStr = SecretStr("")
     #: Share of requests, by trace id, whose sampler logprobs llmtrace asks for to measure
     #: output entropy (requests that ask for logprobs themselves are always measured).
-    entropy_sample_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
+    #: Off by default: vLLM compiles its logprob-rank kernel (torch.compile) on the first
+    #: request with logprobs, stalling the engine for seconds (14 s on a 2-core CPU).
+    entropy_sample_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
     #: Top-k logprobs llmtrace asks for on those requests (capped by vLLM's max_logprobs).
     entropy_top_k: int = Field(default=8, ge=1, le=64)
     #: The same tenant sending the same prompt within this many seconds is a regeneration.

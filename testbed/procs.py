@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,3 +47,14 @@ def descendants(root: int) -> dict[int, Proc]:
         return False
 
     return {pid: proc for pid, proc in procs.items() if under_root(pid)}
+
+
+def console_script(name: str) -> str:
+    """A console script installed beside this interpreter (the virtualenv's), else on PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed (run `make install`)")
+    return found

@@ -111,10 +111,17 @@ class PrometheusServer:
             raise PrometheusError(f"{body.get('errorType')}: {body.get('error')}")
         return body["data"]
 
-    def query(self, expr: str) -> list[dict]:
-        data = self.api("query", query=expr)
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant query, now or at the Unix time ``at``."""
+        params = {"query": expr, **({"time": f"{at:.3f}"} if at is not None else {})}
+        data = self.api("query", **params)
         result = data["result"]
         return result if data["resultType"] in ("vector", "matrix") else [result]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """A range query (what a Grafana time-series panel sends): one series per result."""
+        return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}",
+                        step=f"{step:g}")["result"]
 
     def targets_up(self) -> dict[str, bool]:
         active = self.api("targets")["activeTargets"]

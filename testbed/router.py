@@ -7,10 +7,8 @@ its own Prometheus metrics, as a deployment would.
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +16,7 @@ from pathlib import Path
 import httpx
 
 from testbed.ports import free_port
-
-
-def router_executable() -> str:
-    """The ``vllm-router`` console script beside this interpreter (or on PATH)."""
-    beside = Path(sys.executable).with_name("vllm-router")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("vllm-router")
-    if found is None:
-        raise FileNotFoundError("vllm-router is not installed (pip install vllm-router)")
-    return found
+from testbed.procs import console_script
 
 
 @dataclass
@@ -62,7 +50,7 @@ class Router:
         self.metrics_port = self.metrics_port or free_port()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [router_executable(), "--host", "127.0.0.1", "--port", str(self.port),
+            [console_script("vllm-router"), "--host", "127.0.0.1", "--port", str(self.port),
              *(("--worker-urls", *self.workers) if self.workers else ()),
              "--prometheus-host", "127.0.0.1",
              "--prometheus-port", str(self.metrics_port), *self.args],

@@ -50,6 +50,9 @@ class VLLMServer:
     config: ServerConfig
     workdir: Path
     python: str = sys.executable
+    #: a loopback address of its own (127.0.0.2, ...) makes replicas on one machine
+    #: look like separate hosts to Prometheus's host-only ``instance`` label
+    host: str = "127.0.0.1"
     port: int = 0
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
@@ -58,7 +61,7 @@ class VLLMServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -88,7 +91,7 @@ class VLLMServer:
     def command(self) -> list[str]:
         cmd = [
             self.python, *self.config.launcher, "serve", str(self.config.model_dir),
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", self.host, "--port", str(self.port),
             "--served-model-name", self.config.served_name,
             "--max-model-len", str(self.config.max_model_len),
         ]

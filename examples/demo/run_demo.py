@@ -1,22 +1,27 @@
-"""llmtrace demo on CPU: a real instrumented vLLM server, streaming load, derived records.
+"""llmtrace demo: the full serving stack on one CPU machine, and what its dashboards show.
 
-Generates the tiny models (cached), starts an in-process llmtrace collector
-(the derivation pipeline) and ``vllm serve`` on the dense model with llmtrace
-switched on by environment only. Drives streaming chat requests from three
-tenants at a few concurrency levels, then prints what the client saw, the
-pipeline's per-tenant table (TTFT, ITL, tokens, accelerator-seconds by batch
-share, cost from the example price table), the quality loop's view (a second
-vLLM serving the tiny model judges a sample of requests through structured
-output; output entropy from sampler logprobs) and one request's span waterfall.
+Starts (every part a real process, see ``stack.py``): two ``vllm serve`` replicas
+of a tiny random-weight model with llmtrace switched on by environment only,
+``vllm-router`` in front, the ``llmtrace collector`` receiving their spans and
+forwarding them to a trace store, and Debian's Prometheus scraping all of it with
+the SLO rules loaded. Drives streaming load from three tenants through the
+router, then prints the L1 figures by sending the committed dashboards' own
+PromQL to Prometheus, side by side with what the client measured, and the
+per-tenant cost table from the L3 panels; writes an HTML report (L1 and L3
+panels as charts, span waterfalls of the slowest requests) and a JSON summary.
+Stops everything it started, also on failure or Ctrl-C.
 
-    python examples/demo/run_demo.py [--requests 50] [--levels 1,4,8]
+    python examples/demo/run_demo.py [--requests 120] [--levels 2,4,8] [--judge]
+
+Exit status 0 when every compared figure matches the client, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,165 +30,81 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # testbed/ is not 
 
 from tqdm import tqdm
 
+from examples.demo import figures as figs
+from examples.demo import report
+from examples.demo.load import TENANTS, make_requests, run_in_child, tenant, trace_id, warm_up
+from examples.demo.stack import PRICES, Stack, start_stack
 from llmtrace import semconv as sc
-from llmtrace.collector import CollectorConfig, CollectorService
 from llmtrace.pricing import PriceTable
-from llmtrace.record import Histogram, RequestRecord, UsageRecord
 from testbed.models import DENSE, ensure_models
-from testbed.otlp_receiver import OTLPReceiver
-from testbed.stream_client import (
-    LoadSummary,
-    StreamTiming,
-    percentile,
-    run_load,
-    summarize,
-)
-from testbed.vllm_server import ServerConfig, VLLMServer
+from testbed.stream_client import StreamTiming, summarize
 
 REPO = Path(__file__).resolve().parents[2]
-TENANTS = ("acme", "globex", "initech")
-TOPICS = ["the prefix cache", "chunked prefill", "the decode loop", "expert routing",
-          "request queues", "KV transfer", "batch scheduling", "token latency"]
+def print_figures(rows: list[figs.Figure]) -> None:
+    print("\nL1 figures: the dashboards' PromQL on Prometheus, beside the client "
+          "(through the router)")
+    print(f"{'figure':<22} {'Prometheus':>12} {'client':>12}  {'client bucket':<18} match")
+    for f in rows:
+        bucket = (f"({report._fmt(f.bucket[0], 's')}, "
+                  f"{report._fmt(f.bucket[1], 's') if f.bucket[1] != float('inf') else '+Inf'}]"
+                  if f.bucket else "")
+        match = "shown" if f.match is None else ("yes" if f.match else "NO")
+        print(f"{f.name:<22} {report._fmt(f.dashboard, f.unit):>12} "
+              f"{report._fmt(f.client, f.unit):>12}  {bucket:<18} {match}")
 
 
-def make_requests(n: int, seed: int = 0) -> list[dict]:
-    """Varied chat prompts (short to medium) with a fixed output length per request."""
-    rng = random.Random(seed)
-    requests = []
-    for i in range(n):
-        topic = rng.choice(TOPICS)
-        padding = " ".join(rng.choice(TOPICS) for _ in range(rng.randint(0, 40)))
-        content = f"Request {i}: please explain {topic}. Context: {padding}"
-        requests.append({"messages": [{"role": "user", "content": content}],
-                         "max_tokens": rng.choice([16, 32, 48, 64]),
-                         "headers": {"x-tenant-id": TENANTS[i % len(TENANTS)]}})
-    return requests
-
-
-def split(total: int, parts: int) -> list[int]:
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
-def ms(value: float) -> str:
-    return f"{value * 1000:8.1f}"
-
-
-def print_table(rows: list[tuple[int, LoadSummary]]) -> None:
-    header = (f"{'conc':>4} {'reqs':>5} {'errs':>4} {'TTFT p50':>9} {'TTFT p99':>9} "
-              f"{'ITL p50':>9} {'ITL p99':>9} {'tokens':>7} {'tok/s':>8}")
-    print("\nclient-measured latency (ms) on tiny-llama, vLLM CPU")
+def print_costs(rows: list[figs.TenantCost], window_s: float) -> None:
+    print(f"\ncost per tenant over the {window_s:.0f} s window (L3 panels; examples/prices.yaml, "
+          "illustrative prices)")
+    header = (f"{'tenant':<8} {'reqs':>4} {'tok in':>7} {'tok out':>7} {'USD price':>11} "
+              f"{'USD client':>11} {'USD/1K tok':>11} {'USD acc-time':>12} {'acc-s/req':>9}")
     print(header)
     print("-" * len(header))
-    for conc, s in rows:
-        print(f"{conc:>4} {s.requests:>5} {s.errors:>4} {ms(s.ttft_p50_s):>9} "
-              f"{ms(s.ttft_p99_s):>9} {ms(s.itl_p50_s):>9} {ms(s.itl_p99_s):>9} "
-              f"{s.output_tokens:>7} {s.tokens_per_s:>8.1f}")
+    for c in rows:
+        print(f"{c.tenant:<8} {c.requests:>4} {c.prompt_tokens:>7} {c.output_tokens:>7} "
+              f"{report._fmt(c.usd_price_table, 'usd'):>11} {report._fmt(c.usd_client, 'usd'):>11} "
+              f"{report._fmt(c.usd_per_1k_tokens, 'usd'):>11} "
+              f"{report._fmt(c.usd_batch_share, 'usd'):>12} "
+              f"{report._fmt(c.accelerator_s_per_request, ''):>9}")
 
 
-def print_tenant_table(records: list[RequestRecord], usage: list[UsageRecord],
-                       prices: PriceTable | None) -> None:
-    """The pipeline's view: one row per tenant and model, from derived records."""
-    rows: dict[tuple[str, str], dict] = {}
-    for r in records:
-        row = rows.setdefault((r.tenant, r.model), {"ttft": [], "itl": Histogram(), "in": 0,
-                                                     "out": 0, "acc": 0.0, "usd": 0.0, "n": 0})
-        row["n"] += 1
-        if r.ttft_s is not None:
-            row["ttft"].append(r.ttft_s)
-        if r.itl is not None:
-            row["itl"].merge(r.itl)
-        row["in"] += r.prompt_tokens
-        row["out"] += r.output_tokens
-        usd = prices.token_cost(r.model, r.prompt_tokens, r.cached_tokens, r.output_tokens) \
-            if prices else None
-        row["usd"] += usd or 0.0
-    for u in usage:
-        if (u.tenant, u.model) in rows:
-            rows[(u.tenant, u.model)]["acc"] += u.accelerator_s
-    header = (f"{'tenant':<9} {'model':<11} {'reqs':>4} {'TTFT p50':>8} {'TTFT p99':>8} "
-              f"{'ITL p50':>7} {'ITL p99':>7} {'tok in':>6} {'tok out':>7} {'acc-s':>6} "
-              f"{'USD/1K tok':>10} {'USD':>9}")
-    print("\nderived by the llmtrace pipeline from spans (ms; cost: examples/prices.yaml)")
-    print(header)
-    print("-" * len(header))
-    for (tenant, model), row in sorted(rows.items()):
-        tokens = row["in"] + row["out"]
-        per_1k = row["usd"] / tokens * 1000 if tokens else 0.0
-        ttft = [percentile(row["ttft"], q) * 1e3 for q in (50, 99)]
-        itl = [(row["itl"].quantile(q) or 0.0) * 1e3 for q in (0.5, 0.99)]
-        print(f"{tenant:<9} {model:<11} {row['n']:>4} {ttft[0]:>8.1f} {ttft[1]:>8.1f} "
-              f"{itl[0]:>7.1f} {itl[1]:>7.1f} "
-              f"{row['in']:>6} {row['out']:>7} {row['acc']:>6.2f} {per_1k:>10.6f} "
-              f"{row['usd']:>9.6f}")
-    busy = sum(u.accelerator_s for u in usage)
-    print(f"accelerator-seconds attributed by batch share: {busy:.2f} s over "
-          f"{len(usage)} requests")
+def print_quality(stack: Stack) -> None:
+    """The judge's verdicts, as the trace store received them (``--judge``)."""
+    judges = [s for s in stack.traces.spans() if s.name == sc.SPAN_LLMTRACE_JUDGE]
+    failed = sum(1 for j in judges if sc.ERROR_TYPE in j.attributes)
+    scores = [e.attributes[sc.GEN_AI_EVALUATION_SCORE_VALUE] for j in judges for e in j.events
+              if e.name == sc.EVENT_GEN_AI_EVALUATION_RESULT
+              and e.attributes.get(sc.GEN_AI_EVALUATION_NAME) == "composite"]
+    mean = f"{sum(scores) / len(scores):.2f}" if scores else "-"
+    print(f"\nquality: {len(judges)} requests judged ({failed} judge calls failed), composite "
+          f"score mean {mean} (random weights: the scores are noise)")
 
 
-def print_waterfall(receiver: OTLPReceiver, trace_id: str, width: int = 48,
-                    max_lines: int = 24) -> None:
-    """One request's spans as a terminal waterfall (the trace store's view)."""
-    spans = [s for s in receiver.spans() if s.trace_id == trace_id]
-    if not spans:
-        print(f"\n(no spans received for trace {trace_id})")
-        return
-    t0 = min(s.start_ns for s in spans)
-    total = max(s.end_ns for s in spans) - t0 or 1
-    children: dict[str, list] = {}
-    for s in spans:
-        children.setdefault(s.parent_span_id, []).append(s)
-    ids = {s.span_id for s in spans}
-    lines: list[str] = []
-
-    def walk(span, depth: int) -> None:
-        start = (span.start_ns - t0) / total
-        length = max(1, round((span.end_ns - span.start_ns) / total * width))
-        bar = " " * min(width - 1, round(start * width)) + "#" * length
-        label = ("  " * depth + span.name)[:34]
-        lines.append(f"{label:<34} {(span.start_ns - t0) / 1e6:>8.1f} "
-                     f"{(span.end_ns - span.start_ns) / 1e6:>8.1f}  |{bar[:width]:<{width}}|")
-        for child in sorted(children.get(span.span_id, []), key=lambda c: c.start_ns):
-            walk(child, depth + 1)
-
-    for root in sorted((s for s in spans if s.parent_span_id not in ids),
-                       key=lambda s: s.start_ns):
-        walk(root, 0)
-    print(f"\nspan waterfall of trace {trace_id} ({total / 1e6:.1f} ms)")
-    print(f"{'span':<34} {'start ms':>8} {'dur ms':>8}")
-    for line in lines[:max_lines]:
-        print(line)
-    if len(lines) > max_lines:
-        print(f"... {len(lines) - max_lines} more spans")
+def slowest_traces(stack: Stack, requests: list[dict], timings: list[StreamTiming],
+                   n: int = 3) -> list[tuple[str, str, list]]:
+    by_trace = stack.traces.traces()
+    ranked = sorted(zip(requests, timings, strict=True), key=lambda rt: rt[1].e2e_s,
+                    reverse=True)
+    out = []
+    for request, timing in ranked:
+        spans = by_trace.get(trace_id(request))
+        if spans and timing.ok:
+            label = (f"{tenant(request)}: client E2E "
+                     f"{timing.e2e_s * 1e3:.0f} ms, TTFT {timing.ttft_s * 1e3:.0f} ms, "
+                     f"{timing.tokens} tokens")
+            out.append((trace_id(request), label, spans))
+        if len(out) == n:
+            break
+    return out
 
 
-def print_quality(receiver: OTLPReceiver) -> None:
-    """The judge's verdicts and the output entropy, as the trace store received them."""
-    spans = receiver.spans()
-    judges = [s for s in spans if s.name == sc.SPAN_LLMTRACE_JUDGE]
-    scores: dict[str, list[float]] = {}
-    failed = hallucinated = 0
-    for j in judges:
-        if sc.ERROR_TYPE in j.attributes:
-            failed += 1
-            continue
-        for e in j.events:
-            if e.name == sc.EVENT_GEN_AI_EVALUATION_RESULT:
-                scores.setdefault(e.attributes[sc.GEN_AI_EVALUATION_NAME], []).append(
-                    e.attributes[sc.GEN_AI_EVALUATION_SCORE_VALUE])
-        hallucinated += bool(j.attributes.get(sc.LLMTRACE_JUDGE_HALLUCINATION))
-    key = sc.LLMTRACE_OUTPUT_ENTROPY
-    entropy = [s.attributes[key] for s in spans
-               if s.name == sc.SPAN_LLMTRACE_REQUEST and key in s.attributes]
-    print(f"\nquality: {len(judges)} requests judged ({failed} judge calls failed), "
-          f"{hallucinated} flagged as hallucinated (random weights: scores are noise)")
-    for name in ("helpfulness", "accuracy", "coherence", "safety", "composite"):
-        values = scores.get(name)
-        if values:
-            print(f"  {name:<12} mean {sum(values) / len(values):.2f} over {len(values)}")
-    if entropy:
-        print(f"  output entropy: mean {sum(entropy) / len(entropy):.2f} nats over "
-              f"{len(entropy)} requests (top-8 logprobs, the rest as one outcome)")
+def wait_for_traces(stack: Stack, ids: set[str], timeout: float = 30.0) -> int:
+    """The request spans leave vLLM on the exporter's next batch, then the collector's."""
+    def arrived(receiver) -> bool:
+        return ids <= {s.trace_id for s in receiver.spans() if s.name == sc.SPAN_LLMTRACE_REQUEST}
+    stack.traces.wait_for(arrived, timeout)
+    got = {s.trace_id for s in stack.traces.spans() if s.name == sc.SPAN_LLMTRACE_REQUEST}
+    return len(ids & got)
 
 
 def write_dashboards() -> None:
@@ -192,110 +113,101 @@ def write_dashboards() -> None:
 
     generate.main([])
     slo.main([])
-    rules = sorted((REPO / "dashboards" / "slo" / "rules").glob("*.yml"))
-    print("Grafana dashboards (import the JSON):  dashboards/llmtrace-*.json")
-    print(f"SLO burn-rate rules (Prometheus rule_files): {len(rules)} files in "
-          "dashboards/slo/rules/")
-    print("Prometheus scrape config for vLLM, engine core and collector: "
-          "dashboards/prometheus/scrape-vllm.yml")
+
+
+def _terminate(signum, _frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the stack's clean-up
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=50)
-    parser.add_argument("--levels", default="1,4,8", help="concurrency levels")
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--levels", default="2,4,8", help="concurrency levels, in turn")
     parser.add_argument("--workdir", type=Path, default=REPO / ".cache" / "demo")
-    parser.add_argument("--keep", action="store_true", help="keep the server's scratch files")
+    parser.add_argument("--report", type=Path, default=None,
+                        help="HTML report (default WORKDIR/report.html)")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="JSON summary (default WORKDIR/summary.json)")
+    parser.add_argument("--judge", action="store_true",
+                        help="a third vLLM judges a quarter of the requests (slower)")
+    parser.add_argument("--keep", action="store_true", help="keep the processes' scratch files")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
+    report_path = args.report or args.workdir / "report.html"
+    summary_path = args.summary or args.workdir / "summary.json"
+    signal.signal(signal.SIGTERM, _terminate)
 
     t0 = time.monotonic()
     write_dashboards()
     models = ensure_models(REPO / ".cache" / "models", verbose=True)
-    print(f"models ready in {time.monotonic() - t0:.1f} s: {models.dense}")
-
-    records: list[RequestRecord] = []
-    usage: list[UsageRecord] = []
-    receiver = OTLPReceiver().start()  # stands in for the trace store (Tempo, Jaeger)
-    collector = CollectorService(CollectorConfig(
-        grpc_endpoint="127.0.0.1:0", http_endpoint="", admin_endpoint="127.0.0.1:0",
-        forward_endpoint=receiver.grpc_endpoint, prices=REPO / "examples" / "prices.yaml"),
-        on_record=records.append, on_usage=usage.append)
-    collector.start()
-    print(f"llmtrace collector in this process: OTLP gRPC :{collector.ports['grpc']}, "
-          f"metrics http://127.0.0.1:{collector.ports['admin']}/metrics")
-    # the judge: a second vLLM of the tiny model; structured output (compact JSON) makes
-    # even random weights answer in the judge's schema
-    judge = VLLMServer(ServerConfig(model_dir=models.dense, served_name=DENSE, args=(
-        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'
-    )), workdir=args.workdir / "judge")
-    judge.start()
-    env = (("LLMTRACE_ENABLED", "1"), ("LLMTRACE_SAMPLE_RATIO", "1"),
-           ("LLMTRACE_JUDGE_ENDPOINT", f"{judge.base_url}/v1"), ("LLMTRACE_JUDGE_MODEL", DENSE),
-           ("LLMTRACE_JUDGE_SAMPLE_RATIO", "0.25"), ("LLMTRACE_JUDGE_TIMEOUT_S", "60"),
-           ("LLMTRACE_ENTROPY_SAMPLE_RATIO", "0.5"),
-           ("LLMTRACE_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{collector.ports['grpc']}"),
-           ("LLMTRACE_METRICS_EXPORTER", "none"), ("LLMTRACE_DEPLOYMENT_VERSION", "demo"),
-           ("LLMTRACE_INSTANCE_TYPE", "cpu"), ("OTEL_BSP_SCHEDULE_DELAY", "500"),
-           ("OTEL_SERVICE_NAME", "vllm-demo"))
-    server = VLLMServer(ServerConfig(model_dir=models.dense, served_name=DENSE, env=env),
-                        workdir=args.workdir / "server")
-    print("starting vllm serve with llmtrace (CPU, --enforce-eager) ...", flush=True)
-    server.start()
+    shutil.rmtree(args.workdir / "stack", ignore_errors=True)  # a fresh TSDB every run
+    stack = start_stack(args.workdir / "stack", models, judge=args.judge)
     try:
-        server.wait_ready(timeout=300)
-        print(f"vLLM ready in {server.ready_s:.1f} s at {server.base_url}")
-        judge.wait_ready(timeout=300)
-        print(f"judge vLLM ready at {judge.base_url}")
+        print(f"stack up in {time.monotonic() - t0:.0f} s:")
+        for name, where in stack.describe():
+            print(f"  {name:<30} {where}")
+        warm_up(stack.url, len(stack.replicas))
+        time.sleep(3)  # two scrapes: every series exists before the window opens
         requests = make_requests(args.requests)
-        rows: list[tuple[int, LoadSummary]] = []
-        every: list[StreamTiming] = []
-        with tqdm(total=len(requests), desc="streaming requests", unit="req") as bar:
-            start = 0
-            for conc, count in zip(levels, split(len(requests), len(levels)), strict=True):
-                batch = requests[start:start + count]
-                start += count
-                bar.set_postfix(concurrency=conc)
-                timings = run_load(server.base_url, DENSE, batch, conc,
-                                               on_done=lambda _t: bar.update(1))
-                rows.append((conc, summarize(timings)))
-                every.extend(timings)
-        print_table(rows)
-        expected = len(every)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (len(records) < expected
-                                               or len(usage) < expected):
-            time.sleep(0.2)  # the last spans leave vLLM on the exporters' next batch
-        print_tenant_table(records, usage, collector.metrics.prices)
-        traced = {s.trace_id for s in receiver.spans() if s.name == sc.SPAN_LLMTRACE_REQUEST}
-        deadline = time.monotonic() + 60  # the judge works after the requests, off-path
-        while time.monotonic() < deadline and sum(
-                1 for s in receiver.spans() if s.name == sc.SPAN_LLMTRACE_JUDGE) < \
-                max(1, len(traced) // 8):
-            time.sleep(0.5)
-        print_quality(receiver)
-        slowest = max((r for r in records if r.ttft_s is not None),
-                      key=lambda r: r.e2e_s, default=None)
-        if slowest is not None:
-            print_waterfall(receiver, slowest.trace_id)
-        total = summarize(every)
-        print(f"\n{total.requests} requests, {total.errors} errors, "
-              f"{total.output_tokens} tokens in {total.wall_s:.1f} s; "
+        start = time.time()
+        with tqdm(total=len(requests), desc="streaming requests via vllm-router",
+                  unit="req") as bar:
+            timings = run_in_child(stack.url, requests, levels,
+                                   on_level=lambda c: bar.set_postfix(concurrency=c),
+                                   on_done=lambda: bar.update(1))
+        traced = wait_for_traces(stack, {trace_id(r) for r, t in zip(requests, timings,
+                                                                     strict=True) if t.ok})
+        time.sleep(3)  # the last increments scraped (1 s interval) and the rules evaluated
+        end = time.time()
+        window = end - start
+        load = summarize(timings)
+        print(f"{load.requests} requests, {load.errors} errors, {load.output_tokens} tokens "
+              f"in {load.wall_s:.1f} s; {traced} of {len(requests)} traces in the trace store")
+
+        figures = figs.l1_figures(stack.prometheus, end, window, timings)
+        print_figures(figures)
+        by_tenant: dict[str, list[StreamTiming]] = {}
+        for request, timing in zip(requests, timings, strict=True):
+            by_tenant.setdefault(tenant(request), []).append(timing)
+        costs = figs.tenant_costs(stack.prometheus, end, window, by_tenant, DENSE,
+                                  PriceTable.load(PRICES))
+        print_costs(costs, window)
+        if args.judge:
+            print_quality(stack)
+
+        matched = all(f.match is not False for f in figures) and not load.errors
+        summary = {"requests": len(requests), "errors": load.errors, "traced": traced,
+                   "tenants": sorted(TENANTS), "replicas": len(stack.replicas),
+                   "window_s": window, "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                                time.gmtime(start)),
+                   "matched": matched, "figures": [f.as_dict() for f in figures],
+                   "costs": [c.as_dict() for c in costs]}
+        counts = report.write(report_path, prom=stack.prometheus, start=start - 5, end=end,
+                              figures=figures, costs=costs,
+                              traces=slowest_traces(stack, requests, timings),
+                              stack=stack.describe(), summary=summary)
+        summary["charts"] = counts
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=1, default=str))
+        empty = [title for title, n in counts.items() if not n]
+        print(f"\nreport: {report_path} ({len(counts)} panels"
+              f"{', without data: ' + ', '.join(empty) if empty else ''}); "
+              f"summary: {summary_path}")
+        print(f"every compared figure matches the client: {'yes' if matched else 'NO'}; "
               f"demo took {time.monotonic() - t0:.0f} s")
-        for t in every:
+        for t in timings:
             if not t.ok:
-                print(f"error: {t.error}", file=sys.stderr)
-        return 1 if total.errors else 0
-    except Exception:
-        print(f"vLLM log tail:\n{server.log_tail()}", file=sys.stderr)
+                print(f"error: {t.status} {t.error}", file=sys.stderr)
+        return 0 if matched else 1
+    except BaseException:
+        for server in stack.replicas:
+            print(f"{server.base_url} log tail:\n{server.log_tail(20)}", file=sys.stderr)
         raise
     finally:
-        server.stop()
-        judge.stop()
-        collector.stop(2.0)
-        receiver.stop()
+        stack.close()
         if not args.keep:
-            shutil.rmtree(args.workdir / "server" / "tmp", ignore_errors=True)
+            for sub in ("replica-0", "replica-1", "judge"):
+                shutil.rmtree(args.workdir / "stack" / sub / "tmp", ignore_errors=True)
 
 
 if __name__ == "__main__":
