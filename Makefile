@@ -27,14 +27,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# System packages the tests need: Debian's prometheus (prometheus + promtool) for
-# the SLO rule tests and the dashboard queries evaluated against a real Prometheus.
+# System packages the demo and the tests need: Debian's prometheus (prometheus +
+# promtool) for the SLO rule tests, the dashboard queries evaluated against a real
+# Prometheus and the demo's stack; chromium to open the demo's HTML report headless.
 system:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  && command -v chromium >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
-	    prometheus >/dev/null; }
+	    prometheus chromium >/dev/null; }
 
 models: $(STAMP)
 	$(PY) -m testbed.models --cache-dir $(LLMTRACE_MODEL_DIR)
@@ -59,7 +61,7 @@ dashboards: $(STAMP)
 test: $(STAMP) system lint
 	$(PY) -m pytest
 
-demo: $(STAMP)
+demo: $(STAMP) system
 	$(PY) examples/demo/run_demo.py
 
 clean:

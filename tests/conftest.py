@@ -28,6 +28,11 @@ from testbed.vllm_server import ServerConfig, ServerPool, VLLMServer, chat
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The full-stack demo runs last: it stops the session's servers to have the cores."""
+    items.sort(key=lambda item: item.get_closest_marker("demo") is not None)
+
+
 @pytest.fixture(scope="session")
 def scratch_dir() -> Iterator[Path]:
     """One scratch root for the session; vLLM's caches and temp files go here."""

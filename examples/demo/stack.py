@@ -68,6 +68,20 @@ class Stack:
             rows.append(("judge vLLM", self.judge.base_url))
         return rows
 
+    def endpoints(self) -> list[tuple[str, int]]:
+        """Every (host, port) a process of the stack listens on."""
+        out = [(r.host, r.port) for r in self.replicas]
+        out += [(r.host, p) for r, p in zip(self.replicas, self.engine_ports, strict=True)]
+        if self.router is not None:
+            out += [("127.0.0.1", self.router.port), ("127.0.0.1", self.router.metrics_port)]
+        if self.collector is not None:
+            out += [("127.0.0.1", port) for port in self.collector.ports.values()]
+        if self.prometheus is not None:
+            out.append(("127.0.0.1", self.prometheus.port))
+        if self.judge is not None:
+            out.append((self.judge.host, self.judge.port))
+        return out
+
     def close(self) -> None:
         self._exit.close()
 
@@ -76,8 +90,8 @@ def replica_env(index: int, host: str, engine_port: int, collector: CollectorPro
                 judge: VLLMServer | None) -> tuple[tuple[str, str], ...]:
     """llmtrace switched on by environment only: no change to vLLM's command line."""
     env = {
-        "LLMTRACE_ENABLED": os.environ.get("DEMO_LLMTRACE", "1"),
-        "LLMTRACE_SAMPLE_RATIO": os.environ.get("DEMO_RATIO", "1"),
+        "LLMTRACE_ENABLED": "1",
+        "LLMTRACE_SAMPLE_RATIO": "1",
         "LLMTRACE_OTLP_TRACES_ENDPOINT": collector.otlp_grpc,
         # latency, token, request and cost series at the source, scraped by Prometheus:
         # the API server's join vLLM's /metrics, the engine core's get their own port
@@ -91,14 +105,11 @@ def replica_env(index: int, host: str, engine_port: int, collector: CollectorPro
         "OTEL_BSP_SCHEDULE_DELAY": "500",
     }
     cores = os.cpu_count() or 1
-    mode = os.environ.get("DEMO_BIND", "1")
-    if cores >= 2 and mode == "1":  # each replica its own core
+    if cores >= 2:
+        # each replica's worker its own core, as on two hosts. Measured here: unbound
+        # (vLLM's "auto") workers of two replicas share both cores and prefill steps of
+        # one replica then take ~1 s; both on one core halves throughput
         env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % cores)
-    elif mode == "nobind":
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        env["OMP_NUM_THREADS"] = "1"
-    elif cores >= 2 and mode == "shared":
-        env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores - 1)
     if judge is not None:
         env.update(LLMTRACE_JUDGE_ENDPOINT=f"{judge.base_url}/v1", LLMTRACE_JUDGE_MODEL=DENSE,
                    LLMTRACE_JUDGE_SAMPLE_RATIO="0.25", LLMTRACE_JUDGE_TIMEOUT_S="60")
@@ -115,7 +126,7 @@ def scrape_configs(stack: Stack) -> list[dict]:
         "llmtrace-collector": [stack.collector.metrics_target],
         "vllm-router": [f"127.0.0.1:{stack.router.metrics_port}"],
     }
-    return [{**job, "scrape_interval": os.environ.get("DEMO_SCRAPE", "1s"),
+    return [{**job, "scrape_interval": "1s",
              "static_configs": [{"targets": targets[job["job_name"]]}]} for job in shipped]
 
 
