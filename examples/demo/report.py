@@ -148,13 +148,13 @@ def write(out: Path, *, prom: PrometheusServer, start: float, end: float,
         plotly_js=plotly.offline.get_plotlyjs(), sections=sections, waterfalls=waterfalls,
         figures=figures, costs=costs, stack=stack, summary=summary,
         rate_window=f"{rate_window:.0f} s", step=f"{step:.0f} s",
-        fmt=_fmt, inf=math.inf)
+        fmt=fmt, inf=math.inf)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page)
     return counts
 
 
-def _fmt(value: float | None, unit: str) -> str:
+def fmt(value: float | None, unit: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     if unit == "s":

@@ -45,12 +45,12 @@ def print_figures(rows: list[figs.Figure]) -> None:
           "(through the router)")
     print(f"{'figure':<22} {'Prometheus':>12} {'client':>12}  {'client bucket':<18} match")
     for f in rows:
-        bucket = (f"({report._fmt(f.bucket[0], 's')}, "
-                  f"{report._fmt(f.bucket[1], 's') if f.bucket[1] != float('inf') else '+Inf'}]"
+        bucket = (f"({report.fmt(f.bucket[0], 's')}, "
+                  f"{report.fmt(f.bucket[1], 's') if f.bucket[1] != float('inf') else '+Inf'}]"
                   if f.bucket else "")
         match = "shown" if f.match is None else ("yes" if f.match else "NO")
-        print(f"{f.name:<22} {report._fmt(f.dashboard, f.unit):>12} "
-              f"{report._fmt(f.client, f.unit):>12}  {bucket:<18} {match}")
+        print(f"{f.name:<22} {report.fmt(f.dashboard, f.unit):>12} "
+              f"{report.fmt(f.client, f.unit):>12}  {bucket:<18} {match}")
 
 
 def print_costs(rows: list[figs.TenantCost], window_s: float) -> None:
@@ -62,10 +62,10 @@ def print_costs(rows: list[figs.TenantCost], window_s: float) -> None:
     print("-" * len(header))
     for c in rows:
         print(f"{c.tenant:<8} {c.requests:>4} {c.prompt_tokens:>7} {c.output_tokens:>7} "
-              f"{report._fmt(c.usd_price_table, 'usd'):>11} {report._fmt(c.usd_client, 'usd'):>11} "
-              f"{report._fmt(c.usd_per_1k_tokens, 'usd'):>11} "
-              f"{report._fmt(c.usd_batch_share, 'usd'):>12} "
-              f"{report._fmt(c.accelerator_s_per_request, ''):>9}")
+              f"{report.fmt(c.usd_price_table, 'usd'):>11} {report.fmt(c.usd_client, 'usd'):>11} "
+              f"{report.fmt(c.usd_per_1k_tokens, 'usd'):>11} "
+              f"{report.fmt(c.usd_batch_share, 'usd'):>12} "
+              f"{report.fmt(c.accelerator_s_per_request, ''):>9}")
 
 
 def print_quality(stack: Stack) -> None:
