@@ -4,10 +4,12 @@ The client (``testbed.stream_client``) timestamps every token it receives, throu
 the router: it is the independent reference. A latency percentile from
 Prometheus is an interpolation inside one bucket of the registry's histogram, so
 it *matches* when it falls in the client's bucket or a neighbouring one (the
-router's hop and interpolation move it, never further). Rates match within 2 %
-plus one scrape interval over the window: ``rate()`` extrapolates the increase it
-saw between its first and last sample to the whole window. The error ratio
-matches within one request.
+router's hop and interpolation move it, never further). The request rate is
+bounded on both sides: the counters are flat before and after the load, so
+``rate()`` sees every request, and its extrapolation from the first and last
+sample to the window's edges can only add, at most one scrape interval at each
+end (2 % slack for samples on the edges). The error ratio matches within one
+request.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ LATENCY = (("TTFT p50 / p95 / p99", sc.METRIC_GEN_AI_SERVER_TIME_TO_FIRST_TOKEN,
            ("ITL p50 / p95 / p99", sc.METRIC_LLMTRACE_SERVER_INTER_TOKEN_LATENCY, "itl"),
            ("E2E latency p50 / p95 / p99", sc.METRIC_GEN_AI_SERVER_REQUEST_DURATION, "e2e"))
 QUANTILES = (50, 95, 99)
+#: shown, not compared: the server takes inter-token gaps as the engine hands tokens to
+#: the API server, the client after the API server's event loop, the router and the
+#: socket. At p99 the client's gaps are those stalls (a scrape of vLLM's /metrics holds
+#: the loop ~60 ms here), which no server-side ITL contains.
+NOT_COMPARED = {("itl", 99)}
 
 
 @dataclass
@@ -57,6 +64,15 @@ def bucket_of(value: float, edges: tuple[float, ...]) -> tuple[float, float]:
     return (edges[i - 1] if i else 0.0, edges[i] if i < len(edges) else math.inf)
 
 
+def within_one_bucket(estimate: float, client: float, edges: tuple[float, ...]) -> bool:
+    """``estimate`` in ``client``'s bucket or a neighbour, or within that bucket's
+    width (beyond the last edge histogram_quantile answers the edge: a neighbour)."""
+    if abs(bucket_index(estimate, edges) - bucket_index(client, edges)) <= 1:
+        return True
+    low, high = bucket_of(client, edges)
+    return not math.isinf(high) and abs(estimate - client) <= high - low
+
+
 def client_values(timings: list[StreamTiming]) -> dict[str, list[float]]:
     ok = [t for t in timings if t.ok]
     return {"ttft": [t.ttft_s for t in ok if t.ttft_s is not None],
@@ -76,8 +92,10 @@ def l1_figures(prom: PrometheusServer, at: float, window_s: float,
             value = next((v for k, v in shown.items() if k.split(" ")[0] == f"p{q}"), None)
             client = percentile(measured[key], q) if measured[key] else None
             match = None
-            if value is not None and client is not None and not math.isnan(value):
-                match = abs(bucket_index(value, edges) - bucket_index(client, edges)) <= 1
+            if (key, q) in NOT_COMPARED:
+                pass
+            elif value is not None and client is not None and not math.isnan(value):
+                match = within_one_bucket(value, client, edges)
             elif client is not None:
                 match = False
             figures.append(Figure(f"{key.upper()} p{q}", title, value, client, "s", match,
@@ -86,10 +104,10 @@ def l1_figures(prom: PrometheusServer, at: float, window_s: float,
     rate = panels.instant(prom, l1["Request rate"], at, window_s)
     rate_value = next(iter(rate.values()), None)
     client_rate = n / window_s
-    tolerance = 0.02 + scrape_s / window_s
+    most = client_rate * window_s / max(window_s - 2 * scrape_s, 1.0) * 1.02
     figures.append(Figure("request rate", "Request rate", rate_value, client_rate, "req/s",
-                          rate_value is not None and abs(rate_value - client_rate)
-                          <= tolerance * client_rate))
+                          rate_value is not None
+                          and 0.98 * client_rate <= rate_value <= most))
     ratio = panels.instant(prom, l1["Server error ratio"], at, window_s)
     ratio_value = next(iter(ratio.values()), 0.0)  # no error series: no errors
     figures.append(Figure("server error ratio", "Server error ratio", ratio_value,

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from examples.demo import figures as figs
 from examples.demo import report
 from examples.demo.load import TENANTS, make_requests, run_in_child, tenant, trace_id, warm_up
-from examples.demo.stack import PRICES, Stack, start_stack
+from examples.demo.stack import PRICES, SCRAPE_S, Stack, start_stack
 from llmtrace import semconv as sc
 from llmtrace.pricing import PriceTable
 from testbed.models import DENSE, ensure_models
@@ -149,9 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, where in stack.describe():
             print(f"  {name:<30} {where}")
         warm_up(stack.url, len(stack.replicas))
-        time.sleep(3)  # two scrapes: every series exists before the window opens
+        settle = max(SCRAPE_S.values()) + 2  # a scrape of every job after the last change
+        time.sleep(settle)  # every series exists, and is flat, before the window opens
         requests = make_requests(args.requests)
-        start = time.time()
+        # the window opens on flat counters: its first sample precedes the load, so
+        # rate() sees every request (one scrape interval early)
+        start = time.time() - SCRAPE_S["vllm"]
         with tqdm(total=len(requests), desc="streaming requests via vllm-router",
                   unit="req") as bar:
             timings = run_in_child(stack.url, requests, levels,
@@ -159,14 +162,15 @@ def main(argv: list[str] | None = None) -> int:
                                    on_done=lambda: bar.update(1))
         traced = wait_for_traces(stack, {trace_id(r) for r, t in zip(requests, timings,
                                                                      strict=True) if t.ok})
-        time.sleep(3)  # the last increments scraped (1 s interval) and the rules evaluated
+        time.sleep(settle)  # the last increments scraped, the rules evaluated
         end = time.time()
         window = end - start
         load = summarize(timings)
         print(f"{load.requests} requests, {load.errors} errors, {load.output_tokens} tokens "
               f"in {load.wall_s:.1f} s; {traced} of {len(requests)} traces in the trace store")
 
-        figures = figs.l1_figures(stack.prometheus, end, window, timings)
+        figures = figs.l1_figures(stack.prometheus, end, window, timings,
+                                  scrape_s=SCRAPE_S["vllm"])
         print_figures(figures)
         by_tenant: dict[str, list[StreamTiming]] = {}
         for request, timing in zip(requests, timings, strict=True):
