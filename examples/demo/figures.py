@@ -4,11 +4,11 @@ The client (``testbed.stream_client``) timestamps every token it receives, throu
 the router: it is the independent reference. A latency percentile from
 Prometheus is an interpolation inside one bucket of the registry's histogram, so
 it *matches* when it falls in the client's bucket or a neighbouring one (the
-router's hop and interpolation move it, never further). The request rate is
-bounded on both sides: the counters are flat before and after the load, so
-``rate()`` sees every request, and its extrapolation from the first and last
-sample to the window's edges can only add, at most one scrape interval at each
-end (2 % slack for samples on the edges). The error ratio matches within one
+router's hop and interpolation move it, never further). The request rate
+matches within 2 % plus two scrape intervals over the window: ``rate()``
+extrapolates from its first and last sample to the window's edges, and a late or
+missed scrape at either end (a scrape of vLLM's /metrics can take 330 ms here)
+moves where those samples fall, by up to an interval each way. The error ratio matches within one
 request.
 """
 
@@ -104,10 +104,10 @@ def l1_figures(prom: PrometheusServer, at: float, window_s: float,
     rate = panels.instant(prom, l1["Request rate"], at, window_s)
     rate_value = next(iter(rate.values()), None)
     client_rate = n / window_s
-    most = client_rate * window_s / max(window_s - 2 * scrape_s, 1.0) * 1.02
+    tolerance = 0.02 + 2 * scrape_s / window_s
     figures.append(Figure("request rate", "Request rate", rate_value, client_rate, "req/s",
                           rate_value is not None
-                          and 0.98 * client_rate <= rate_value <= most))
+                          and abs(rate_value - client_rate) <= tolerance * client_rate))
     ratio = panels.instant(prom, l1["Server error ratio"], at, window_s)
     ratio_value = next(iter(ratio.values()), 0.0)  # no error series: no errors
     figures.append(Figure("server error ratio", "Server error ratio", ratio_value,
