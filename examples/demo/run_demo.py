@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, where in stack.describe():
             print(f"  {name:<30} {where}")
         warm_up(stack.url, len(stack.replicas))
-        settle = max(SCRAPE_S.values()) + 2  # a scrape of every job after the last change
+        settle = SCRAPE_S + 2  # a scrape of every job after the last change
         time.sleep(settle)  # every series exists, and is flat, before the window opens
         requests = make_requests(args.requests)
         # the window opens on flat counters: its first sample precedes the load, so
         # rate() sees every request (one scrape interval early)
-        start = time.time() - SCRAPE_S["vllm"]
+        start = time.time() - SCRAPE_S
         with tqdm(total=len(requests), desc="streaming requests via vllm-router",
                   unit="req") as bar:
             timings = run_in_child(stack.url, requests, levels,
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
               f"in {load.wall_s:.1f} s; {traced} of {len(requests)} traces in the trace store")
 
         figures = figs.l1_figures(stack.prometheus, end, window, timings,
-                                  scrape_s=SCRAPE_S["vllm"])
+                                  scrape_s=SCRAPE_S)
         print_figures(figures)
         by_tenant: dict[str, list[StreamTiming]] = {}
         for request, timing in zip(requests, timings, strict=True):

@@ -35,13 +35,12 @@ PRICES = REPO / "examples" / "prices.yaml"
 SCRAPE_CONFIG = REPO / "dashboards" / "prometheus" / "scrape-vllm.yml"
 RULES = sorted((REPO / "dashboards" / "slo" / "rules").glob("*.yml"))
 VERSION = "demo"
-#: seconds between scrapes, per job of scrape-vllm.yml: fast, so the charts resolve a
+#: seconds between scrapes, every job of scrape-vllm.yml: fast, so the charts resolve a
 #: load of tens of seconds and rate()'s extrapolation over the window stays small. Each
 #: scrape of vLLM's API server /metrics (about 1,060 samples, 630 of them llmtrace's)
 #: holds its event loop for about 60 ms here (up to 330 ms), which delays the chunks
 #: being streamed: that is why the demo shows ITL p99 without comparing it
-SCRAPE_S = {"vllm": 1.0, "llmtrace-engine": 1.0, "llmtrace-collector": 1.0,
-            "vllm-router": 1.0}
+SCRAPE_S = 1.0
 
 
 @dataclass
@@ -133,7 +132,7 @@ def scrape_configs(stack: Stack) -> list[dict]:
         "llmtrace-collector": [stack.collector.metrics_target],
         "vllm-router": [f"127.0.0.1:{stack.router.metrics_port}"],
     }
-    return [{**job, "scrape_interval": f"{SCRAPE_S[job['job_name']]:g}s",
+    return [{**job, "scrape_interval": f"{SCRAPE_S:g}s",
              "static_configs": [{"targets": targets[job["job_name"]]}]} for job in shipped]
 
 
